@@ -1,0 +1,246 @@
+"""Masks as `torch.nn.utils.parametrize` parametrizations, and sparsity statistics.
+
+A pruned layer computes with `mask ⊙ weight`: the parameter keeps its identity (optimizers stay
+valid), autograd gives zero gradient at pruned entries, and the mask is a bool buffer (one byte
+per weight). `module.weight` is the effective (masked) weight; `original_weight(module)` is the
+underlying parameter.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunebound.methods import PRUNABLE
+
+LayerSelector = str | type[nn.Module]
+
+
+class Mask(nn.Module):
+    """Parametrization `w -> w * mask` with a bool buffer (as torch.ao's FakeSparsity)."""
+
+    mask: torch.Tensor
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+    def extra_repr(self) -> str:
+        return f"kept={int(self.mask.sum())}/{self.mask.numel()}"
+
+
+def mask_module(module: nn.Module) -> Mask | None:
+    """The `Mask` parametrization on `module.weight`, or None."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations["weight"]:  # type: ignore[union-attr,operator]
+        if isinstance(p, Mask):
+            return p
+    return None
+
+
+def original_weight(module: nn.Module) -> torch.Tensor:
+    """The underlying (unmasked) weight parameter of a layer."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original  # type: ignore[union-attr,index,return-value]
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def set_mask(module: nn.Module, keep: torch.Tensor) -> None:
+    """Install or replace the keep-mask of `module.weight` (no checks: callers validate)."""
+    existing = mask_module(module)
+    keep = keep.to(device=original_weight(module).device, dtype=torch.bool)
+    if existing is not None:
+        existing.mask = keep
+    else:
+        # unsafe=True: Mask keeps shape and dtype, so parametrize's consistency re-check (a full
+        # forward of the parametrization) is not needed.
+        parametrize.register_parametrization(module, "weight", Mask(keep), unsafe=True)
+
+
+def is_pruned(model: nn.Module) -> bool:
+    """True if any layer of `model` carries a prunebound mask."""
+    return any(mask_module(m) is not None for m in model.modules())
+
+
+def prunable_layers(
+    model: nn.Module,
+    layers: Sequence[LayerSelector] | None = None,
+    *,
+    types: tuple[type[nn.Module], ...] = PRUNABLE,
+) -> dict[str, nn.Module]:
+    """Select layers by name, glob pattern (`"features.*"`) or type; default: every Linear/Conv.
+
+    Only weights are pruned; biases are left alone (they are few, and pruning them saves nothing
+    while shifting every output).
+    """
+    candidates = {name: m for name, m in model.named_modules() if isinstance(m, types)}
+    if layers is None:
+        return candidates
+    if isinstance(layers, str | type):
+        layers = [layers]
+    selected: dict[str, nn.Module] = {}
+    for sel in layers:
+        if isinstance(sel, type):
+            hits = {n: m for n, m in candidates.items() if isinstance(m, sel)}
+        elif isinstance(sel, str):
+            hits = {n: m for n, m in candidates.items() if n == sel or fnmatch.fnmatchcase(n, sel)}
+        else:
+            raise TypeError(f"layers entries must be names, glob patterns or types, got {sel!r}")
+        if not hits:
+            kinds = "/".join(t.__name__ for t in types)
+            raise ValueError(
+                f"layers: {sel!r} matches no {kinds} layer; prunable layers are {sorted(candidates)}"
+            )
+        selected.update(hits)
+    return {n: selected[n] for n in candidates if n in selected}  # model order
+
+
+def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Bool keep-masks (True = kept) of every masked layer, keyed by module name."""
+    out = {}
+    for name, m in model.named_modules():
+        mm = mask_module(m)
+        if mm is not None:
+            out[name] = mm.mask
+    return out
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Bake the masks into plain weights (pruned entries become 0) and drop the parametrizations."""
+    for m in model.modules():
+        if mask_module(m) is not None:
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    return model
+
+
+def reset(model: nn.Module) -> nn.Module:
+    """Drop the masks, reviving the pruned weights with their underlying values."""
+    for m in model.modules():
+        if mask_module(m) is not None:
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+    return model
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Zeros of one layer's effective weight; `flops` are per forward of one sample."""
+
+    name: str
+    shape: tuple[int, ...]
+    total: int
+    zeros: int
+    sparsity: float
+    dense_flops: int | None = None
+    sparse_flops: int | None = None
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Sparsity of the prunable layers and of the whole model.
+
+    `sparsity` = zeros / total over the prunable weights, `compression` = total / nonzero.
+    FLOPs count a multiply-add as 2 and cover the prunable layers (one sample of `input_shape`);
+    sparse FLOPs count only nonzero weights, as an ideal sparse kernel would.
+    """
+
+    layers: tuple[LayerSparsity, ...]
+    total: int
+    zeros: int
+    sparsity: float
+    compression: float
+    model_params: int
+    model_nonzero: int
+    dense_flops: int | None = None
+    sparse_flops: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _positions(model: nn.Module, layers: dict[str, nn.Module], input_shape: Sequence[int]) -> dict[str, int]:
+    """Output positions per sample of each layer (1 for Linear, H*W for Conv2d), by a dry run."""
+    out: dict[str, int] = {}
+    handles = []
+    for name, m in layers.items():
+
+        def hook(mod: nn.Module, inp: Any, output: torch.Tensor, name: str = name) -> None:
+            if isinstance(mod, nn.Linear):
+                out[name] = output[0].numel() // mod.out_features
+            else:
+                out[name] = output[0, 0].numel()
+
+        handles.append(m.register_forward_hook(hook))
+    try:
+        p = next(model.parameters())
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def sparsity(model: nn.Module, input_shape: Sequence[int] | None = None) -> SparsityReport:
+    """Per-layer and overall sparsity of the Linear/Conv weights; FLOPs if `input_shape` is given.
+
+    Args:
+        model: any module.
+        input_shape: shape of one input sample (no batch dim), e.g. (64,) or (1, 28, 28).
+    """
+    layers = prunable_layers(model)
+    positions = _positions(model, layers, input_shape) if input_shape is not None else {}
+    rows = []
+    with torch.no_grad():
+        for name, m in layers.items():
+            w = m.weight
+            total = w.numel()
+            zeros = total - int(torch.count_nonzero(w))
+            dense = sparse = None
+            if name in positions:
+                dense = 2 * total * positions[name]
+                sparse = 2 * (total - zeros) * positions[name]
+            rows.append(LayerSparsity(name, tuple(w.shape), total, zeros, zeros / max(total, 1), dense, sparse))
+        params = list(model.parameters())  # originals: count effective zeros via the layers
+        model_params = sum(p.numel() for p in params)
+        masked_zeros = sum(r.zeros for r in rows)
+        other_zero = sum(
+            p.numel() - int(torch.count_nonzero(p))
+            for n, p in model.named_parameters()
+            if not n.endswith("parametrizations.weight.original") and not _is_layer_weight(n, layers)
+        )
+    total = sum(r.total for r in rows)
+    zeros = sum(r.zeros for r in rows)
+    flops = [r.dense_flops for r in rows]
+    has_flops = input_shape is not None and all(f is not None for f in flops)
+    return SparsityReport(
+        layers=tuple(rows),
+        total=total,
+        zeros=zeros,
+        sparsity=zeros / total if total else 0.0,
+        compression=total / (total - zeros) if total > zeros else float("inf"),
+        model_params=model_params,
+        model_nonzero=model_params - masked_zeros - other_zero,
+        dense_flops=sum(r.dense_flops or 0 for r in rows) if has_flops else None,
+        sparse_flops=sum(r.sparse_flops or 0 for r in rows) if has_flops else None,
+    )
+
+
+def _is_layer_weight(param_name: str, layers: dict[str, nn.Module]) -> bool:
+    prefix, _, leaf = param_name.rpartition(".")
+    return leaf == "weight" and prefix in layers
