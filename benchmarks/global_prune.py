@@ -48,7 +48,9 @@ def child(which: str, layers: int, width: int, amount: float, out: str) -> None:
     base = _rss_mb()
     t0 = time.perf_counter()
     if which == "torch":
-        tp.global_unstructured([(m, "weight") for m in model], pruning_method=tp.L1Unstructured, amount=amount)
+        tp.global_unstructured(
+            [(m, "weight") for m in model], pruning_method=tp.L1Unstructured, amount=amount
+        )
         keep = [m.weight_mask.bool() for m in model]
     else:
         pb.prune(model, "magnitude", amount, scope="global")
@@ -79,9 +81,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for which in ("prunebound", "torch"):
             out = os.path.join(d, f"{which}.pt")
-            cmd = [sys.executable, __file__, "--child", which, "--layers", str(args.layers),
-                   "--width", str(args.width), "--amount", str(args.amount), "--out", out]
-            res[which] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                which,
+                "--layers",
+                str(args.layers),
+                "--width",
+                str(args.width),
+                "--amount",
+                str(args.amount),
+                "--out",
+                out,
+            ]
+            res[which] = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            )
         a = torch.load(os.path.join(d, "prunebound.pt"), weights_only=True)
         b = torch.load(os.path.join(d, "torch.pt"), weights_only=True)
     n = args.layers * args.width * args.width
@@ -89,19 +105,24 @@ def main() -> None:
     for r in res.values():
         r["extra_mb"] = r["peak_rss_mb"] - r["rss_before_mb"]
         r["extra_over_model"] = r["extra_mb"] / model_mb
-    print(json.dumps({
-        "benchmark": "global_prune",
-        "model": f"{args.layers} x Linear({args.width}, {args.width})",
-        "params": n,
-        "model_mb": round(model_mb, 1),
-        "amount": args.amount,
-        "threads": torch.get_num_threads(),
-        "prunebound": res["prunebound"],
-        "torch": res["torch"],
-        "speedup": res["torch"]["seconds"] / res["prunebound"]["seconds"],
-        "masks_differ": int((a != b).sum()),
-        "same_count": int((~a).sum()) == int((~b).sum()),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "global_prune",
+                "model": f"{args.layers} x Linear({args.width}, {args.width})",
+                "params": n,
+                "model_mb": round(model_mb, 1),
+                "amount": args.amount,
+                "threads": torch.get_num_threads(),
+                "prunebound": res["prunebound"],
+                "torch": res["torch"],
+                "speedup": res["torch"]["seconds"] / res["prunebound"]["seconds"],
+                "masks_differ": int((a != b).sum()),
+                "same_count": int((~a).sum()) == int((~b).sum()),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

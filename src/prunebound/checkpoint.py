@@ -45,7 +45,9 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: t.detach().clone() for k, t in _live_tensors(model).items()}
 
 
-def _check_compatible(live: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str) -> None:
+def _check_compatible(
+    live: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str
+) -> None:
     missing = sorted(set(live) - set(tensors))
     unexpected = sorted(set(tensors) - set(live))
     if missing or unexpected:
@@ -56,7 +58,9 @@ def _check_compatible(live: dict[str, torch.Tensor], tensors: dict[str, torch.Te
         )
     for k, t in tensors.items():
         if tuple(t.shape) != tuple(live[k].shape):
-            raise ValueError(f"{what}: {k} has shape {tuple(t.shape)}, the model expects {tuple(live[k].shape)}")
+            raise ValueError(
+                f"{what}: {k} has shape {tuple(t.shape)}, the model expects {tuple(live[k].shape)}"
+            )
 
 
 def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -76,7 +80,9 @@ def save(model: nn.Module, path: str | Path, *, metadata: dict[str, str] | None 
     for name, m in prunable_layers(model).items():
         mm = mask_module(m)
         if mm is not None:
-            tensors[f"{MASK_PREFIX}{name}.weight" if name else f"{MASK_PREFIX}weight"] = mm.mask.contiguous()
+            tensors[f"{MASK_PREFIX}{name}.weight" if name else f"{MASK_PREFIX}weight"] = (
+                mm.mask.contiguous()
+            )
     meta = {"format": "prunebound", **(metadata or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -100,7 +106,11 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path}: corrupt or truncated checkpoint ({e})") from None
     weights = {k: t for k, t in tensors.items() if not k.startswith(MASK_PREFIX)}
-    masks = {k[len(MASK_PREFIX) :].removesuffix("weight").removesuffix("."): t for k, t in tensors.items() if k.startswith(MASK_PREFIX)}
+    masks = {
+        k[len(MASK_PREFIX) :].removesuffix("weight").removesuffix("."): t
+        for k, t in tensors.items()
+        if k.startswith(MASK_PREFIX)
+    }
     return weights, masks
 
 
@@ -116,9 +126,15 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
     layers = prunable_layers(model)
     for name, keep in file_masks.items():
         if name not in layers:
-            raise ValueError(f"checkpoint {path}: mask for {name!r}, which is not a prunable layer of the model")
-        if keep.dtype != torch.bool or tuple(keep.shape) != tuple(original_weight(layers[name]).shape):
-            raise ValueError(f"checkpoint {path}: mask {name!r} must be bool with the weight's shape")
+            raise ValueError(
+                f"checkpoint {path}: mask for {name!r}, which is not a prunable layer of the model"
+            )
+        if keep.dtype != torch.bool or tuple(keep.shape) != tuple(
+            original_weight(layers[name]).shape
+        ):
+            raise ValueError(
+                f"checkpoint {path}: mask {name!r} must be bool with the weight's shape"
+            )
     with torch.no_grad():
         for k, t in weights.items():
             live[k].copy_(t)
@@ -137,13 +153,13 @@ def import_torch_prune(model: nn.Module) -> nn.Module:
     """
     for m in model.modules():
         if hasattr(m, "bias_mask"):
-            torch_prune.remove(m, "bias")
-        if hasattr(m, "weight_mask") and hasattr(m, "weight_orig"):
-            orig = m.weight_orig.detach().clone()
-            keep = m.weight_mask.detach().to(torch.bool)
-            torch_prune.remove(m, "weight")
+            torch_prune.remove(m, "bias")  # type: ignore[no-untyped-call]
+        orig, keep = getattr(m, "weight_orig", None), getattr(m, "weight_mask", None)
+        if isinstance(orig, torch.Tensor) and isinstance(keep, torch.Tensor):
+            orig, keep = orig.detach().clone(), keep.detach().to(torch.bool)
+            torch_prune.remove(m, "weight")  # type: ignore[no-untyped-call]
             with torch.no_grad():
-                m.weight.copy_(orig)
+                original_weight(m).copy_(orig)
             set_mask(m, keep)
     return model
 
@@ -155,5 +171,5 @@ def export_torch_prune(model: nn.Module) -> nn.Module:
         if mm is not None:
             keep = mm.mask.clone()
             reset(m)
-            torch_prune.custom_from_mask(m, "weight", keep)
+            torch_prune.custom_from_mask(m, "weight", keep)  # type: ignore[no-untyped-call]
     return model

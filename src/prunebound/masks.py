@@ -42,7 +42,8 @@ def mask_module(module: nn.Module) -> Mask | None:
     """The `Mask` parametrization on `module.weight`, or None."""
     if not parametrize.is_parametrized(module, "weight"):
         return None
-    for p in module.parametrizations["weight"]:  # type: ignore[union-attr,operator]
+    plist: nn.ModuleList = getattr(module, "parametrizations")["weight"]  # noqa: B009
+    for p in plist:
         if isinstance(p, Mask):
             return p
     return None
@@ -51,8 +52,17 @@ def mask_module(module: nn.Module) -> Mask | None:
 def original_weight(module: nn.Module) -> torch.Tensor:
     """The underlying (unmasked) weight parameter of a layer."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original  # type: ignore[union-attr,index,return-value]
-    weight = module.weight
+        weight = getattr(module, "parametrizations")["weight"].original  # noqa: B009
+    else:
+        weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """`module.weight` as the layer computes with it (masked, if pruned)."""
+    weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{type(module).__name__} has no weight tensor")
     return weight
@@ -102,7 +112,8 @@ def prunable_layers(
         if not hits:
             kinds = "/".join(t.__name__ for t in types)
             raise ValueError(
-                f"layers: {sel!r} matches no {kinds} layer; prunable layers are {sorted(candidates)}"
+                f"layers: {sel!r} matches no {kinds} layer; "
+                f"prunable layers are {sorted(candidates)}"
             )
         selected.update(hits)
     return {n: selected[n] for n in candidates if n in selected}  # model order
@@ -170,7 +181,9 @@ class SparsityReport:
         return asdict(self)
 
 
-def _positions(model: nn.Module, layers: dict[str, nn.Module], input_shape: Sequence[int]) -> dict[str, int]:
+def _positions(
+    model: nn.Module, layers: dict[str, nn.Module], input_shape: Sequence[int]
+) -> dict[str, int]:
     """Output positions per sample of each layer (1 for Linear, H*W for Conv2d), by a dry run."""
     out: dict[str, int] = {}
     handles = []
@@ -208,21 +221,26 @@ def sparsity(model: nn.Module, input_shape: Sequence[int] | None = None) -> Spar
     rows = []
     with torch.no_grad():
         for name, m in layers.items():
-            w = m.weight
+            w = effective_weight(m)
             total = w.numel()
             zeros = total - int(torch.count_nonzero(w))
             dense = sparse = None
             if name in positions:
                 dense = 2 * total * positions[name]
                 sparse = 2 * (total - zeros) * positions[name]
-            rows.append(LayerSparsity(name, tuple(w.shape), total, zeros, zeros / max(total, 1), dense, sparse))
+            rows.append(
+                LayerSparsity(
+                    name, tuple(w.shape), total, zeros, zeros / max(total, 1), dense, sparse
+                )
+            )
         params = list(model.parameters())  # originals: count effective zeros via the layers
         model_params = sum(p.numel() for p in params)
         masked_zeros = sum(r.zeros for r in rows)
         other_zero = sum(
             p.numel() - int(torch.count_nonzero(p))
             for n, p in model.named_parameters()
-            if not n.endswith("parametrizations.weight.original") and not _is_layer_weight(n, layers)
+            if not n.endswith("parametrizations.weight.original")
+            and not _is_layer_weight(n, layers)
         )
     total = sum(r.total for r in rows)
     zeros = sum(r.zeros for r in rows)

@@ -60,7 +60,9 @@ class Method:
         if (self.scores is None) == (self.mask is None):
             raise ValueError(f"method {self.name!r}: give exactly one of `scores` or `mask`")
         if self.unit not in ("weight", "row"):
-            raise ValueError(f"method {self.name!r}: unit must be 'weight' or 'row', got {self.unit!r}")
+            raise ValueError(
+                f"method {self.name!r}: unit must be 'weight' or 'row', got {self.unit!r}"
+            )
         if self.mask is not None and self.unit != "weight":
             raise ValueError(f"method {self.name!r}: mask functions work on single weights only")
 
@@ -88,19 +90,22 @@ def row_norm(p: int) -> ScoreFn:
         raise ValueError(f"norm must be 1 or 2, got {p!r}")
 
     def scores(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return torch.linalg.vector_norm(weight.flatten(1).float(), ord=p, dim=1)
+        norms: torch.Tensor = torch.linalg.vector_norm(weight.flatten(1).float(), ord=p, dim=1)
+        return norms
 
     return scores
 
 
 def neuron(norm: int = 2) -> Method:
     """Structured pruning of whole output neurons (rows) of Linear layers by L1/L2 norm."""
-    return Method(f"neuron_l{norm}", scores=row_norm(norm), unit="row", layer_types=LINEAR, blockwise=True)
+    name = "neuron" if norm == 2 else f"neuron_l{norm}"
+    return Method(name, scores=row_norm(norm), unit="row", layer_types=LINEAR, blockwise=True)
 
 
 def filter_(norm: int = 2) -> Method:
     """Structured pruning of whole output channels (filters) of Conv layers by L1/L2 norm."""
-    return Method(f"filter_l{norm}", scores=row_norm(norm), unit="row", layer_types=CONV, blockwise=True)
+    name = "filter" if norm == 2 else f"filter_l{norm}"
+    return Method(name, scores=row_norm(norm), unit="row", layer_types=CONV, blockwise=True)
 
 
 METHODS: dict[str, Method] = {

@@ -79,7 +79,9 @@ def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method
         )
     for name, m in layers.items():
         if not isinstance(m, method.layer_types):
-            raise ValueError(f"method {method.name!r} cannot prune layer {name!r} ({type(m).__name__})")
+            raise ValueError(
+                f"method {method.name!r} cannot prune layer {name!r} ({type(m).__name__})"
+            )
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
@@ -90,10 +92,13 @@ def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method
         if len(names) > 1 or id(w) in seen:
             raise ValueError(
                 f"layer {name!r}: its weight is tied/shared ({', '.join(names)}); pruning it would "
-                "change every user of the tensor. Untie it or exclude the layer with layers=[...]"
+                "leave its twins dense while this layer is masked. Untie it (copy the tensor) "
+                "or exclude it with layers=[...]"
             )
         seen[id(w)] = name
-        wd = w.detach()  # a sum is non-finite if any entry is (and rarely by overflow): cheap first test
+        wd = (
+            w.detach()
+        )  # a sum is non-finite if any entry is (and rarely by overflow): cheap first test
         if not bool(torch.isfinite(wd.sum())) and not bool(torch.isfinite(wd).all()):
             raise ValueError(f"layer {name!r}: weight contains NaN or Inf; refusing to prune")
 
@@ -149,7 +154,9 @@ def _kth_smallest(
     """
     state = g.get_state()
     stride = max(1, n // _SAMPLE)
-    parts = [s[::stride].clone() for _, _, s in _scored_blocks(layers, method, g)]  # no views: they pin blocks
+    parts = [
+        s[::stride].clone() for _, _, s in _scored_blocks(layers, method, g)
+    ]  # no views: they pin blocks
     sample = torch.cat(parts)
     sample = sample[torch.isfinite(sample)].sort().values
     m = sample.numel()
@@ -171,7 +178,9 @@ def _kth_smallest(
     raise RuntimeError("internal error: k-th smallest score not bracketed")  # pragma: no cover
 
 
-def _select(layers: list[nn.Module], method: Method, g: torch.Generator, k: int) -> list[torch.Tensor]:
+def _select(
+    layers: list[nn.Module], method: Method, g: torch.Generator, k: int
+) -> list[torch.Tensor]:
     """New keep-masks (weight-shaped, composed with the old ones) after pruning the k
     lowest-scored alive units across `layers`; ties go first in (layer, flat index) order."""
     if k > 0:
@@ -183,7 +192,11 @@ def _select(layers: list[nn.Module], method: Method, g: torch.Generator, k: int)
     for m in layers:
         mm = mask_module(m)
         w = original_weight(m)
-        keeps.append(mm.mask.clone() if mm is not None else torch.ones(w.shape, dtype=torch.bool, device=w.device))
+        keeps.append(
+            mm.mask.clone()
+            if mm is not None
+            else torch.ones(w.shape, dtype=torch.bool, device=w.device)
+        )
     if k == 0:
         return keeps
     g.set_state(state)
@@ -236,7 +249,8 @@ def prune(
 
     Example:
         >>> import torch, prunebound as pb
-        >>> net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
         >>> _ = pb.prune(net, "magnitude", 0.5)
         >>> pb.sparsity(net).zeros
         60
@@ -252,7 +266,9 @@ def prune(
     if counts is not None and scope == "global":
         raise ValueError("counts are per layer; they cannot be combined with scope='global'")
     if counts is not None and meth.mask is not None:
-        raise ValueError(f"method {meth.name!r} samples a random number of weights; it takes amount, not counts")
+        raise ValueError(
+            f"method {meth.name!r} samples a random number of weights; it takes amount, not counts"
+        )
     if layers is None and counts is not None:
         selected = prunable_layers(model, list(counts), types=meth.layer_types) if counts else {}
     else:
@@ -266,12 +282,17 @@ def prune(
         assert counts is not None
         for name, c in counts.items():
             if name not in selected:
-                raise ValueError(f"counts: {name!r} is not a selected prunable layer; choose from {sorted(selected)}")
+                raise ValueError(
+                    f"counts: {name!r} is not a selected prunable layer; "
+                    f"choose from {sorted(selected)}"
+                )
             if isinstance(c, bool) or not isinstance(c, int) or c < 0:
                 raise ValueError(f"counts[{name!r}] must be a non-negative int, got {c!r}")
             alive = _n_alive(selected[name], meth.unit)
             if c > alive:
-                raise ValueError(f"counts[{name!r}] = {c} exceeds the {alive} surviving units of that layer")
+                raise ValueError(
+                    f"counts[{name!r}] = {c} exceeds the {alive} surviving units of that layer"
+                )
 
     names, mods = list(selected), list(selected.values())
     if meth.mask is not None:

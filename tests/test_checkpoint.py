@@ -1,0 +1,141 @@
+"""Checkpoints (safetensors), snapshots/rewind and torch.nn.utils.prune interop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import make_cnn, make_mlp
+from torch import nn
+from torch.nn.utils import prune as tp
+
+import prunebound as pb
+
+
+def test_save_load_round_trip_into_fresh_model(tmp_path: Path) -> None:
+    model = make_cnn(0)
+    pb.prune(model, "magnitude", 0.6)
+    path = pb.save(model, tmp_path / "m.safetensors")
+    fresh = make_cnn(1)  # other weights, no masks
+    pb.load(fresh, path)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    for k, v in pb.masks(model).items():
+        assert torch.equal(pb.masks(fresh)[k], v)
+    pb.reset(fresh), pb.reset(model)  # underlying values came along too
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_file_has_dense_keys_plus_masks(tmp_path: Path) -> None:
+    model = make_mlp()
+    pb.prune(model, "magnitude", 0.5, layers=["0"])
+    pb.save(model, tmp_path / "m.safetensors")
+    keys = set(safetensors.torch.load_file(tmp_path / "m.safetensors"))
+    assert keys == set(make_mlp().state_dict()) | {"__mask__.0.weight"}
+    dense = make_mlp(3)
+    safetensors.torch.save_file(dense.state_dict(), tmp_path / "dense.safetensors")
+    pb.load(model, tmp_path / "dense.safetensors")  # a dense file clears the masks
+    assert not pb.is_pruned(model)
+
+
+def test_remove_round_trip_identical_outputs(tmp_path: Path) -> None:
+    model = make_mlp()
+    pb.prune(model, "random", 0.5, seed=0)
+    x = torch.randn(2, 12)
+    out = model(x)
+    pb.remove(model)
+    pb.save(model, tmp_path / "baked.safetensors")
+    fresh = pb.load(make_mlp(5), tmp_path / "baked.safetensors")
+    torch.testing.assert_close(fresh(x), out, rtol=0, atol=0)
+
+
+def _snapshot_equal(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    now = pb.snapshot(model)
+    return all(torch.equal(now[k], v) for k, v in state.items()) and pb.masks(model).keys() == set()
+
+
+def test_bad_checkpoints_leave_model_unchanged(tmp_path: Path) -> None:
+    model = make_mlp()
+    state = pb.snapshot(model)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pb.load(model, tmp_path / "missing.safetensors")
+    other = make_mlp(0, (12, 10, 3))
+    pb.save(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="another architecture"):
+        pb.load(model, tmp_path / "other.safetensors")
+    same_keys = make_mlp(0, (12, 16, 8, 4))
+    pb.save(same_keys, tmp_path / "shape.safetensors")
+    with pytest.raises(ValueError, match="has shape"):
+        pb.load(model, tmp_path / "shape.safetensors")
+    good = tmp_path / "good.safetensors"
+    pb.prune(make_mlp(), "magnitude", 0.5)
+    pb.save(pb.prune(make_mlp(), "magnitude", 0.5), good)
+    data = good.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        pb.load(model, tmp_path / "trunc.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        pb.load(model, tmp_path / "garbage.safetensors")
+    assert _snapshot_equal(model, state)
+
+
+def test_snapshot_rewind_restores_values_keeps_masks() -> None:
+    model = make_mlp()
+    init = pb.snapshot(model)
+    pb.prune(model, "magnitude", 0.5)
+    keep = {k: v.clone() for k, v in pb.masks(model).items()}
+    with torch.no_grad():
+        for m in pb.prunable_layers(model).values():
+            pb.original_weight(m).add_(1.0)
+    pb.rewind(model, init)
+    assert {k: torch.equal(v, keep[k]) for k, v in pb.masks(model).items()} == dict.fromkeys(
+        keep, True
+    )
+    for name, m in pb.prunable_layers(model).items():
+        assert torch.equal(pb.original_weight(m), init[f"{name}.weight"])
+    with pytest.raises(ValueError, match="does not match"):
+        pb.rewind(model, {"0.weight": init["0.weight"]})
+
+
+def test_import_from_torch_prune() -> None:
+    ref = make_cnn()
+    for m in pb.prunable_layers(ref).values():
+        tp.l1_unstructured(m, "weight", amount=0.4)
+    masks_ref = {n: m.weight_mask.bool().clone() for n, m in pb.prunable_layers(ref).items()}
+    x = torch.randn(2, 1, 8, 8)
+    out = ref(x)
+    pb.import_torch_prune(ref)
+    assert not any(hasattr(m, "weight_orig") for m in ref.modules())
+    torch.testing.assert_close(ref(x), out, rtol=0, atol=0)
+    for k, v in pb.masks(ref).items():
+        assert torch.equal(v, masks_ref[k])
+    pb.reset(ref)
+    torch.testing.assert_close(ref(x), make_cnn()(x), rtol=0, atol=0)  # originals preserved
+
+
+def test_export_to_torch_prune() -> None:
+    model = make_mlp()
+    pb.prune(model, "magnitude", 0.3)
+    keep = {k: v.clone() for k, v in pb.masks(model).items()}
+    x = torch.randn(2, 12)
+    out = model(x)
+    pb.export_torch_prune(model)
+    assert not pb.is_pruned(model)
+    for name, m in pb.prunable_layers(model).items():
+        assert tp.is_pruned(m)
+        assert torch.equal(m.weight_mask.bool(), keep[name])
+        assert torch.equal(m.weight_orig, make_mlp().get_submodule(name).weight)
+    torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+
+
+def test_no_pickle_anywhere() -> None:
+    src = Path(pb.__file__).parent
+    for f in src.rglob("*.py"):
+        text = f.read_text()
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{f}: {line.strip()}"
+        assert "import pickle" not in text, f
