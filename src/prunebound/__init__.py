@@ -7,10 +7,12 @@ The whole user API, by name::
     prunable_layers, original_weight
     save, load, snapshot, rewind                    # checkpoints (checkpoint.py)
     import_torch_prune, export_torch_prune
+    data, models                                    # data sets and model builders (modules)
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from prunebound import data, models
 from prunebound.checkpoint import (
     export_torch_prune,
     import_torch_prune,
@@ -46,11 +48,13 @@ __all__ = [
     "Method",
     "SparsityReport",
     "__version__",
+    "data",
     "export_torch_prune",
     "import_torch_prune",
     "is_pruned",
     "load",
     "masks",
+    "models",
     "original_weight",
     "prunable_layers",
     "prune",
