@@ -41,7 +41,7 @@ def propagate(
     radius: float,
     lipschitz: Sequence[float] | None = None,
 ) -> Propagation:
-    """Lemma A: r_l = L_l (||W_l|| r_{l-1} + ||b_l||), e_l = L_l (||W~_l|| e_{l-1} + ||Delta_l|| r_{l-1}).
+    """Lemma A: r_l = L(|W_l| r_{l-1} + |b_l|), e_l = L(|W~_l| e_{l-1} + |D_l| r_{l-1}).
 
     Args:
         norm_w: upper bounds on the operator norms ||W_l|| of the target's layers.

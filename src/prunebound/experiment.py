@@ -1,0 +1,234 @@
+"""Experiments: a frozen config (loadable from TOML) and `run`, which writes a results directory.
+
+Results directory: `results.json` (config, versions, config hash, every round's metrics, timings),
+`rounds.csv`, `model.safetensors` (final weights and masks) and PNG plots (via `report`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import platform
+import time
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prunebound.checkpoint import save
+from prunebound.data import Dataset, load_dataset
+from prunebound.methods import CONV
+from prunebound.models import build_model
+from prunebound.pipeline import TrainConfig
+from prunebound.schedule import Round, Schedule, run_schedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model from `prunebound.models.MODELS` and its keyword arguments."""
+
+    name: str = "lenet_300_100"
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A data set by name ("digits", "fashion-mnist", "mnist", "idx"), optionally subsampled."""
+
+    name: str = "digits"
+    data_dir: str | None = None
+    max_train: int | None = None
+    max_test: int | None = None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything a run needs; `run(experiment)` is reproducible from this alone."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: Schedule = field(default_factory=Schedule)
+    seed: int = 0
+    out_dir: str = "runs/experiment"
+    quiet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"]["args"] = dict(self.model.args)
+        return d
+
+    def hash(self) -> str:
+        """Short hash of the config (without out_dir/quiet), to tell runs apart."""
+        d = self.to_dict()
+        d.pop("out_dir"), d.pop("quiet")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Experiment:
+        """Build from nested dicts; unknown keys and wrong types are refused, naming the key."""
+        exp: Experiment = _build(cls, d, "")
+        return exp
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Experiment:
+        """Load a TOML config (see configs/*.toml)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            d = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML ({e})") from None
+        return cls.from_dict(d)
+
+
+_NESTED = {"model": ModelSpec, "data": DataSpec, "train": TrainConfig, "schedule": Schedule}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _build(cls: Any, d: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"config: {prefix.rstrip('.') or 'root'} must be a table, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for key in d:
+        if key not in names:
+            raise ValueError(f"config: unknown key {prefix + key!r}; allowed: {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        value = d[f.name]
+        if cls is Experiment and f.name in _NESTED:
+            kwargs[f.name] = _build(_NESTED[f.name], value, f"{prefix}{f.name}.")
+            continue
+        if not _type_ok(value, hints[f.name]):
+            raise ValueError(
+                f"config: {prefix}{f.name} has the wrong type or value: {value!r} "
+                f"(expected {hints[f.name]})"
+            )
+        if hints[f.name] is float and isinstance(value, int):
+            value = float(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What `run` measured; also written to `out_dir/results.json`."""
+
+    experiment: Experiment
+    rounds: tuple[Round, ...]
+    out_dir: Path
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.experiment.to_dict(),
+            "config_hash": self.experiment.hash(),
+            "versions": versions(),
+            "rounds": [r.to_dict() for r in self.rounds],
+            "seconds": self.seconds,
+        }
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a result."""
+    from prunebound import __version__
+
+    return {
+        "prunebound": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def load_data(spec: DataSpec, seed: int) -> Dataset:
+    """Load the data set a spec names."""
+    data = load_dataset(spec.name, data_dir=spec.data_dir, seed=seed)
+    if spec.max_train is not None or spec.max_test is not None:
+        data = data.subsample(spec.max_train, spec.max_test, seed=seed)
+    return data
+
+
+def run(
+    experiment: Experiment,
+    *,
+    on_round: Callable[[Round], None] | None = None,
+    write_plots: bool = True,
+) -> RunResult:
+    """Train, prune per the schedule, evaluate every round, and write the results directory."""
+    t0 = time.perf_counter()
+    exp = experiment
+    model = build_model(exp.model.name, seed=exp.seed, **dict(exp.model.args))
+    data = load_data(exp.data, exp.seed)
+    convolutional = any(isinstance(m, CONV) for m in model.modules())
+    data = data.image() if convolutional else data.flat()
+    g = torch.Generator().manual_seed(exp.seed)
+    rounds = run_schedule(
+        model, data, exp.train, exp.schedule, generator=g, progress=not exp.quiet, on_round=on_round
+    )
+    out = Path(exp.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = RunResult(exp, tuple(rounds), out, time.perf_counter() - t0)
+    write_results(result, model)
+    if write_plots:
+        from prunebound import report
+
+        report.plot_run(result.to_dict(), out)
+    return result
+
+
+def write_results(result: RunResult, model: torch.nn.Module) -> None:
+    """results.json, rounds.csv and model.safetensors into `result.out_dir`."""
+    out = result.out_dir
+    d = result.to_dict()
+    (out / "results.json").write_text(json.dumps(d, indent=2))
+    with (out / "rounds.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        cols = [
+            "round",
+            "sparsity",
+            "compression",
+            "accuracy",
+            "loss",
+            "dense_flops",
+            "sparse_flops",
+            "seconds",
+        ]
+        w.writerow(cols)
+        for r in d["rounds"]:
+            w.writerow([r[c] for c in cols])
+    save(model, out / "model.safetensors", metadata={"config_hash": d["config_hash"]})
