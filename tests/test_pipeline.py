@@ -137,3 +137,13 @@ def test_train_config_validation(kwargs: dict[str, object], match: str) -> None:
 def test_schedule_validation(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Schedule(**kwargs)  # type: ignore[arg-type]
+
+
+def test_explicit_steps_hit_each_sparsity(digits: pb.data.Dataset) -> None:
+    model = build_model("lenet_300_100", seed=0, in_features=64)
+    sched = Schedule(steps=(0.5, 0.8, 0.95), retrain_epochs=0)
+    assert sched.rounds == 3 and sched.target_sparsity == 0.95
+    rounds = run_schedule(model, digits, TrainConfig(epochs=0), sched, generator=torch.Generator())
+    assert [round(r.sparsity, 3) for r in rounds] == [0.0, 0.5, 0.8, 0.95]
+    with pytest.raises(ValueError, match="schedule.steps"):
+        Schedule(steps=(0.5, 0.4))

@@ -110,6 +110,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:  # TOML arrays arrive as lists
+        args = typing.get_args(hint)
+        return isinstance(value, list | tuple) and all(_type_ok(v, args[0]) for v in value)
     if origin is not None:
         return isinstance(value, origin)
     if isinstance(hint, type):
@@ -140,6 +143,8 @@ def _build(cls: Any, d: Mapping[str, Any], prefix: str) -> Any:
             )
         if hints[f.name] is float and isinstance(value, int):
             value = float(value)
+        if isinstance(value, list):
+            value = tuple(float(v) if isinstance(v, int) else v for v in value)
         kwargs[f.name] = value
     return cls(**kwargs)
 

@@ -42,6 +42,8 @@ class Schedule:
         last_layer_scale: the output layer is pruned at this multiple of the per-round rate (it is
             small and sensitive; 0.5 keeps it denser). 1.0 treats it like the others.
         rewind_epoch: lottery only: 0 rewinds to the initial weights, k to those after epoch k.
+        steps: explicit increasing sparsity after each round (e.g. (0.5, 0.8, 0.9)); overrides
+            `rounds` and `target_sparsity` when given.
         lr_rewind: retrain each round with the dense run's LR schedule restarted (learning-rate
             rewinding, Renda et al. 2020); False retrains at a constant LR.
     """
@@ -55,8 +57,17 @@ class Schedule:
     last_layer_scale: float = 1.0
     rewind_epoch: int = 0
     lr_rewind: bool = True
+    steps: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.steps:
+            steps = tuple(self.steps)
+            ok = all(isinstance(x, float) and 0 <= x < 1 for x in steps)
+            if not ok or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+                raise ValueError(f"schedule.steps must increase within [0, 1), got {self.steps!r}")
+            object.__setattr__(self, "steps", steps)
+            object.__setattr__(self, "rounds", len(steps))
+            object.__setattr__(self, "target_sparsity", steps[-1])
         if self.kind not in ("oneshot", "iterative", "lottery"):
             raise ValueError(
                 f"schedule.kind must be oneshot, iterative or lottery, got {self.kind!r}"
@@ -93,6 +104,13 @@ class Schedule:
         """Fraction of the survivors pruned each round: 1 - (1 - target)^(1 / rounds)."""
         return float(1.0 - (1.0 - self.target_sparsity) ** (1.0 / self.rounds))
 
+    def rate(self, r: int) -> float:
+        """Fraction of the survivors pruned in round r (1-based)."""
+        if not self.steps:
+            return self.per_round
+        before = self.steps[r - 2] if r > 1 else 0.0
+        return 1.0 - (1.0 - self.steps[r - 1]) / (1.0 - before)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -115,10 +133,12 @@ class Round:
         return asdict(self)
 
 
-def prune_round(model: nn.Module, schedule: Schedule, generator: torch.Generator) -> None:
-    """One round: prune `per_round` of the survivors (the output layer at its own scale)."""
+def prune_round(
+    model: nn.Module, schedule: Schedule, generator: torch.Generator, r: int = 1
+) -> None:
+    """Round r: prune `schedule.rate(r)` of the survivors (the output layer at its own scale)."""
     names = list(prunable_layers(model, types=METHODS[schedule.method].layer_types))
-    rate = schedule.per_round
+    rate = schedule.rate(r)
     if schedule.last_layer_scale != 1.0 and len(names) > 1:
         prune(model, schedule.method, rate, scope=schedule.scope, layers=names[:-1], seed=generator)
         last = min(1.0, rate * schedule.last_layer_scale)
@@ -182,7 +202,7 @@ def run_schedule(
     )
     for r in range(1, schedule.rounds + 1):
         t0 = time.perf_counter()
-        prune_round(model, schedule, generator)
+        prune_round(model, schedule, generator, r)
         if rewind_to is not None:
             rewind(model, rewind_to)
         train(model, data, retrain, generator=generator, progress=progress)
