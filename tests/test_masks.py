@@ -116,3 +116,20 @@ def test_model_moved_after_pruning_keeps_working(mlp: nn.Sequential) -> None:
     out = mlp(torch.randn(3, 12, dtype=torch.float64))
     assert out.dtype == torch.float64
     assert all(v.dtype == torch.bool for v in pb.masks(mlp).values())
+
+
+def test_deep_copies_are_independent_through_reset_and_remove(mlp: nn.Sequential) -> None:
+    import copy
+
+    pb.prune(mlp, "magnitude", 0.5)
+    x = torch.randn(3, 12)
+    out = mlp(x)
+    twin = copy.deepcopy(mlp)
+    pb.reset(twin)  # must not break the original (shared parametrized class)
+    torch.testing.assert_close(mlp(x), out, rtol=0, atol=0)
+    torch.testing.assert_close(twin(x), make_mlp()(x), rtol=0, atol=0)
+    other = copy.deepcopy(mlp)
+    pb.remove(mlp)
+    torch.testing.assert_close(other(x), out, rtol=0, atol=0)
+    assert pb.is_pruned(other)
+    assert type(mlp[0]) is nn.Linear

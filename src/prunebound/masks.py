@@ -129,11 +129,24 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _drop_mask(module: nn.Module, *, bake: bool) -> None:
+    """Remove the mask parametrization of one layer, safely for deep copies.
+
+    `copy.deepcopy` of a parametrized module shares its dynamically created class, and
+    `remove_parametrizations` deletes the `weight` property from that class, which would break
+    every copy. So the layer first gets a private class holding the same attributes.
+    """
+    cls = type(module)
+    attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, attrs)
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=bake)
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Bake the masks into plain weights (pruned entries become 0) and drop the parametrizations."""
     for m in model.modules():
         if mask_module(m) is not None:
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            _drop_mask(m, bake=True)
     return model
 
 
@@ -141,7 +154,7 @@ def reset(model: nn.Module) -> nn.Module:
     """Drop the masks, reviving the pruned weights with their underlying values."""
     for m in model.modules():
         if mask_module(m) is not None:
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            _drop_mask(m, bake=False)
     return model
 
 
