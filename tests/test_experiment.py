@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import prunebound as pb
 from prunebound.experiment import Experiment, run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The test machine is shared: one thread is faster than two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 CONFIG = """
 seed = 1
@@ -59,6 +71,42 @@ def test_toml_run_writes_results_dir(tmp_path: Path) -> None:
     model = pb.models.build_model("lenet_300_100", in_features=64)
     pb.load(model, out / "model.safetensors")
     assert pb.sparsity(model).sparsity == pytest.approx(0.5, abs=1e-3)
+    final = d["final_sparsity"]
+    assert final["compression"] == pytest.approx(2.0, rel=1e-3)
+    assert [ls["name"] for ls in final["layers"]] == ["1", "3", "5"]
+    assert final["sparse_flops"] < final["dense_flops"]
+
+
+def test_same_seed_same_results(tmp_path: Path) -> None:
+    """Two runs of one config give identical masks and metrics; another seed does not."""
+    text = CONFIG.replace("oneshot", "iterative").replace('"magnitude"', '"random"')
+    outs = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(text.format(out=tmp_path / name).replace("seed = 1", f"seed = {seed}"))
+        res = run(Experiment.from_toml(cfg), write_plots=False)
+        model = pb.models.build_model("lenet_300_100", in_features=64)
+        pb.load(model, tmp_path / name / "model.safetensors")
+        outs.append(([(r.accuracy, r.loss, r.layers) for r in res.rounds], pb.masks(model)))
+    assert outs[0][0] == outs[1][0]
+    assert all(torch.equal(v, outs[1][1][k]) for k, v in outs[0][1].items())
+    assert not all(torch.equal(v, outs[2][1][k]) for k, v in outs[0][1].items())
+
+
+def test_toml_numbers_and_arrays(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        "[train]\nlr = 1\nlr_horizon = 30\n"
+        '[schedule]\nsteps = [0.5, 0.9]\nlast_layer_scale = 1\nretrain_lr = "restart"\n'
+        "[data]\nmax_train = 100\n"
+    )
+    exp = Experiment.from_toml(cfg)
+    assert exp.train.lr == 1.0 and isinstance(exp.train.lr, float)
+    assert exp.train.lr_horizon == 30
+    assert exp.schedule.steps == (0.5, 0.9) and exp.schedule.rounds == 2
+    assert exp.schedule.retrain_lr == "restart" and exp.data.max_train == 100
+    assert Experiment.from_dict(exp.to_dict()) == exp  # to_dict round-trips
+    assert exp.hash() != Experiment().hash()
 
 
 @pytest.mark.parametrize(
@@ -69,6 +117,10 @@ def test_toml_run_writes_results_dir(tmp_path: Path) -> None:
         ('[schedule]\nrounds = "five"\n', "schedule.rounds has the wrong type"),
         ("[model]\nname = 3\n", "model.name has the wrong type"),
         ("seed = 1.5\n", "seed has the wrong type"),
+        ('[schedule]\nretrain_lr = "warm"\n', "schedule.retrain_lr has the wrong type"),
+        ("[schedule]\nsteps = [0.5, true]\n", "schedule.steps has the wrong type"),
+        ("[train]\nepochs = -1\n", r"train\.epochs must be an int >= 0, got -1"),
+        ("model = 3\n", "model must be a table"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, patch: str, match: str) -> None:

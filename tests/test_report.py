@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,32 @@ def test_plots_written(tmp_path: Path) -> None:
 def test_load_results_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="results directory"):
         report.load_results(tmp_path)
+
+
+def test_accuracy_plot_takes_one_run_or_several(tmp_path: Path) -> None:
+    one = report.plot_accuracy_vs_sparsity(RES, tmp_path / "one.png")
+    two = report.plot_accuracy_vs_sparsity({"a": RES, "b": RES}, tmp_path / "two.png")
+    assert one.read_bytes()[:4] == b"\x89PNG" and two.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no runs"):
+        report.plot_accuracy_vs_sparsity({}, tmp_path / "none.png")
+
+
+def test_rounds_and_layers_tables() -> None:
+    rounds = report.rounds_table(RES).splitlines()
+    assert rounds[0].split() == ["round", "sparsity", "compression", "accuracy", "loss", "MFLOPs"]
+    assert rounds[3].split()[:4] == ["1", "50.0%", "2", "96.0%"]
+    assert report.layers_table(RES) == "(no rows)"
+    final = {
+        "layers": [{"name": "a", "shape": [3, 4], "total": 12, "zeros": 6, "sparsity": 0.5}],
+        "total": 12,
+        "zeros": 6,
+        "sparsity": 0.5,
+    }
+    lines = report.layers_table({**RES, "final_sparsity": final}).splitlines()
+    assert lines[2].split() == ["a", "3x4", "12", "6", "50.0%"]
+    assert lines[3].split() == ["all", "12", "6", "50.0%"]
+
+
+def test_load_results_round_trip(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(RES))
+    assert report.load_results(tmp_path) == RES

@@ -12,7 +12,7 @@ The whole user API, by name::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from prunebound import data, models
+from prunebound import data, models, theory
 from prunebound.checkpoint import (
     export_torch_prune,
     import_torch_prune,
@@ -55,6 +55,7 @@ __all__ = [
     "load",
     "masks",
     "models",
+    "theory",
     "original_weight",
     "prunable_layers",
     "prune",

@@ -25,6 +25,7 @@ import torch
 
 from prunebound.checkpoint import save
 from prunebound.data import Dataset, load_dataset
+from prunebound.masks import sparsity
 from prunebound.methods import CONV
 from prunebound.models import build_model
 from prunebound.pipeline import TrainConfig
@@ -96,20 +97,25 @@ class Experiment:
 _NESTED = {"model": ModelSpec, "data": DataSpec, "train": TrainConfig, "schedule": Schedule}
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
+def _is_plain_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_ok(value: Any, hint: Any, *, ints: bool = True) -> bool:
+    """Whether a TOML value fits a type hint (`ints`: an int is accepted where float is)."""
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
     if origin is typing.Literal:
         return value in typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return any(_type_ok(value, h, ints=ints) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, float) or (ints and _is_plain_int(value))
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return _is_plain_int(value)
     if origin is tuple:  # TOML arrays arrive as lists
         args = typing.get_args(hint)
         return isinstance(value, list | tuple) and all(_type_ok(v, args[0]) for v in value)
@@ -141,8 +147,8 @@ def _build(cls: Any, d: Mapping[str, Any], prefix: str) -> Any:
                 f"config: {prefix}{f.name} has the wrong type or value: {value!r} "
                 f"(expected {hints[f.name]})"
             )
-        if hints[f.name] is float and isinstance(value, int):
-            value = float(value)
+        if _is_plain_int(value) and not _type_ok(value, hints[f.name], ints=False):
+            value = float(value)  # TOML `1` where a float is expected
         if isinstance(value, list):
             value = tuple(float(v) if isinstance(v, int) else v for v in value)
         kwargs[f.name] = value
@@ -157,13 +163,16 @@ class RunResult:
     rounds: tuple[Round, ...]
     out_dir: Path
     seconds: float
+    final_sparsity: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The content of results.json."""
         return {
             "config": self.experiment.to_dict(),
             "config_hash": self.experiment.hash(),
             "versions": versions(),
             "rounds": [r.to_dict() for r in self.rounds],
+            "final_sparsity": dict(self.final_sparsity),
             "seconds": self.seconds,
         }
 
@@ -201,13 +210,15 @@ def run(
     data = load_data(exp.data, exp.seed)
     convolutional = any(isinstance(m, CONV) for m in model.modules())
     data = data.image() if convolutional else data.flat()
+    out = Path(exp.out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # before training: a bad out_dir fails at once
+    logger.info("run %s (config %s) -> %s", exp.model.name, exp.hash(), out)
     g = torch.Generator().manual_seed(exp.seed)
     rounds = run_schedule(
         model, data, exp.train, exp.schedule, generator=g, progress=not exp.quiet, on_round=on_round
     )
-    out = Path(exp.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result = RunResult(exp, tuple(rounds), out, time.perf_counter() - t0)
+    final = sparsity(model, data.input_shape).to_dict()
+    result = RunResult(exp, tuple(rounds), out, time.perf_counter() - t0, final)
     write_results(result, model)
     if write_plots:
         from prunebound import report

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 
 
 def load_results(directory: str | Path) -> dict[str, Any]:
-    """Read `results.json` from a run directory."""
+    """Read `results.json` from a run directory (FileNotFoundError if absent)."""
     path = Path(directory) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {directory} a prunebound results directory?")
@@ -26,7 +26,11 @@ PERCENT_WORDS = ("sparsity", "acc", "rate", "fraction")
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A plain-text table; columns named like sparsity/accuracy/rate/fraction as percentages."""
+    """A plain-text table of `rows` (dicts), right-aligned, columns in first-row order.
+
+    Floats in columns whose name contains sparsity/acc/rate/fraction print as percentages;
+    other floats with 4 significant digits. Missing cells are blank.
+    """
     if not rows:
         return "(no rows)"
     cols = list(columns or rows[0].keys())
@@ -62,15 +66,26 @@ def rounds_table(results: Mapping[str, Any]) -> str:
     return format_table(rows)
 
 
-def plot_accuracy_vs_sparsity(runs: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
-    """Test accuracy against sparsity, one line per named run."""
+def plot_accuracy_vs_sparsity(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Test accuracy against sparsity: one run's results dict, or {label: results} for several.
+
+    Writes a PNG to `path` and returns it.
+    """
+    runs: Mapping[str, Any]
+    if "rounds" in results:
+        runs = {str(results.get("config", {}).get("schedule", {}).get("method", "run")): results}
+    else:
+        runs = results
+    if not runs:
+        raise ValueError("plot_accuracy_vs_sparsity: no runs to plot")
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, res in runs.items():
         xs = [100 * r["sparsity"] for r in res["rounds"]]
         ys = [100 * r["accuracy"] for r in res["rounds"]]
         ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("sparsity (%)")
+    ax.set_xlabel("sparsity of prunable weights (%)")
     ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy vs sparsity")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -80,11 +95,12 @@ def plot_accuracy_vs_sparsity(runs: Mapping[str, Mapping[str, Any]], path: str |
 
 
 def plot_layer_sparsity(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Per-layer sparsity of the final round as bars."""
+    """Per-layer sparsity of the final round as bars; writes a PNG to `path` and returns it."""
     layers = results["rounds"][-1]["layers"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(list(layers), [100 * v for v in layers.values()])
-    ax.set_xlabel("layer")
+    bars = ax.bar([str(k) for k in layers], [100 * v for v in layers.values()])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_xlabel("layer (module name)")
     ax.set_ylabel("sparsity (%)")
     ax.set_ylim(0, 100)
     fig.tight_layout()
@@ -93,11 +109,36 @@ def plot_layer_sparsity(results: Mapping[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+def layers_table(results: Mapping[str, Any]) -> str:
+    """Per-layer sparsity and FLOPs of the final model (results.json "final_sparsity")."""
+    final = results.get("final_sparsity") or {}
+    rows: list[dict[str, Any]] = [
+        {
+            "layer": ls["name"],
+            "shape": "x".join(str(n) for n in ls["shape"]),
+            "total": ls["total"],
+            "zeros": ls["zeros"],
+            "sparsity": ls["sparsity"],
+        }
+        for ls in final.get("layers", [])
+    ]
+    if rows:
+        rows.append(
+            {
+                "layer": "all",
+                "shape": "",
+                "total": final["total"],
+                "zeros": final["zeros"],
+                "sparsity": final["sparsity"],
+            }
+        )
+    return format_table(rows)
+
+
 def plot_run(results: Mapping[str, Any], directory: str | Path) -> list[Path]:
     """The standard plots of one run into its directory."""
     d = Path(directory)
-    name = results["config"]["schedule"]["method"]
     return [
-        plot_accuracy_vs_sparsity({name: results}, d / "accuracy_vs_sparsity.png"),
+        plot_accuracy_vs_sparsity(results, d / "accuracy_vs_sparsity.png"),
         plot_layer_sparsity(results, d / "layer_sparsity.png"),
     ]

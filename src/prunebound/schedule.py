@@ -1,12 +1,17 @@
 """Pruning schedules: one-shot, iterative (Han et al. 2015) and lottery ticket (Frankle & Carbin
 2019), each with any registered method (random pruning is the usual control).
 
-Every schedule is the same loop: train dense, then per round prune a fraction of the survivors,
-optionally rewind the surviving weights, retrain, and evaluate.
+Every schedule is the same loop: train dense, then per round prune to the round's sparsity,
+optionally rewind the surviving weights, retrain, and evaluate. Round targets are cumulative and
+count-exact: after round r a layer of n weights (rows, for structured methods) has exactly
+`round(s_r * n)` pruned, with no drift from rounding a fraction of the survivors each round.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -17,12 +22,19 @@ from torch import nn
 
 from prunebound.checkpoint import rewind, snapshot
 from prunebound.data import Dataset
-from prunebound.masks import prunable_layers, sparsity
+from prunebound.masks import mask_module, original_weight, prunable_layers, sparsity
 from prunebound.methods import METHODS
 from prunebound.pipeline import TrainConfig, evaluate, train
 from prunebound.pruning import prune
 
+logger = logging.getLogger(__name__)
+
 Kind = Literal["oneshot", "iterative", "lottery"]
+RetrainLR = Literal["rewind", "restart", "constant"]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -30,44 +42,45 @@ class Schedule:
     """What to prune, how fast, and what happens between rounds.
 
     Attributes:
-        kind: "oneshot" (one round to the target), "iterative" (`rounds` rounds, each pruning the
-            same fraction of the survivors), "lottery" (iterative, rewinding survivors to their
-            values after `rewind_epoch` epochs of the dense run before each retraining).
+        kind: "oneshot" (one round to the target), "iterative" (`rounds` rounds of magnitude /
+            random / ... pruning with retraining), "lottery" (iterative, rewinding the survivors
+            to their values after `rewind_epoch` epochs of the dense run before retraining).
         method: a key of `prunebound.METHODS`.
-        target_sparsity: fraction of the prunable weights removed at the end.
-        rounds: pruning rounds (oneshot: 1).
-        retrain_epochs: epochs of retraining after each round (lottery: of training from the
+        target_sparsity: fraction of the prunable weights removed at the end, in [0, 1).
+        rounds: pruning rounds (oneshot: 1). Each removes the same fraction of the survivors,
+            `1 - (1 - target) ** (1 / rounds)`, unless `amount` or `steps` is given.
+        amount: optional fraction of the survivors pruned per round; `rounds` is then the
+            fewest that reach the target (the last round stops exactly at the target).
+        steps: optional explicit increasing sparsities after each round, e.g. (0.5, 0.8, 0.9);
+            overrides `rounds`, `amount` and `target_sparsity`.
+        retrain_epochs: epochs of retraining after each round (lottery: training from the
             rewound weights).
-        scope: "layer" or "global" ranking.
-        last_layer_scale: the output layer is pruned at this multiple of the per-round rate (it is
-            small and sensitive; 0.5 keeps it denser). 1.0 treats it like the others.
+        scope: "layer" (every layer reaches the round's sparsity) or "global" (one ranking).
+        last_layer_scale: the output layer is pruned at this multiple of the per-round rate (it
+            is small and sensitive; 0.5 keeps it denser). 1.0 treats it like the others. The
+            other layers are pruned a little more to compensate, so the overall sparsity still
+            meets each round's target.
         rewind_epoch: lottery only: 0 rewinds to the initial weights, k to those after epoch k.
-        steps: explicit increasing sparsity after each round (e.g. (0.5, 0.8, 0.9)); overrides
-            `rounds` and `target_sparsity` when given.
-        lr_rewind: retrain each round with the dense run's LR schedule restarted (learning-rate
-            rewinding, Renda et al. 2020); False retrains at a constant LR.
+        retrain_lr: learning rate while retraining k epochs after a dense run of T epochs:
+            "rewind" replays the dense schedule's last k epochs (learning-rate rewinding, Renda
+            et al. 2020; if k > T the whole schedule is stretched over k); "restart" runs the
+            whole dense schedule compressed into k epochs (learning-rate restarting, Le & Hua
+            2021); "constant" keeps the dense initial LR.
     """
 
     kind: Kind = "iterative"
     method: str = "magnitude"
     target_sparsity: float = 0.9
     rounds: int = 5
+    amount: float | None = None
+    steps: tuple[float, ...] = ()
     retrain_epochs: int = 2
     scope: Literal["layer", "global"] = "layer"
     last_layer_scale: float = 1.0
     rewind_epoch: int = 0
-    lr_rewind: bool = True
-    steps: tuple[float, ...] = ()
+    retrain_lr: RetrainLR = "rewind"
 
     def __post_init__(self) -> None:
-        if self.steps:
-            steps = tuple(self.steps)
-            ok = all(isinstance(x, float) and 0 <= x < 1 for x in steps)
-            if not ok or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
-                raise ValueError(f"schedule.steps must increase within [0, 1), got {self.steps!r}")
-            object.__setattr__(self, "steps", steps)
-            object.__setattr__(self, "rounds", len(steps))
-            object.__setattr__(self, "target_sparsity", steps[-1])
         if self.kind not in ("oneshot", "iterative", "lottery"):
             raise ValueError(
                 f"schedule.kind must be oneshot, iterative or lottery, got {self.kind!r}"
@@ -76,48 +89,88 @@ class Schedule:
             raise ValueError(
                 f"schedule.method must be one of {sorted(METHODS)}, got {self.method!r}"
             )
-        if not isinstance(self.target_sparsity, float) or not 0 <= self.target_sparsity < 1:
+        t = self.target_sparsity
+        if isinstance(t, bool) or not isinstance(t, float) or not 0 <= t < 1:
+            raise ValueError(f"schedule.target_sparsity must be a float in [0, 1), got {t!r}")
+        if not _is_int(self.rounds) or self.rounds < 1:
+            raise ValueError(f"schedule.rounds must be an int >= 1, got {self.rounds!r}")
+        a = self.amount
+        if a is not None and (isinstance(a, bool) or not isinstance(a, float) or not 0 < a < 1):
+            raise ValueError(f"schedule.amount must be a float in (0, 1) or None, got {a!r}")
+        steps = tuple(self.steps)
+        if steps and (
+            not all(isinstance(x, float) and 0 <= x < 1 for x in steps)
+            or any(b <= a for a, b in itertools.pairwise(steps))
+        ):
             raise ValueError(
-                f"schedule.target_sparsity must be a float in [0, 1), got {self.target_sparsity!r}"
+                f"schedule.steps must be floats increasing within [0, 1), got {self.steps!r}"
             )
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ValueError(f"schedule.rounds must be a positive int, got {self.rounds!r}")
-        if self.kind == "oneshot" and self.rounds != 1:
-            object.__setattr__(self, "rounds", 1)
-        if not isinstance(self.retrain_epochs, int) or self.retrain_epochs < 0:
+        if not _is_int(self.retrain_epochs) or self.retrain_epochs < 0:
             raise ValueError(
                 f"schedule.retrain_epochs must be an int >= 0, got {self.retrain_epochs!r}"
             )
         if self.scope not in ("layer", "global"):
             raise ValueError(f"schedule.scope must be layer or global, got {self.scope!r}")
-        if not isinstance(self.last_layer_scale, float) or not self.last_layer_scale >= 0:
-            raise ValueError(
-                f"schedule.last_layer_scale must be a float >= 0, got {self.last_layer_scale!r}"
-            )
-        if not isinstance(self.rewind_epoch, int) or self.rewind_epoch < 0:
+        c = self.last_layer_scale
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0 <= c <= 1:
+            raise ValueError(f"schedule.last_layer_scale must be in [0, 1], got {c!r}")
+        if not _is_int(self.rewind_epoch) or self.rewind_epoch < 0:
             raise ValueError(
                 f"schedule.rewind_epoch must be an int >= 0, got {self.rewind_epoch!r}"
             )
+        if self.retrain_lr not in ("rewind", "restart", "constant"):
+            raise ValueError(
+                f"schedule.retrain_lr must be rewind, restart or constant, got {self.retrain_lr!r}"
+            )
+        if self.kind == "oneshot" and len(steps) > 1:
+            raise ValueError(f"schedule.steps must have one entry for oneshot, got {steps!r}")
+        # all checked: normalise (frozen, hence object.__setattr__)
+        if not steps:
+            if self.kind == "oneshot":
+                steps = (t,)
+            elif a is not None:
+                n = max(1, math.ceil(math.log(1 - t) / math.log(1 - a) - 1e-9)) if t > 0 else 1
+                steps = tuple(min(t, 1 - (1 - a) ** r) for r in range(1, n))
+                steps = (*steps, t)
+            else:
+                steps = tuple(1 - (1 - t) ** (r / self.rounds) for r in range(1, self.rounds + 1))
+                steps = (*steps[:-1], t)
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "rounds", len(steps))
+        object.__setattr__(self, "target_sparsity", steps[-1])
+        object.__setattr__(self, "last_layer_scale", float(c))
 
-    @property
-    def per_round(self) -> float:
-        """Fraction of the survivors pruned each round: 1 - (1 - target)^(1 / rounds)."""
-        return float(1.0 - (1.0 - self.target_sparsity) ** (1.0 / self.rounds))
+    def cumulative(self, r: int) -> float:
+        """Overall sparsity after round r (1-based); 0 before round 1."""
+        return 0.0 if r <= 0 else self.steps[r - 1]
 
     def rate(self, r: int) -> float:
         """Fraction of the survivors pruned in round r (1-based)."""
-        if not self.steps:
-            return self.per_round
-        before = self.steps[r - 2] if r > 1 else 0.0
-        return 1.0 - (1.0 - self.steps[r - 1]) / (1.0 - before)
+        return 1.0 - (1.0 - self.cumulative(r)) / (1.0 - self.cumulative(r - 1))
+
+    def layer_sparsity(self, r: int, *, last: bool) -> float:
+        """Target sparsity after round r of a layer (the output layer if `last`)."""
+        if not last or self.last_layer_scale == 1.0:
+            return self.cumulative(r)
+        density = 1.0
+        for i in range(1, r + 1):
+            density *= 1.0 - min(1.0, self.last_layer_scale * self.rate(i))
+        return 1.0 - density
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain dict for JSON (steps as a list)."""
+        d = asdict(self)
+        d["steps"] = list(self.steps)
+        return d
 
 
 @dataclass(frozen=True)
 class Round:
-    """Metrics after one round (round 0 is the dense model)."""
+    """Metrics after one round (round 0 is the trained dense model).
+
+    `sparsity`/`compression` are over all prunable weights; `layers` maps each prunable layer
+    to its sparsity; FLOPs are multiply-adds x 2 of one batch-1 forward (`pb.sparsity`).
+    """
 
     round: int
     sparsity: float
@@ -130,24 +183,79 @@ class Round:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
         return asdict(self)
+
+
+def _units(module: nn.Module, unit: str) -> tuple[int, int]:
+    """(total, pruned) units of a layer: weights, or whole output rows if unit == "row"."""
+    w = original_weight(module)
+    mm = mask_module(module)
+    if unit == "row":
+        total = w.shape[0]
+        alive = total if mm is None else int(mm.mask.flatten(1).any(dim=1).sum())
+    else:
+        total = w.numel()
+        alive = total if mm is None else int(mm.mask.sum())
+    return total, total - alive
 
 
 def prune_round(
     model: nn.Module, schedule: Schedule, generator: torch.Generator, r: int = 1
 ) -> None:
-    """Round r: prune `schedule.rate(r)` of the survivors (the output layer at its own scale)."""
-    names = list(prunable_layers(model, types=METHODS[schedule.method].layer_types))
-    rate = schedule.rate(r)
-    if schedule.last_layer_scale != 1.0 and len(names) > 1:
-        prune(model, schedule.method, rate, scope=schedule.scope, layers=names[:-1], seed=generator)
-        last = min(1.0, rate * schedule.last_layer_scale)
-        prune(model, schedule.method, last, layers=names[-1:], seed=generator)
+    """Prune `model` in place to the sparsity of round r (1-based) of `schedule`.
+
+    With `s = schedule.cumulative(r)` and N prunable units (weights, or rows for structured
+    methods) in all: the output layer, if kept denser, gets exactly
+    `round(s_last * n_last)` pruned (`Schedule.layer_sparsity`), and the other layers make up
+    the rest so that `round(s * N)` are pruned in all: exactly, in one ranking, for global
+    scope; for layer scope each of them reaches `round(s' * n)` with the common `s'` that
+    compensates, so the total is within one unit per layer. Sampling methods (Bernoulli) prune
+    each survivor with the round's rate instead, so they are not count-exact.
+    """
+    meth = METHODS[schedule.method]
+    layers = prunable_layers(model, types=meth.layer_types)
+    names = list(layers)
+    if not names:
+        raise ValueError(f"model has no layer that method {schedule.method!r} can prune")
+    separate = schedule.last_layer_scale != 1.0 and len(names) > 1
+    body = names[:-1] if separate else names
+    if meth.mask is not None:  # sampling method: no exact counts
+        prune(model, meth, schedule.rate(r), layers=body, seed=generator)
+        if separate:
+            rate = 1 - (1 - schedule.layer_sparsity(r, last=True)) / (
+                1 - schedule.layer_sparsity(r - 1, last=True)
+            )
+            prune(model, meth, rate, layers=names[-1:], seed=generator)
+        return
+    units = {n: _units(layers[n], meth.unit) for n in names}  # (total, pruned)
+    n_all = sum(u[0] for u in units.values())
+    zeros_all = round(schedule.cumulative(r) * n_all)
+    counts: dict[str, int] = {}
+    if separate:
+        total, pruned = units[names[-1]]
+        z_last = round(schedule.layer_sparsity(r, last=True) * total)
+        counts[names[-1]] = max(0, z_last - pruned)
+        zeros_all -= z_last
+    n_body = sum(units[n][0] for n in body)
+    pruned_body = sum(units[n][1] for n in body)
+    zeros_body = min(n_body, max(zeros_all, pruned_body))
+    if schedule.scope == "global" and len(body) > 1:
+        k = zeros_body - pruned_body
+        if k > 0:
+            alive = n_body - pruned_body
+            prune(model, meth, k / alive, scope="global", layers=body, seed=generator)
     else:
-        prune(model, schedule.method, rate, scope=schedule.scope, layers=names, seed=generator)
+        # without a denser output layer every layer reaches round(s * n) exactly
+        s_body = zeros_body / n_body if separate else schedule.cumulative(r)
+        for n in body:
+            counts[n] = max(0, round(s_body * units[n][0]) - units[n][1])
+    if counts:
+        prune(model, meth, counts=counts, seed=generator)
 
 
-def _measure(model: nn.Module, data: Dataset, r: int, seconds: float) -> Round:
+def measure(model: nn.Module, data: Dataset, r: int, seconds: float) -> Round:
+    """Evaluate `model` on the test set and count its sparsity and FLOPs as round r."""
     ev = evaluate(model, data)
     sp = sparsity(model, data.input_shape)
     return Round(
@@ -163,6 +271,16 @@ def _measure(model: nn.Module, data: Dataset, r: int, seconds: float) -> Round:
     )
 
 
+def retrain_config(dense: TrainConfig, schedule: Schedule) -> TrainConfig:
+    """The TrainConfig of each retraining round (see `Schedule.retrain_lr`)."""
+    k, total = schedule.retrain_epochs, dense.epochs
+    if schedule.retrain_lr == "constant":
+        return replace(dense, epochs=k, lr_schedule="constant", lr_offset=0, lr_horizon=None)
+    if schedule.retrain_lr == "restart" or k >= total:
+        return replace(dense, epochs=k, lr_offset=0, lr_horizon=None)
+    return replace(dense, epochs=k, lr_offset=total - k, lr_horizon=total)
+
+
 def run_schedule(
     model: nn.Module,
     data: Dataset,
@@ -172,11 +290,28 @@ def run_schedule(
     generator: torch.Generator,
     progress: bool = False,
     on_round: Callable[[Round], None] | None = None,
+    train_dense: bool = True,
 ) -> list[Round]:
-    """Train `model` dense, then run `schedule`; returns the metrics of every round."""
+    """Train `model` dense with `dense`, then run `schedule`; returns every round's metrics.
+
+    The model is modified in place (trained, pruned, possibly rewound). One `generator` drives
+    batch shuffling and random pruning, so a seed reproduces masks and metrics exactly. Each
+    retraining builds a fresh optimizer (clean state per round). With `train_dense=False` the
+    model is taken as already trained by `dense` (which then only sets the retraining LR
+    schedule); lottery schedules need the dense run and refuse this. Raises ValueError before
+    any training if a lottery `rewind_epoch` exceeds `dense.epochs`.
+    """
+    if schedule.kind == "lottery" and schedule.rewind_epoch > dense.epochs:
+        raise ValueError(
+            f"schedule.rewind_epoch={schedule.rewind_epoch} exceeds train.epochs={dense.epochs}"
+        )
+    if schedule.kind == "lottery" and not train_dense:
+        raise ValueError("train_dense=False: lottery schedules rewind into the dense run")
     t0 = time.perf_counter()
     rewind_to: dict[str, torch.Tensor] | None = None
-    if schedule.kind == "lottery":
+    if not train_dense:
+        pass
+    elif schedule.kind == "lottery":
         if schedule.rewind_epoch == 0:
             rewind_to = snapshot(model)
 
@@ -186,27 +321,23 @@ def run_schedule(
                 rewind_to = snapshot(m)
 
         train(model, data, dense, generator=generator, progress=progress, callback=keep)
-        if rewind_to is None:
-            raise ValueError(
-                f"schedule.rewind_epoch={schedule.rewind_epoch} exceeds train.epochs={dense.epochs}"
-            )
     else:
         train(model, data, dense, generator=generator, progress=progress)
-    rounds = [_measure(model, data, 0, time.perf_counter() - t0)]
+    rounds = [measure(model, data, 0, time.perf_counter() - t0)]
+    logger.info("dense: accuracy %.4f", rounds[0].accuracy)
     if on_round is not None:
         on_round(rounds[-1])
-    retrain = replace(
-        dense,
-        epochs=schedule.retrain_epochs,
-        lr_schedule=dense.lr_schedule if schedule.lr_rewind else "constant",
-    )
+    retrain = retrain_config(dense, schedule)
     for r in range(1, schedule.rounds + 1):
         t0 = time.perf_counter()
         prune_round(model, schedule, generator, r)
         if rewind_to is not None:
             rewind(model, rewind_to)
         train(model, data, retrain, generator=generator, progress=progress)
-        rounds.append(_measure(model, data, r, time.perf_counter() - t0))
+        rounds.append(measure(model, data, r, time.perf_counter() - t0))
+        logger.info(
+            "round %d: sparsity %.4f, accuracy %.4f", r, rounds[-1].sparsity, rounds[-1].accuracy
+        )
         if on_round is not None:
             on_round(rounds[-1])
     return rounds

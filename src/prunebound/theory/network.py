@@ -1,0 +1,293 @@
+"""The theory's view of a feed-forward model (docs/theory_certify.md §3).
+
+A chain of steps, each an affine prunable layer (Linear, Conv1d, Conv2d) or a map phi with
+||phi(x) - phi(y)|| <= L ||x - y|| and ||phi(0)|| = c (activations, pooling, eval BatchNorm,
+Flatten, Dropout). Anything else, residual graphs included, is refused naming the module.
+Derived for prunebound in the setting of Qian & Klabjan (2021).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunebound.masks import effective_weight, original_weight
+from prunebound.theory.types import Kind, LayerSpec
+
+_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
+_ELEMENTWISE_1 = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softsign)
+# GELU: sup |d/dx x Phi(x)| = Phi(sqrt 2) + sqrt 2 phi(sqrt 2) (at x = sqrt 2; docs §3.1)
+GELU_LIPSCHITZ = 0.5 * (1 + math.erf(1.0)) + math.sqrt(2) * math.exp(-1.0) / math.sqrt(2 * math.pi)
+SILU_LIPSCHITZ = 1.1  # sup |d/dx x sigmoid(x)| = 1.0998.. (grid + curvature bound, docs §3.1)
+SUPPORTED = (
+    "Linear, Conv1d/Conv2d (groups=1, zero padding), ReLU, ReLU6, LeakyReLU, Tanh, Hardtanh, "
+    "Softsign, Sigmoid, ELU, GELU, SiLU, MaxPool1d/2d, AvgPool1d/2d, global AdaptiveAvgPool, "
+    "Flatten, Dropout, Identity, eval BatchNorm1d/2d, nested nn.Sequential"
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the chain.
+
+    Prunable layers have `spec` set. For the others, `lipschitz` L and `offset` c = ||phi(0)||
+    give ||phi(x) - phi(y)|| <= L ||x - y|| and ||phi(x)|| <= L ||x|| + c.
+    """
+
+    name: str
+    module: nn.Module
+    spec: LayerSpec | None = None
+    lipschitz: float = 1.0
+    offset: float = 0.0
+    in_shape: tuple[int, ...] = ()
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, W~): the unmasked weight and the masked one (equal if unpruned), detached."""
+        if self.spec is None:
+            raise ValueError(f"step {self.name!r} is not a prunable layer")
+        return original_weight(self.module).detach(), effective_weight(self.module).detach()
+
+
+@dataclass(frozen=True)
+class Network:
+    """A model as a chain of steps, with the sample shape it was traced on."""
+
+    steps: tuple[Step, ...]
+    input_shape: tuple[int, ...]
+
+    @property
+    def specs(self) -> tuple[LayerSpec, ...]:
+        """LayerSpecs of the prunable layers, in order."""
+        return tuple(s.spec for s in self.steps if s.spec is not None)
+
+    @property
+    def lipschitz(self) -> tuple[float, ...]:
+        """Per prunable layer: the product of the Lipschitz constants of the maps after it and
+        before the next prunable layer (the `lipschitz` argument of `propagate`)."""
+        out: list[float] = []
+        for s in self.steps:
+            if s.spec is not None:
+                out.append(1.0)
+            elif out:
+                out[-1] *= s.lipschitz
+        return tuple(out)
+
+    @property
+    def offsets(self) -> tuple[float, ...]:
+        """||phi(0)|| of each non-prunable step, in order (nonzero for Sigmoid, BatchNorm)."""
+        return tuple(s.offset for s in self.steps if s.spec is None)
+
+
+def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    if isinstance(model, nn.Sequential):
+        out: list[tuple[str, nn.Module]] = []
+        for name, child in model.named_children():
+            out += _leaves(child, f"{prefix}.{name}" if prefix else name)
+        return out
+    return [(prefix or "<model>", model)]
+
+
+def _tuple(v: int | Sequence[int], d: int) -> list[int]:
+    return [int(v)] * d if isinstance(v, int) else [int(x) for x in v]
+
+
+def pool_multiplicity(kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> int:
+    """Max number of pooling windows containing one input entry: prod min(k, ceil(ext / s))."""
+    return math.prod(
+        min(k, math.ceil((dl * (k - 1) + 1) / s))
+        for k, s, dl in zip(kernel, stride, dilation, strict=True)
+    )
+
+
+def _unsupported(name: str, m: nn.Module, why: str = "") -> ValueError:
+    return ValueError(
+        f"layer {name!r} ({type(m).__name__}) is not supported by the theory{why}; supported: "
+        f"{SUPPORTED}"
+    )
+
+
+def _pool_lipschitz(name: str, m: nn.Module) -> float:
+    d = 1 if isinstance(m, nn.MaxPool1d | nn.AvgPool1d) else 2
+    k = _tuple(m.kernel_size, d)  # type: ignore[arg-type]
+    s = _tuple(m.stride if m.stride is not None else k, d)  # type: ignore[arg-type]
+    if isinstance(m, nn.MaxPool1d | nn.MaxPool2d):
+        # |max a - max b| <= ||a - b||_2 per window; each entry is in <= mult windows (§3.2)
+        return math.sqrt(pool_multiplicity(k, s, _tuple(m.dilation, d)))
+    mult = pool_multiplicity(k, s, [1] * d)
+    if getattr(m, "divisor_override", None) is not None:
+        raise _unsupported(name, m, " with divisor_override")
+    if m.count_include_pad and not m.ceil_mode:  # y_o = sum(win)/K: ||y||^2 <= mult/K ||x||^2
+        return math.sqrt(mult / math.prod(k))
+    return math.sqrt(mult)  # y_o = sum(win)/c_o with c_o >= |win|: |y_o| <= ||x_win|| (§3.2)
+
+
+def _lipschitz(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> tuple[float, float]:
+    """(Lipschitz constant, ||phi(0)||) of a non-prunable step (docs/theory_certify.md §3)."""
+    if isinstance(m, nn.Flatten | nn.Dropout | nn.Identity):
+        return 1.0, 0.0  # Dropout: identity in eval mode; certify() refuses training mode
+    if isinstance(m, _POOLS):
+        return _pool_lipschitz(name, m), 0.0
+    if isinstance(m, nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d):
+        if _tuple(m.output_size, len(in_shape) - 1) != [1] * (len(in_shape) - 1):  # type: ignore[arg-type]
+            raise _unsupported(name, m, " unless global (output_size 1)")
+        return 1.0 / math.sqrt(math.prod(in_shape[1:])), 0.0  # Cauchy-Schwarz per channel
+    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+        if m.training or m.running_var is None or m.running_mean is None:
+            raise _unsupported(name, m, " in training mode or without running stats (call eval())")
+        scale = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
+        shift = -m.running_mean.double() * scale
+        if m.affine:
+            scale = scale * m.weight.double()
+            shift = shift * m.weight.double() + m.bias.double()
+        reps = math.prod(in_shape[1:]) if len(in_shape) > 1 else 1  # shift repeated per position
+        return float(scale.abs().max()), float(torch.linalg.vector_norm(shift)) * math.sqrt(reps)
+    if isinstance(m, nn.LeakyReLU):
+        lip = max(1.0, abs(m.negative_slope))
+    elif isinstance(m, nn.ELU):
+        lip = max(1.0, abs(m.alpha))
+    elif isinstance(m, nn.Sigmoid):
+        lip = 0.25
+    elif isinstance(m, nn.GELU):
+        if m.approximate != "none":
+            raise _unsupported(name, m, " with approximate='tanh'")
+        lip = GELU_LIPSCHITZ * (1 + 1e-12)
+    elif isinstance(m, nn.SiLU):
+        lip = SILU_LIPSCHITZ
+    elif isinstance(m, _ELEMENTWISE_1):
+        lip = 1.0
+    else:
+        raise _unsupported(name, m)
+    # elementwise: ||phi(0)|| = |phi(0)| sqrt(n), computed rather than assumed (Sigmoid: 1/2)
+    with torch.no_grad():
+        zero = float(m(torch.zeros(1, dtype=torch.float64)).abs().item())
+    return lip, zero * math.sqrt(math.prod(in_shape))
+
+
+def _spec(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> LayerSpec:
+    weight = m.weight
+    assert isinstance(weight, torch.Tensor)
+    shape = tuple(int(s) for s in weight.shape)
+    has_bias = getattr(m, "bias", None) is not None
+    if isinstance(m, nn.Linear):
+        return LayerSpec(name, "linear", shape, in_shape, bias=has_bias)
+    assert isinstance(m, nn.Conv1d | nn.Conv2d)
+    if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+        raise _unsupported(name, m, " unless groups=1 and numeric zero padding")
+    kind: Kind = "conv1d" if isinstance(m, nn.Conv1d) else "conv2d"
+    pad = tuple(int(p) for p in m.padding)
+    return LayerSpec(name, kind, shape, in_shape, tuple(m.stride), pad, tuple(m.dilation), has_bias)
+
+
+def extract(model: nn.Module, input_shape: Sequence[int] | None = None) -> Network:
+    """The chain of steps of `model` (nn.Sequential, possibly nested, or one prunable layer).
+
+    Input shapes come from a dry run on zeros of shape (1, *input_shape). For a model whose
+    first prunable layer is a Linear (and no conv), `input_shape` defaults to (in_features,).
+
+    Raises:
+        ValueError: an unsupported module (named by path and type), no prunable layer, a conv
+            model without `input_shape`, or an input_shape the model cannot run on.
+    """
+    leaves = _leaves(model)
+    for name, m in leaves:  # refuse before running anything
+        if isinstance(m, _PRUNABLE):
+            _spec(name, m, ())
+        elif not (isinstance(m, (*_POOLS, *_ELEMENTWISE_1)) or type(m) in _KNOWN):
+            raise _unsupported(name, m)
+    if not any(isinstance(m, _PRUNABLE) for _, m in leaves):
+        raise ValueError("model must contain a Linear/Conv1d/Conv2d layer, got none")
+    if input_shape is None:
+        if any(isinstance(m, nn.Conv1d | nn.Conv2d) for _, m in leaves):
+            raise ValueError("input_shape is required for convolutional models, got None")
+        first = next(m for _, m in leaves if isinstance(m, nn.Linear))
+        assert isinstance(first, nn.Linear)
+        input_shape = (first.in_features,)
+    shape_in = tuple(int(s) for s in input_shape)
+    if not shape_in or any(s < 1 for s in shape_in):
+        raise ValueError(f"input_shape must be positive ints, got {tuple(input_shape)}")
+    p = next(model.parameters())
+    x = torch.zeros((1, *shape_in), dtype=p.dtype, device=p.device)
+    steps: list[Step] = []
+    with torch.no_grad():
+        for name, m in leaves:
+            shape = tuple(int(s) for s in x.shape[1:])
+            if isinstance(m, _PRUNABLE):
+                steps.append(Step(name, m, _spec(name, m, shape), in_shape=shape))
+            else:
+                lip, off = _lipschitz(name, m, shape)
+                steps.append(Step(name, m, None, lip, off, shape))
+            try:
+                x = m(x)
+            except RuntimeError as err:
+                msg = f"input_shape {shape_in} does not fit layer {name!r}: {err}"
+                raise ValueError(msg) from err
+    return Network(tuple(steps), shape_in)
+
+
+_KNOWN = {
+    nn.Flatten,
+    nn.Dropout,
+    nn.Identity,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+}
+
+
+def from_widths(widths: Sequence[int], *, bias: bool = True) -> tuple[LayerSpec, ...]:
+    """LayerSpecs of an MLP with widths (n_0, ..., n_L), named "1", "3", ... like the Linear
+    modules of `prunebound.models.mlp(widths)` (Flatten first, activations between)."""
+    if len(widths) < 2 or any(
+        isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths
+    ):
+        raise ValueError(f"widths must be >= 2 positive ints, got {list(widths)!r}")
+    return tuple(
+        LayerSpec(str(2 * i + 1), "linear", (b, a), (a,), bias=bias)
+        for i, (a, b) in enumerate(itertools.pairwise(widths))
+    )
+
+
+def conv_specs(
+    channels: Sequence[int],
+    kernel: int,
+    in_size: Sequence[int],
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    bias: bool = True,
+) -> tuple[LayerSpec, ...]:
+    """LayerSpecs of a plain conv stack (Conv2d for 2-D `in_size`, Conv1d for 1-D), for
+    widths-only planning targets; spatial sizes follow the usual output-size formula."""
+    d = len(in_size)
+    if d not in (1, 2) or len(channels) < 2 or kernel < 1 or stride < 1 or padding < 0:
+        raise ValueError(
+            f"conv_specs needs 1-2 spatial dims, >= 2 channels, kernel/stride >= 1, padding >= 0; "
+            f"got in_size={tuple(in_size)}, channels={list(channels)}, kernel={kernel}, "
+            f"stride={stride}, padding={padding}"
+        )
+    kind: Kind = "conv1d" if d == 1 else "conv2d"
+    size = [int(s) for s in in_size]
+    out: list[LayerSpec] = []
+    for i, (a, b) in enumerate(itertools.pairwise(channels)):
+        shape = (b, a, *([kernel] * d))
+        out.append(
+            LayerSpec(
+                str(i), kind, shape, (a, *size), (stride,) * d, (padding,) * d, (1,) * d, bias
+            )
+        )
+        size = [(s + 2 * padding - kernel) // stride + 1 for s in size]
+        if min(size) < 1:
+            raise ValueError(f"conv_specs: spatial size shrinks below 1 at layer {i}, got {size}")
+    return tuple(out)

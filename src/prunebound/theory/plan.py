@@ -1,0 +1,371 @@
+"""Probabilistic pruning plans: the largest per-layer counts whose certified gap is <= eps.
+
+`plan` solves, `bound` evaluates. Both use Lemma A (docs/theory.md §2, `propagate`) with the
+per-layer norm oracles of `prunebound.theory.layers` and a union bound over every failure event
+(docs/theory.md §6). INFERRED: bounds derived in the setting of Qian & Klabjan (2021), not the
+paper's theorems or constants.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, cast
+
+import torch
+
+from prunebound.theory.assumptions import check_law
+from prunebound.theory.datacert import search_data_plan
+from prunebound.theory.layers import PriorLayer, TrainedLayer
+from prunebound.theory.propagate import Propagation, propagate
+from prunebound.theory.split import Oracle, solve_budgets, solve_optimized
+from prunebound.theory.targets import Target, resolve
+from prunebound.theory.types import Law, LawName, LayerPlan, LayerSpec, Method, Plan
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "random")
+LAWS = ("uniform", "gaussian", "trained", "data")
+SPLITS = ("optimized", "equal", "params")
+SAMPLINGS = ("count", "bernoulli")
+
+
+@dataclass(frozen=True)
+class BoundResult:
+    """The certified gap of a given pruning (`bound`), with Lemma A's pieces per layer."""
+
+    eps: float
+    delta: float
+    counts: tuple[int, ...]
+    norm_w: tuple[float, ...]
+    norm_kept: tuple[float, ...]
+    norm_delta: tuple[float, ...]
+    bias_norms: tuple[float, ...]
+    terms: tuple[float, ...]
+    output_scale: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def _check_common(delta: float, radius: float, method: str, law: str, sampling: str) -> None:
+    if not (isinstance(delta, int | float) and 0.0 < delta < 1.0):
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if not (isinstance(radius, int | float) and math.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be > 0 and finite, got {radius!r}")
+    _check_choice("method", method, METHODS)
+    _check_choice("law", law, LAWS)
+    _check_choice("sampling", sampling, SAMPLINGS)
+    if sampling == "bernoulli" and method != "random":
+        raise ValueError(f"sampling='bernoulli' needs method='random', got method={method!r}")
+
+
+def _law_for(spec: LayerSpec, law: str, scale: float | None) -> Law:
+    s = scale if scale is not None else 1.0 / math.sqrt(spec.fan_in)
+    if law == "uniform":
+        return Law("uniform", s)
+    return Law("gaussian", s)
+
+
+def _layer_weights(model: torch.nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    mod = dict(model.named_modules())[name]
+    try:
+        from prunebound.masks import original_weight
+
+        w = original_weight(mod)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        w = mod.weight
+    bias = getattr(mod, "bias", None)
+    return w, bias if isinstance(bias, torch.Tensor) else None
+
+
+def _deltas(specs: Sequence[LayerSpec], delta: float) -> list[float]:
+    """delta_l = delta / L for every split: bounds depend on delta only through log(1/delta_l),
+    so sharing it unevenly gains little, and `bound` stays the exact inverse of `plan` (§6)."""
+    return [delta / len(specs)] * len(specs)
+
+
+def _oracles(
+    tgt: Target, method: str, law: str, deltas: Sequence[float], scale: float | None, sampling: str
+) -> list[Oracle]:
+    bern = sampling == "bernoulli"
+    out: list[Oracle] = []
+    nonneg = tgt.nonneg_input or (False,) * len(tgt.specs)
+    for spec, d, nn_in in zip(tgt.specs, deltas, nonneg, strict=True):
+        if law == "trained":
+            if tgt.model is None:
+                raise ValueError("law='trained' needs an nn.Module target, got widths/specs")
+            w, b = _layer_weights(tgt.model, spec.name)
+            out.append(TrainedLayer(spec, w, b, method, d, bernoulli=bern))
+        else:
+            out.append(
+                PriorLayer(
+                    spec, _law_for(spec, law, scale), method, d, bernoulli=bern, nonneg_input=nn_in
+                )
+            )
+    return out
+
+
+def _propagate(
+    orcs: Sequence[Oracle], counts: Sequence[int], radius: float, tgt: Target
+) -> Propagation:
+    """Lemma A with the oracles' bounds; non-prunable offsets folded into the biases."""
+    more = tgt.extra_bias if tgt.extra_bias is not None else [0.0] * len(orcs)
+    return propagate(
+        [o.norm_w() for o in orcs],
+        [o.norm_kept(m) for o, m in zip(orcs, counts, strict=True)],
+        [o.norm_delta(m) for o, m in zip(orcs, counts, strict=True)],
+        [o.norm_b() + c for o, c in zip(orcs, more, strict=True)],
+        radius,
+        tgt.lipschitz,
+    )
+
+
+def plan(
+    target: object,
+    eps: float,
+    delta: float,
+    *,
+    method: str = "magnitude",
+    law: str = "uniform",
+    radius: float = 1.0,
+    split: str = "optimized",
+    scale: float | None = None,
+    data: object = None,
+    alpha: float | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    sampling: str = "count",
+) -> Plan:
+    """Per-layer counts to prune with sup_{||x||<=radius} ||f(x) - F(x)|| <= eps w.p. >= 1-delta.
+
+    Args:
+        target: widths [n0, ..., nL] (layers named as in `prunebound.models.mlp`), a list of
+            LayerSpec, or an nn.Module (shapes from `theory.network.extract`).
+        eps: the worst-case output gap allowed, > 0.
+        delta: failure probability over the weights (and mask), in (0, 1). Ignored (0 spent)
+            for law='trained' with magnitude pruning, which is deterministic.
+        method: "magnitude" (the m smallest |w| per layer) or "random" (uniform m-subset).
+        law: "uniform" U[-scale, scale] / "gaussian" N(0, scale^2) i.i.d. weights and biases
+            (scale defaults to 1/sqrt(fan_in), PyTorch's default init), "trained" (the model's
+            weights, docs §5), "data" (delegates to `theory.datacert.search_data_plan`).
+        split: how eps and delta are shared across layers: "optimized" (default; maximise the
+            total count), "equal" or "params" (proportional to parameter counts). docs §6.
+        sampling: "count" (exact counts; what `prune(plan=...)` applies) or "bernoulli"
+            (method='random' only: each weight pruned independently with prob. `fraction`).
+
+    Returns:
+        A `Plan`: per-layer counts, fractions, thresholds (magnitude: the high-probability upper
+        bound on the threshold), eps/delta shares and ||Delta|| bounds.
+
+    Raises:
+        ValueError: invalid eps, delta, radius, method, law, split or sampling.
+    """
+    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be > 0 and finite, got {eps!r}")
+    _check_common(delta, radius, method, law, sampling)
+    _check_choice("split", split, SPLITS)
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be > 0 and finite, got {scale!r}")
+    if law == "data":
+        return _data_plan(
+            target,
+            eps,
+            delta,
+            method=method,
+            radius=radius,
+            data=data,
+            alpha=alpha,
+            input_shape=input_shape,
+        )
+    tgt = resolve(target, input_shape)
+    deltas = _deltas(tgt.specs, delta)
+    orcs = _oracles(tgt, method, law, deltas, scale, sampling)
+    if split == "optimized":
+        counts = solve_optimized(orcs, lambda c: _propagate(orcs, c, radius, tgt), eps)
+    else:
+        tot = sum(s.numel for s in tgt.specs)
+        shares = (
+            [s.numel / tot for s in tgt.specs]
+            if split == "params"
+            else [1.0 / len(orcs)] * len(orcs)
+        )
+        counts = solve_budgets(
+            orcs, lambda c: _propagate(orcs, c, radius, tgt), eps, shares, tgt.lipschitz
+        )
+    prop = _propagate(orcs, counts, radius, tgt)
+    spent = 0.0 if (law == "trained" and method == "magnitude") else 1.0
+    layers = tuple(
+        LayerPlan(
+            name=o.name,
+            count=m,
+            fraction=m / o.numel,
+            threshold=o.threshold(m),
+            eps_share=prop.terms[l],
+            delta_share=deltas[l] * spent,
+            law=None if law == "trained" else _law_for(s, law, scale),
+            norm_bound=o.norm_delta(m),
+        )
+        for l, (o, m, s) in enumerate(zip(orcs, counts, tgt.specs, strict=True))
+    )
+    notes = list(_law_notes(tgt, law, scale))
+    logger.info("plan: counts %s, certified gap %.4g <= eps %.4g", counts, prop.gap, eps)
+    return Plan(
+        method=cast(Method, method),
+        law=cast(LawName, law),
+        eps=eps,
+        delta=delta,
+        radius=float(radius),
+        layers=layers,
+        specs=tgt.specs,
+        output_scale=prop.output_scale,
+        sampling="bernoulli" if sampling == "bernoulli" else "count",
+        split=split,
+        notes=tuple(notes),
+    )
+
+
+def bound(
+    target: object,
+    amounts: Sequence[float] | Mapping[str, int] | Mapping[str, torch.Tensor],
+    delta: float,
+    *,
+    method: str = "magnitude",
+    law: str = "uniform",
+    radius: float = 1.0,
+    scale: float | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    sampling: str = "count",
+) -> BoundResult:
+    """The inverse of `plan`: the certified eps for a given per-layer pruning, w.p. >= 1 - delta.
+
+    `amounts`: per-layer fractions (sequence, in layer order), or {layer name: count}, or
+    {layer name: bool keep-mask} (the count is the number of False entries). delta is shared
+    equally across layers (docs §6).
+    """
+    _check_common(delta, radius, method, law, sampling)
+    if law == "data":
+        raise ValueError("bound: law must be one of ['uniform', 'gaussian', 'trained'], got 'data'")
+    tgt = resolve(target, input_shape)
+    counts = _counts_from(tgt.specs, amounts)
+    deltas = _deltas(tgt.specs, delta)
+    orcs = _oracles(tgt, method, law, deltas, scale, sampling)
+    prop = _propagate(orcs, counts, radius, tgt)
+    return BoundResult(
+        eps=prop.gap,
+        delta=delta,
+        counts=tuple(counts),
+        norm_w=tuple(o.norm_w() for o in orcs),
+        norm_kept=tuple(o.norm_kept(m) for o, m in zip(orcs, counts, strict=True)),
+        norm_delta=tuple(o.norm_delta(m) for o, m in zip(orcs, counts, strict=True)),
+        bias_norms=tuple(o.norm_b() for o in orcs),
+        terms=prop.terms,
+        output_scale=prop.output_scale,
+    )
+
+
+def _counts_from(specs: Sequence[LayerSpec], amounts: object) -> list[int]:
+    if isinstance(amounts, Mapping):
+        names = {s.name for s in specs}
+        unknown = sorted(set(amounts) - names)
+        if unknown:
+            raise ValueError(f"amounts: unknown layers {unknown}, allowed {sorted(names)}")
+        out = []
+        for s in specs:
+            v = amounts.get(s.name, 0)
+            m = int((~v.bool()).sum()) if isinstance(v, torch.Tensor) else v
+            if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= s.numel:
+                raise ValueError(
+                    f"amounts[{s.name!r}] must be a count in [0, {s.numel}], got {m!r}"
+                )
+            out.append(m)
+        return out
+    if isinstance(amounts, Sequence) and len(amounts) == len(specs):
+        out = []
+        for s, f in zip(specs, amounts, strict=True):
+            if isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 <= f <= 1.0:
+                raise ValueError(f"fraction for layer {s.name!r} must be in [0, 1], got {f!r}")
+            out.append(round(f * s.numel))
+        return out
+    raise ValueError(
+        f"amounts must be {len(specs)} fractions or a mapping layer -> count/mask, got {amounts!r}"
+    )
+
+
+def _law_notes(tgt: Target, law: str, scale: float | None) -> list[str]:
+    """KS test of each layer's weights against the law the plan assumes (its scale), when a
+    trained model is planned a priori (`assumptions.check_law`; docs/theory.md §5)."""
+    if tgt.model is None or law not in ("uniform", "gaussian"):
+        return []
+    notes = []
+    for spec in tgt.specs:
+        w, _ = _layer_weights(tgt.model, spec.name)
+        lw = _law_for(spec, law, scale)
+        chk = check_law(w, lw.name, scale=lw.scale, name=spec.name)
+        if not chk.passed:
+            notes.append(
+                f"the probabilistic guarantee does not apply to layer {spec.name}: "
+                f"KS p={chk.p_value:.3g}; the deterministic certificate (certify) still does"
+            )
+    return notes
+
+
+def _data_plan(
+    target: object,
+    eps: float,
+    delta: float,
+    *,
+    method: str,
+    radius: float,
+    data: object,
+    alpha: float | None,
+    input_shape: tuple[int, ...] | None,
+) -> Plan:
+    """law='data': T1's `search_data_plan` on (search, certify) splits, wrapped as a Plan (§5).
+
+    The guarantee is then P_x(||f(x) - F(x)|| > eps) <= alpha over the data distribution, with
+    confidence 1 - delta (Clopper-Pearson on the certify split), not a sup over the ball.
+    """
+    if not isinstance(target, torch.nn.Module):
+        raise ValueError(f"law='data' needs an nn.Module target, got {type(target).__name__}")
+    if not (isinstance(data, tuple | list) and len(data) == 2):
+        raise ValueError(f"law='data' needs data=(search_data, certify_data), got {data!r:.60}")
+    if alpha is None or not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1) for law='data', got {alpha!r}")
+    counts, cert = search_data_plan(target, data[0], data[1], eps, delta, alpha, method=method)
+    tgt = resolve(target, input_shape)
+    layers = tuple(
+        LayerPlan(
+            name=s.name,
+            count=counts.get(s.name, 0),
+            fraction=counts.get(s.name, 0) / s.numel,
+            threshold=None,
+            eps_share=0.0,
+            delta_share=0.0,
+        )
+        for s in tgt.specs
+    )
+    note = (
+        f"data plan: P_x(||f(x) - F(x)|| > {eps:.4g}) <= {cert.exceed_upper:.4g} "
+        f"(Clopper-Pearson, confidence {1 - delta:.4g}) on {cert.n} held-out inputs; "
+        "not a sup over the ball"
+    )
+    return Plan(
+        method=cast(Method, method),
+        law="data",
+        eps=eps,
+        delta=delta,
+        radius=float(radius),
+        layers=layers,
+        specs=tgt.specs,
+        output_scale=0.0,
+        split="data",
+        notes=(note,),
+    )

@@ -1,0 +1,111 @@
+"""Turning a planning target (widths, LayerSpecs or an nn.Module) into layer specs.
+
+Thin adapter over `prunebound.theory.network.extract` (T1) when it exists; widths and LayerSpec
+lists need no model. Naming: widths [n0, ..., nL] give layers named "1", "3", ..., "2L-1", the
+names of the Linear modules in `prunebound.models.mlp(widths)`, so a widths plan applies to that
+model with `prunebound.prune(model, plan=plan)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from prunebound.theory.network import extract, from_widths
+from prunebound.theory.types import LayerSpec
+
+
+@dataclass(frozen=True)
+class Target:
+    """Resolved target: prunable layer specs, Lipschitz factors after each, optional module."""
+
+    specs: tuple[LayerSpec, ...]
+    lipschitz: tuple[float, ...]
+    model: nn.Module | None = None
+    extra_bias: tuple[float, ...] | None = None
+    nonneg_input: tuple[bool, ...] | None = None  # layer l reads a ReLU output (h >= 0)
+
+
+def resolve(target: object, input_shape: tuple[int, ...] | None) -> Target:
+    """Widths, LayerSpecs or an nn.Module -> Target (ValueError/TypeError otherwise)."""
+    if isinstance(target, nn.Module):
+        return _from_module(target, input_shape)
+    if isinstance(target, Sequence) and not isinstance(target, str) and len(target) > 0:
+        if all(isinstance(s, LayerSpec) for s in target):
+            specs = tuple(s for s in target if isinstance(s, LayerSpec))
+            return Target(specs=specs, lipschitz=(1.0,) * len(specs))
+        if all(isinstance(w, int) for w in target):
+            specs = from_widths([int(w) for w in target])
+            nonneg = tuple(i > 0 for i in range(len(specs)))  # ReLU between, as models.mlp
+            return Target(specs=specs, lipschitz=(1.0,) * len(specs), nonneg_input=nonneg)
+    raise TypeError(
+        "target must be a list of widths, a list of LayerSpec or an nn.Module, "
+        f"got {type(target).__name__}"
+    )
+
+
+def _from_module(model: nn.Module, input_shape: tuple[int, ...] | None) -> Target:
+    net = extract(model, input_shape)
+    specs = tuple(net.specs)
+    lips = tuple(net.lipschitz)
+    return Target(
+        specs=specs,
+        lipschitz=lips,
+        model=model,
+        extra_bias=_extra_bias(net),
+        nonneg_input=_nonneg_inputs(net),
+    )
+
+
+_KEEPS_NONNEG = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    nn.Dropout,
+    nn.Identity,
+)
+
+
+def _nonneg_inputs(net: Any) -> tuple[bool, ...]:
+    """Per prunable layer: is its input >= 0 for every x (a ReLU, then only ops that keep signs)?"""
+    out: list[bool] = []
+    state = False  # the network input x has any sign
+    for step in net.steps:
+        if step.spec is not None:
+            out.append(state)
+            state = False
+        elif isinstance(step.module, nn.ReLU):
+            state = True
+        elif not isinstance(step.module, _KEEPS_NONNEG):
+            state = False
+    return tuple(out)
+
+
+def _extra_bias(net: Any) -> tuple[float, ...]:
+    """Per prunable layer l: c_l with ||h_l|| <= L_l (||W_l h|| + ||b_l|| + c_l).
+
+    A non-prunable step phi_j with ||phi_j(y)|| <= L_j ||y|| + o_j (o_j = ||phi_j(0)||, nonzero
+    for Sigmoid or eval BatchNorm shifts) after layer l adds sum_j o_j prod_{i>j} L_i to r_l;
+    divided by the product L_l of all of them it folds into the bias norm (docs §2).
+    """
+    out: list[float] = []
+    acc, lip = 0.0, 1.0
+    for step in net.steps:
+        if step.spec is not None:
+            if out:
+                out[-1] = acc / lip if lip > 0 else 0.0
+            out.append(0.0)
+            acc, lip = 0.0, 1.0
+        elif out:
+            acc = step.lipschitz * acc + step.offset
+            lip *= step.lipschitz
+    if out:
+        out[-1] = acc / lip if lip > 0 else 0.0
+    return tuple(out)

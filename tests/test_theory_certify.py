@@ -1,0 +1,410 @@
+"""Deterministic certificates (theory/certify.py, norms.py, network.py): exact values on hand
+examples, and certificate >= brute force / gradient-ascent gaps (docs/theory_certify.md)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import prunebound as pb
+from prunebound.masks import set_mask
+from prunebound.theory.certify import certify
+from prunebound.theory.network import (
+    GELU_LIPSCHITZ,
+    SILU_LIPSCHITZ,
+    conv_specs,
+    extract,
+    from_widths,
+    pool_multiplicity,
+)
+from prunebound.theory.norms import (
+    conv_norm,
+    frobenius,
+    kw_epsilon,
+    lanczos_bound,
+    norm_bound,
+    schur,
+    spectral_norm,
+)
+from prunebound.theory.propagate import propagate
+
+torch.set_num_threads(1)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _reference(model: nn.Module) -> nn.Module:
+    return pb.reset(copy.deepcopy(model))
+
+
+def _dense(module: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
+    """The matrix of a linear map (bias removed) on inputs of in_shape, column by column."""
+    n = math.prod(in_shape)
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
+    m = copy.deepcopy(module).double()
+    with torch.no_grad():
+        zero = m(torch.zeros(1, *in_shape, dtype=torch.float64)).reshape(1, -1)
+        return (m(eye).reshape(n, -1) - zero).T
+
+
+def _pga_gap(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    radius: float,
+    *,
+    starts: int = 64,
+    steps: int = 150,
+    seed: int = 0,
+) -> float:
+    """Lower bound on sup_{||x|| <= R} ||f(x) - F(x)||: projected gradient ascent in the ball."""
+    f, ref = copy.deepcopy(model).double().eval(), _reference(model).double().eval()
+    x = torch.randn(starts, *shape, generator=_gen(seed), dtype=torch.float64)
+    x = (x * radius / x.flatten(1).norm(dim=1).view(-1, *[1] * len(shape))).requires_grad_()
+    best = 0.0
+    for _ in range(steps):
+        gap = (f(x) - ref(x)).flatten(1).norm(dim=1)
+        best = max(best, float(gap.detach().max()))
+        (g,) = torch.autograd.grad(gap.sum(), x)
+        with torch.no_grad():
+            gn = g.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * len(shape))
+            x += 0.2 * radius * g / gn
+            nx = x.flatten(1).norm(dim=1).view(-1, *[1] * len(shape))
+            x *= torch.clamp(radius / nx, max=1.0)
+    with torch.no_grad():
+        return max(best, float((f(x) - ref(x)).flatten(1).norm(dim=1).max()))
+
+
+def _disk_gap(model: nn.Module, radius: float, n_r: int = 60, n_t: int = 720) -> float:
+    """Brute-force sup over a dense polar grid of the 2-D disk."""
+    f, ref = copy.deepcopy(model).double().eval(), _reference(model).double().eval()
+    rr = torch.linspace(0, radius, n_r, dtype=torch.float64)
+    tt = torch.linspace(0, 2 * math.pi, n_t, dtype=torch.float64)
+    rg, tg = torch.meshgrid(rr, tt, indexing="ij")
+    x = torch.stack([rg * torch.cos(tg), rg * torch.sin(tg)], -1).reshape(-1, 2)
+    with torch.no_grad():
+        return float((f(x) - ref(x)).norm(dim=1).max())
+
+
+def _mlp(widths: tuple[int, ...], seed: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    torch.manual_seed(seed)  # test-only: default init of nn.Linear uses the global RNG
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        if i:
+            layers.append(act())
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------------------------- hand examples
+
+
+def _hand_net() -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+        net[2].weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    set_mask(net[0], torch.tensor([[True, True], [True, False]]))
+    return net
+
+
+def test_hand_single_layer_is_exact() -> None:
+    net = nn.Sequential(nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+    set_mask(net[0], torch.tensor([[True, True], [True, False]]))
+    cert = certify(net, radius=3.0)
+    assert cert.bound == pytest.approx(3.0, rel=1e-9)  # ||Delta|| R, attained at x = (0, 3)
+    assert cert.output_scale == pytest.approx(6.0, rel=1e-9)  # ||W|| R
+    assert cert.relative == pytest.approx(0.5, rel=1e-9)
+
+
+def test_hand_two_layers_matches_lemma_a_by_hand() -> None:
+    net = _hand_net()
+    cert = certify(net, radius=1.0)
+    golden = (1 + math.sqrt(5)) / 2  # ||[[1, 1], [0, 1]]||
+    assert cert.candidates["lemma_a"] == pytest.approx(golden * 1.0, rel=1e-9)
+    assert cert.layers[0].norm_delta == pytest.approx(1.0, rel=1e-9)
+    assert cert.layers[1].norm_w == pytest.approx(golden, rel=1e-9)
+    assert cert.layers[0].contribution == pytest.approx(golden, rel=1e-9)
+    # true sup: f - F = W2 (0, -relu(x2)) has norm sqrt(2) relu(x2) <= sqrt(2)
+    assert _disk_gap(net, 1.0) == pytest.approx(math.sqrt(2), rel=1e-3)
+    assert cert.bound >= math.sqrt(2)
+
+
+def test_unpruned_model_certifies_zero() -> None:
+    cert = certify(_mlp((5, 7, 3), 0))
+    assert cert.bound == 0.0
+    assert all(t.norm_delta == 0 for t in cert.layers)
+
+
+def test_lemma_a_candidate_equals_propagate() -> None:
+    net = pb.prune(_mlp((10, 12, 8, 4), 1), "magnitude", 0.4)
+    cert = certify(net, radius=2.0)
+    prop = propagate(
+        [t.norm_w for t in cert.layers],
+        [t.norm_pruned for t in cert.layers],
+        [t.norm_delta for t in cert.layers],
+        [float(net[i].bias.detach().norm()) for i in (0, 2, 4)],
+        2.0,
+    )
+    assert cert.candidates["lemma_a"] == pytest.approx(prop.gap, rel=1e-9)
+    assert sum(t.contribution for t in cert.layers) == pytest.approx(prop.gap, rel=1e-9)
+    assert cert.output_scale == pytest.approx(prop.output_scale, rel=1e-6)  # float32 bias norms
+    assert cert.bound <= cert.candidates["lemma_a"]
+    assert cert.method in cert.candidates
+    json.dumps(cert.to_dict())
+
+
+# ------------------------------------------------------------------------ brute-force soundness
+
+
+@pytest.mark.parametrize(
+    "act", [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU]
+)
+def test_certificate_bounds_dense_grid_on_2d_disk(act: type[nn.Module]) -> None:
+    for seed in range(3):
+        net = pb.prune(_mlp((2, 16, 16, 2), seed, act), "magnitude", 0.5)
+        cert = certify(net, radius=1.5)
+        brute = _disk_gap(net, 1.5)
+        assert brute > 0
+        assert cert.bound >= brute * (1 - 1e-9), f"{act.__name__} seed {seed}: {cert} < {brute}"
+
+
+def test_certificate_bounds_1d_input_with_batchnorm() -> None:
+    torch.manual_seed(3)
+    bn = nn.BatchNorm1d(8)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 2)
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+    net = nn.Sequential(nn.Linear(1, 8), bn, nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).eval()
+    pb.prune(net, "random", 0.5, seed=0)
+    cert = certify(net, radius=2.0)
+    x = torch.linspace(-2, 2, 20001, dtype=torch.float64).unsqueeze(1)
+    f, ref = copy.deepcopy(net).double(), _reference(net).double()
+    with torch.no_grad():
+        brute = float((f(x) - ref(x)).norm(dim=1).max())
+    assert 0 < brute <= cert.bound
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_certificate_bounds_gradient_ascent_mlp(seed: int) -> None:
+    net = pb.prune(_mlp((20, 30, 30, 5), seed), "magnitude", 0.6)
+    cert = certify(net, radius=1.0)
+    low = _pga_gap(net, (20,), 1.0, seed=seed)
+    assert 0 < low <= cert.bound
+    assert cert.bound / low < 20  # sanity: not absurdly loose on a small net
+
+
+def test_certificate_bounds_gradient_ascent_cnn() -> None:
+    torch.manual_seed(0)
+    shape = (2, 6, 6)
+    body = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2, stride=1),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+    )
+    with torch.no_grad():
+        width = body(torch.zeros(1, *shape)).shape[1]
+    net = nn.Sequential(*body, nn.Linear(width, 3))
+    pb.prune(net, "magnitude", 0.5)
+    cert = certify(net, radius=1.0, input_shape=shape)
+    low = _pga_gap(net, shape, 1.0)
+    assert 0 < low <= cert.bound
+    assert [t.name for t in cert.layers] == ["0", "3", "7"]
+
+
+# -------------------------------------------------------------------------------------- norms
+
+
+def test_matrix_norm_bounds_are_upper_and_tight() -> None:
+    a = torch.randn(300, 200, generator=_gen(0), dtype=torch.float64)
+    exact = float(torch.linalg.svdvals(a)[0])
+    assert exact <= spectral_norm(a) <= exact * (1 + 1e-9)
+    assert exact <= spectral_norm(a.T) <= exact * (1 + 1e-9)
+    assert exact <= frobenius(a) and exact <= schur(a)
+    lz = lanczos_bound(a, steps=100, fail_prob=1e-9, generator=_gen(1))
+    assert exact <= lz.value <= exact * 1.03
+    assert lz.lower <= exact * (1 + 1e-9)
+    assert lz.fail_prob == 1e-9
+    nb = norm_bound(a, exact_max=50, generator=_gen(2))
+    assert nb.method in ("lanczos", "frobenius/schur") and nb.value >= exact
+    assert norm_bound(a).method == "gram"
+
+
+def test_lanczos_bound_holds_on_hard_spectra() -> None:
+    # near-degenerate top of the spectrum: Ritz values converge slowly, the KW factor still covers
+    u, _ = torch.linalg.qr(torch.randn(400, 400, generator=_gen(3), dtype=torch.float64))
+    s = torch.linspace(1.0, 0.0, 400, dtype=torch.float64) ** 0.05
+    a = u * s
+    for seed in range(5):
+        assert lanczos_bound(a, steps=30, generator=_gen(seed)).value >= float(s[0])
+
+
+def test_kw_epsilon_solves_its_equation() -> None:
+    eps = kw_epsilon(4096, 100, 1e-9)
+    assert 1.648 * 64 * math.exp(-math.sqrt(eps) * 199) == pytest.approx(1e-9, rel=1e-9)
+    assert kw_epsilon(4096, 200, 1e-9) < eps
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "k", "size", "stride", "pad", "dil"),
+    [
+        (2, 3, (3, 3), (6, 6), 1, 0, 1),
+        (2, 3, (3, 3), (7, 7), 2, 1, 1),
+        (3, 2, (2, 3), (5, 6), (2, 1), (1, 0), 1),
+        (2, 2, (3, 3), (8, 8), 1, 2, 2),
+        (3, 4, (3,), (9,), 2, 1, 1),
+        (1, 1, (5,), (12,), 1, 2, 1),
+    ],
+)
+def test_conv_norm_upper_bounds_exact_dense_norm(c_in, c_out, k, size, stride, pad, dil) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(sum(size) + c_in)
+    conv = (nn.Conv1d if len(size) == 1 else nn.Conv2d)(
+        c_in, c_out, k, stride=stride, padding=pad, dilation=dil, bias=False
+    )
+    exact = float(torch.linalg.matrix_norm(_dense(conv, (c_in, *size)), 2))
+    st = stride if isinstance(stride, tuple) else (stride,)
+    pd = pad if isinstance(pad, tuple) else (pad,)
+    bound = conv_norm(conv.weight, size, stride=st, padding=pd, dilation=(dil,))
+    assert bound >= exact * (1 - 1e-12)
+    assert bound <= 2.0 * exact, f"bound {bound} vs exact {exact}"
+
+
+def test_conv_norm_is_tight_for_stride_one_large_input() -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(4, 3, 3, 3, generator=_gen(5)))
+    exact = float(torch.linalg.matrix_norm(_dense(conv, (3, 12, 12)), 2))
+    assert exact <= conv_norm(conv.weight, (12, 12), padding=1) <= 1.1 * exact
+
+
+# -------------------------------------------------------------------------- network constants
+
+
+def test_gelu_and_silu_constants_cover_the_derivative() -> None:
+    x = torch.linspace(-30, 30, 600001, dtype=torch.float64, requires_grad=True)
+    for fn, lip in ((nn.functional.gelu, GELU_LIPSCHITZ), (nn.functional.silu, SILU_LIPSCHITZ)):
+        (d,) = torch.autograd.grad(fn(x).sum(), x)
+        assert float(d.abs().max()) <= lip
+        assert lip - float(d.abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("pool", "in_shape"),
+    [
+        (nn.MaxPool2d(3, stride=1), (1, 7, 7)),
+        (nn.MaxPool2d(3, stride=2, padding=1), (2, 8, 8)),
+        (nn.AvgPool2d(3, stride=1), (1, 7, 7)),
+        (nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (1, 8, 8)),
+        (nn.MaxPool1d(4, stride=1), (1, 16)),
+    ],
+)
+def test_pool_lipschitz_constant_holds(pool: nn.Module, in_shape: tuple[int, ...]) -> None:
+    conv = nn.Conv2d(1, 1, 1) if len(in_shape) == 3 else nn.Conv1d(1, 1, 1)
+    net = extract(nn.Sequential(conv, pool), (1, *in_shape[1:]))
+    lip = net.steps[1].lipschitz
+    x = torch.randn(4000, *in_shape, generator=_gen(0), dtype=torch.float64)
+    y = x + 0.3 * torch.randn(x.shape, generator=_gen(1), dtype=torch.float64)
+    ratio = (pool(x) - pool(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert float(ratio.max()) <= lip
+    if isinstance(pool, nn.AvgPool2d) and pool.count_include_pad:  # linear: compare exact norm
+        exact = float(torch.linalg.matrix_norm(_dense(pool, in_shape), 2))
+        assert exact <= lip <= 3 * exact
+
+
+def test_pool_multiplicity_formula() -> None:
+    assert pool_multiplicity([3, 3], [1, 1], [1, 1]) == 9
+    assert pool_multiplicity([2, 2], [2, 2], [1, 1]) == 1
+    assert pool_multiplicity([3], [2], [1]) == 2
+    assert pool_multiplicity([3], [1], [2]) == 3
+
+
+def test_extract_network_view() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 5),
+        nn.Sigmoid(),
+        nn.Linear(5, 2),
+    )
+    view = extract(net, (1, 8, 8))
+    assert [s.name for s in view.specs] == ["0", "3", "5"]
+    assert view.specs[0].in_shape == (1, 8, 8) and view.specs[1].in_shape == (32,)
+    assert view.lipschitz == (1.0, 0.25, 1.0)
+    sig = next(s for s in view.steps if isinstance(s.module, nn.Sigmoid))
+    assert sig.offset == pytest.approx(0.5 * math.sqrt(5))
+    pb.prune(net, "magnitude", 0.5)
+    w, wt = extract(net, (1, 8, 8)).steps[0].weights()
+    assert int((wt == 0).sum()) == 9 and torch.equal(wt, w * (wt != 0))
+    with pytest.raises(ValueError, match="not a prunable"):
+        view.steps[1].weights()
+    assert [s.name for s in from_widths([4, 3, 2])] == ["1", "3"]
+    assert from_widths([4, 3, 2])[1].shape == (2, 3)
+    cs = conv_specs([1, 4, 8], 3, (28, 28), stride=2, padding=1)
+    assert cs[1].in_shape == (4, 14, 14) and cs[1].shape == (8, 4, 3, 3)
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.lin(x)
+
+
+def test_unsupported_layers_are_named() -> None:
+    with pytest.raises(ValueError, match=r"'2'.*Softmax"):
+        certify(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Softmax(dim=1)))
+    with pytest.raises(ValueError, match=r"'1.0'.*_Residual"):
+        certify(nn.Sequential(nn.Linear(4, 4), nn.Sequential(_Residual())))
+    with pytest.raises(ValueError, match="groups=1"):
+        certify(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), input_shape=(2, 5, 5))
+    with pytest.raises(ValueError, match="input_shape is required"):
+        certify(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    bn = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        certify(bn)  # training mode
+
+
+@pytest.mark.parametrize("radius", [0.0, -1.0, math.inf, math.nan])
+def test_bad_radius_raises(radius: float) -> None:
+    with pytest.raises(ValueError, match=r"radius must be .*> 0"):
+        certify(_mlp((3, 2), 0), radius=radius)
+
+
+def test_non_finite_weights_raise() -> None:
+    net = _mlp((3, 4, 2), 0)
+    with torch.no_grad():
+        net[2].weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"'2.weight'.*finite"):
+        certify(net)
+
+
+# ------------------------------------------------------------------------- measured tightness
+
+
+def test_mnist_mlp_tightness_against_gradient_ascent() -> None:
+    net = pb.prune(pb.models.mlp([784, 300, 100, 10]).eval(), "magnitude", 0.3)
+    cert = certify(net, radius=1.0)
+    low = _pga_gap(net, (784,), 1.0, starts=32, steps=100)
+    assert 0 < low <= cert.bound
+    assert cert.bound <= cert.candidates["lemma_a"]
+    assert cert.bound / low < 50
