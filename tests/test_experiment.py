@@ -65,8 +65,8 @@ def test_toml_run_writes_results_dir(tmp_path: Path) -> None:
     assert d["rounds"][1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert d["rounds"][1]["layers"].keys() == {"1", "3", "5"}
     assert d["rounds"][0]["dense_flops"] == 2 * (64 * 300 + 300 * 100 + 100 * 10)
-    with (out / "rounds.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    with (out / "rounds.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and float(rows[1]["accuracy"]) == res.rounds[1].accuracy
     model = pb.models.build_model("lenet_300_100", in_features=64)
     pb.load(model, out / "model.safetensors")
@@ -121,6 +121,8 @@ def test_toml_numbers_and_arrays(tmp_path: Path) -> None:
         ("[schedule]\nsteps = [0.5, true]\n", "schedule.steps has the wrong type"),
         ("[train]\nepochs = -1\n", r"train\.epochs must be an int >= 0, got -1"),
         ("model = 3\n", "model must be a table"),
+        ("[data]\nmax_train = 0\n", r"data\.max_train must be an int >= 1 or None, got 0"),
+        ("seed = -2\n", "seed must be an int >= 0, got -2"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, patch: str, match: str) -> None:

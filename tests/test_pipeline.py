@@ -32,6 +32,13 @@ def digits() -> pb.data.Dataset:
     return load_digits(seed=0)
 
 
+def _attr(m: torch.nn.Module, name: str) -> torch.Tensor:
+    """A tensor attribute of a layer (`weight` is the masked, effective weight), typed."""
+    t = getattr(m, name)
+    assert isinstance(t, torch.Tensor)
+    return t
+
+
 def _lenet(seed: int = 0) -> torch.nn.Module:
     return build_model("lenet_300_100", seed=seed, in_features=64)
 
@@ -96,8 +103,10 @@ def test_lottery_rewinds_survivors_to_init_and_keeps_masks(digits: pb.data.Datas
     masks = pb.masks(model)
     for name, m in pb.prunable_layers(model).items():
         assert torch.equal(pb.original_weight(m), init[f"{name}.weight"])  # rewound, 0 retrain
-        assert torch.equal(m.weight, init[f"{name}.weight"] * masks[name])  # masks persist
-        assert torch.equal(m.bias, init[f"{name}.bias"])
+        assert torch.equal(
+            _attr(m, "weight"), init[f"{name}.weight"] * masks[name]
+        )  # masks persist
+        assert torch.equal(_attr(m, "bias"), init[f"{name}.bias"])
     assert pb.sparsity(model).sparsity == pytest.approx(0.5, abs=1e-3)
 
 
@@ -127,7 +136,7 @@ def test_lottery_rewind_to_epoch_k(digits: pb.data.Dataset) -> None:
     for name, m in pb.prunable_layers(model).items():
         assert torch.equal(pb.original_weight(m), seen[f"{name}.weight"])
     first = next(iter(pb.prunable_layers(model)))
-    final = pb.prunable_layers(ref)[first].weight
+    final = _attr(pb.prunable_layers(ref)[first], "weight")
     assert not torch.equal(pb.original_weight(pb.prunable_layers(model)[first]), final)
 
 
@@ -179,8 +188,8 @@ def test_pruned_weights_stay_zero_while_training(
     masks = pb.masks(model)
     for name, m in pb.prunable_layers(model).items():
         assert torch.equal(masks[name], before[name])
-        assert torch.all(m.weight[~masks[name]] == 0)
-        assert torch.count_nonzero(m.weight[masks[name]]) > 0.99 * int(masks[name].sum())
+        assert torch.all(_attr(m, "weight")[~masks[name]] == 0)
+        assert torch.count_nonzero(_attr(m, "weight")[masks[name]]) > 0.99 * int(masks[name].sum())
 
 
 def test_same_seed_same_masks_and_metrics(digits: pb.data.Dataset) -> None:
@@ -219,6 +228,10 @@ def test_retrain_lr_rewind_replays_the_tail_of_the_dense_schedule() -> None:
     assert [const.lr_at(e) for e in range(3)] == [1.0, 1.0, 1.0]
     long = retrain_config(dense, Schedule(retrain_epochs=20, retrain_lr="rewind"))
     assert long.lr_at(0) == 1.0 and long.lr_at(10) == pytest.approx(0.5)
+    scaled = retrain_config(dense, Schedule(retrain_epochs=3, retrain_lr_scale=2.0))
+    assert [scaled.lr_at(e) for e in range(3)] == pytest.approx(
+        [2 * rew.lr_at(e) for e in range(3)]
+    )
 
 
 def test_train_records_lr_and_loss_decreases(digits: pb.data.Dataset) -> None:
@@ -280,6 +293,10 @@ def test_train_config_validation(kwargs: dict[str, object], match: str) -> None:
         ({"last_layer_scale": 2.0}, r"schedule\.last_layer_scale"),
         ({"retrain_lr": "warm"}, r"schedule\.retrain_lr"),
         ({"rewind_epoch": -1}, r"schedule\.rewind_epoch"),
+        (
+            {"retrain_lr_scale": 0.0},
+            r"schedule\.retrain_lr_scale must be a finite float > 0, got 0\.0",
+        ),
     ],
 )
 def test_schedule_validation(kwargs: dict[str, object], match: str) -> None:

@@ -55,7 +55,6 @@ __all__ = [
     "load",
     "masks",
     "models",
-    "theory",
     "original_weight",
     "prunable_layers",
     "prune",
@@ -66,4 +65,5 @@ __all__ = [
     "save",
     "snapshot",
     "sparsity",
+    "theory",
 ]

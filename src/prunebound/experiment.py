@@ -41,6 +41,10 @@ class ModelSpec:
     name: str = "lenet_300_100"
     args: Mapping[str, Any] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        return {"name": self.name, "args": dict(self.args)}
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -50,6 +54,16 @@ class DataSpec:
     data_dir: str | None = None
     max_train: int | None = None
     max_test: int | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("max_train", "max_test"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"data.{key} must be an int >= 1 or None, got {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,12 @@ class Experiment:
     out_dir: str = "runs/experiment"
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+
     def to_dict(self) -> dict[str, Any]:
+        """Nested plain dicts for JSON (the same shape `from_dict` and the TOML files take)."""
         d = asdict(self)
         d["model"]["args"] = dict(self.model.args)
         return d

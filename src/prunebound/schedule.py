@@ -66,6 +66,8 @@ class Schedule:
             et al. 2020; if k > T the whole schedule is stretched over k); "restart" runs the
             whole dense schedule compressed into k epochs (learning-rate restarting, Le & Hua
             2021); "constant" keeps the dense initial LR.
+        retrain_lr_scale: multiplies the dense `lr` while retraining (sparse networks often
+            recover faster with a larger step).
     """
 
     kind: Kind = "iterative"
@@ -79,6 +81,7 @@ class Schedule:
     last_layer_scale: float = 1.0
     rewind_epoch: int = 0
     retrain_lr: RetrainLR = "rewind"
+    retrain_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("oneshot", "iterative", "lottery"):
@@ -122,6 +125,9 @@ class Schedule:
             raise ValueError(
                 f"schedule.retrain_lr must be rewind, restart or constant, got {self.retrain_lr!r}"
             )
+        f = self.retrain_lr_scale
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f < math.inf:
+            raise ValueError(f"schedule.retrain_lr_scale must be a finite float > 0, got {f!r}")
         if self.kind == "oneshot" and len(steps) > 1:
             raise ValueError(f"schedule.steps must have one entry for oneshot, got {steps!r}")
         # all checked: normalise (frozen, hence object.__setattr__)
@@ -139,6 +145,7 @@ class Schedule:
         object.__setattr__(self, "rounds", len(steps))
         object.__setattr__(self, "target_sparsity", steps[-1])
         object.__setattr__(self, "last_layer_scale", float(c))
+        object.__setattr__(self, "retrain_lr_scale", float(f))
 
     def cumulative(self, r: int) -> float:
         """Overall sparsity after round r (1-based); 0 before round 1."""
@@ -274,11 +281,12 @@ def measure(model: nn.Module, data: Dataset, r: int, seconds: float) -> Round:
 def retrain_config(dense: TrainConfig, schedule: Schedule) -> TrainConfig:
     """The TrainConfig of each retraining round (see `Schedule.retrain_lr`)."""
     k, total = schedule.retrain_epochs, dense.epochs
+    lr = dense.lr * schedule.retrain_lr_scale
     if schedule.retrain_lr == "constant":
-        return replace(dense, epochs=k, lr_schedule="constant", lr_offset=0, lr_horizon=None)
+        return replace(dense, epochs=k, lr=lr, lr_schedule="constant", lr_offset=0, lr_horizon=None)
     if schedule.retrain_lr == "restart" or k >= total:
-        return replace(dense, epochs=k, lr_offset=0, lr_horizon=None)
-    return replace(dense, epochs=k, lr_offset=total - k, lr_horizon=total)
+        return replace(dense, epochs=k, lr=lr, lr_offset=0, lr_horizon=None)
+    return replace(dense, epochs=k, lr=lr, lr_offset=total - k, lr_horizon=total)
 
 
 def run_schedule(

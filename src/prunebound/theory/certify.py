@@ -19,7 +19,7 @@ from torch import nn
 
 from prunebound.masks import effective_weight, mask_module, original_weight
 from prunebound.theory.network import Step, extract
-from prunebound.theory.norms import NormBound, NormMethod, conv_norm, norm_bound
+from prunebound.theory.norms import NormBound, NormMethod, _finite, conv_norm, norm_bound
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _check(model: nn.Module, radius: float) -> None:
     if not ok or not math.isfinite(radius) or radius <= 0:
         raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
     for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
+        if not _finite(p.detach()):
             raise ValueError(f"parameter {name!r} must be finite, got NaN or Inf")
     if any(isinstance(m, nn.Dropout) for m in model.modules()) and model.training:
         raise ValueError(
