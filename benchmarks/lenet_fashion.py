@@ -5,7 +5,7 @@ increasing sparsity, recording test accuracy and wall time at each target:
 
 - `prunebound_global`: what a prunebound user would choose: global magnitude ranking, the
   output layer pruned at a fraction of the rate (`last_layer_scale`), the dense cosine LR
-  schedule restarted (from a higher peak LR, `--retrain-lr`) in each retraining
+  schedule restarted (from a higher peak LR, `retrain_lr_scale`) in each retraining
   (`retrain_lr="restart"`), Adam, steps 80/90/95/97/98%;
 - `prunebound_random`: the same schedule with layer-wise random pruning (the control);
 - `torch_l1_baseline`: plain `torch.nn.utils.prune.l1_unstructured`, layer-wise, iterative with
@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -83,7 +82,9 @@ def main() -> None:
     ap.add_argument("--dense-epochs", type=int, default=10)
     ap.add_argument("--retrain-epochs", type=int, default=3, help="per pruning step")
     ap.add_argument("--last-layer-scale", type=float, default=0.2)
-    ap.add_argument("--retrain-lr", type=float, default=4e-3, help="peak LR of each retraining")
+    ap.add_argument(
+        "--retrain-lr-scale", type=float, default=2.0, help="retraining peak LR / dense LR"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
@@ -107,7 +108,6 @@ def main() -> None:
     dense_s = time.perf_counter() - t0
 
     steps = (0.8, 0.9, 0.95, 0.97, 0.98)
-    retrain_cfg = replace(dense_cfg, lr=args.retrain_lr)  # only retraining uses it (no dense run)
     arms: dict[str, dict[str, Any]] = {}
     for name, method, scope, last in (
         ("prunebound_global", "magnitude", "global", args.last_layer_scale),
@@ -120,9 +120,10 @@ def main() -> None:
             retrain_epochs=retrain,
             last_layer_scale=last,
             retrain_lr="restart",
+            retrain_lr_scale=args.retrain_lr_scale,
         )
         arms[name] = prunebound_arm(
-            model, data, retrain_cfg, sched, torch.Generator().manual_seed(args.seed)
+            model, data, dense_cfg, sched, torch.Generator().manual_seed(args.seed)
         )
     t0 = time.perf_counter()
     base = torch_baseline(model, data, torch.Generator().manual_seed(args.seed), batch)

@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import math
+import sys
 import time
 
 import torch
@@ -132,8 +133,10 @@ def exact_norm_fractions(
     method: str,
     split: str,
     k: int,
+    tighten: bool = False,
 ) -> list[float]:
-    """Median over k sampled nets of the law='trained' plan (Lemma A with exact norms)."""
+    """Median over k sampled nets of the law='trained' plan (Lemma A with exact norms; with
+    `tighten`, grown while min(Lemma A, slope decomposition) <= eps, docs/theory.md §7.5)."""
     fracs = []
     for i in range(k):
         model = mlp(list(WIDTHS))
@@ -142,7 +145,7 @@ def exact_norm_fractions(
             for lin, (w, b) in zip(lins, nets, strict=True):
                 lin.weight.copy_(w[i])
                 lin.bias.copy_(b[i])
-        p = plan(model, eps, delta, method=method, law="trained", split=split)
+        p = plan(model, eps, delta, method=method, law="trained", split=split, tighten=tighten)
         fracs.append([lp.fraction for lp in p.layers])
     return [float(torch.tensor(col).median()) for col in zip(*fracs, strict=True)]
 
@@ -179,6 +182,11 @@ def main() -> None:
                 row["exact_norm_lemma_a"] = exact_norm_fractions(
                     nets, eps, args.delta, args.method, split, args.exact_nets
                 )
+                if split == "optimized" and args.method == "magnitude":
+                    row["trained_tightened"] = exact_norm_fractions(
+                        nets, eps, args.delta, args.method, split, args.exact_nets, True
+                    )
+                print(f"rel {rel} {split}: trained plans done", file=sys.stderr)
             if max(fr) > 0:
                 s = largest_scale(nets, fr, eps, args.method, 1 - args.delta)
                 emp = [min(1.0, s * f) for f in fr]
@@ -189,6 +197,13 @@ def main() -> None:
                 row["total_count_ratio"] = tot_e / tot_p
             uni = largest_scale(nets, [1.0, 1.0, 1.0], eps, args.method, 1 - args.delta)
             row["empirical_uniform_fraction"] = uni
+            # pruned-count ratios: empirical uniform fraction vs each plan's total count
+            sizes = [w[0].numel() for w, _ in nets]
+            for key in ("planned", "exact_norm_lemma_a", "trained_tightened"):
+                fr_k = row.get(key)
+                if isinstance(fr_k, list) and sum(fr_k) > 0:
+                    tot = sum(f * n for f, n in zip(fr_k, sizes, strict=True))
+                    row[f"uniform_over_{key}"] = uni * sum(sizes) / tot
             rows.append(row)
     print(
         json.dumps(

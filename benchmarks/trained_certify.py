@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,8 +29,16 @@ from prunebound.theory.certify import certify
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
-def worst_gap(f: torch.nn.Module, g: torch.nn.Module, dim: int, radius: float, *,
-              starts: int = 256, steps: int = 200, seed: int = 0) -> float:
+def worst_gap(
+    f: torch.nn.Module,
+    g: torch.nn.Module,
+    dim: int,
+    radius: float,
+    *,
+    starts: int = 256,
+    steps: int = 200,
+    seed: int = 0,
+) -> float:
     """Max over the ball of ||f(x) - g(x)|| by random starts + projected gradient ascent."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(starts, dim, generator=gen)
@@ -39,7 +48,7 @@ def worst_gap(f: torch.nn.Module, g: torch.nn.Module, dim: int, radius: float, *
     best = 0.0
     for _ in range(steps):
         gap = (f(x) - g(x)).norm(dim=1)
-        best = max(best, float(gap.max()))
+        best = max(best, float(gap.detach().max()))
         opt.zero_grad()
         (-gap.sum()).backward()
         opt.step()
@@ -47,15 +56,19 @@ def worst_gap(f: torch.nn.Module, g: torch.nn.Module, dim: int, radius: float, *
             n = x.norm(dim=1, keepdim=True).clamp_min(radius)
             x.mul_(radius / n)
     with torch.no_grad():
-        best = max(best, float((f(x) - g(x)).norm(dim=1).max()))
-    return best
+        return max(best, float((f(x) - g(x)).norm(dim=1).max()))
 
 
 def run(dataset: str, epochs: int) -> dict[str, object]:
     data = load_dataset(dataset).flat()
     dim = data.input_shape[0]
     model = pb.models.build_model("lenet_300_100", seed=0, in_features=dim)
-    train(model, data, TrainConfig(epochs=epochs, batch_size=128, lr=2e-3), generator=torch.Generator().manual_seed(0))
+    train(
+        model,
+        data,
+        TrainConfig(epochs=epochs, batch_size=128, lr=2e-3),
+        generator=torch.Generator().manual_seed(0),
+    )
     model.eval()
     dense_acc = evaluate(model, data).accuracy
     radius = float(data.x_test.norm(dim=1).max())
@@ -69,19 +82,53 @@ def run(dataset: str, epochs: int) -> dict[str, object]:
         gap = worst_gap(pruned, dense, dim, radius)
         with torch.no_grad():
             data_gap = float((pruned(data.x_test) - dense(data.x_test)).norm(dim=1).max())
-        rows.append({
-            "sparsity": s,
-            "certificate": cert.bound,
-            "worst_gap_found": gap,
-            "max_gap_on_test_data": data_gap,
-            "certificate_over_gap": cert.bound / gap if gap > 0 else None,
-            "relative_certificate": cert.relative,
-            "accuracy": evaluate(pruned, data).accuracy,
-            "accuracy_change_pt": 100 * (evaluate(pruned, data).accuracy - dense_acc),
-            "certify_seconds": t_cert,
-        })
-    return {"dataset": dataset, "radius": radius, "dense_accuracy": dense_acc,
-            "output_scale_bound": cert.output_scale, "rows": rows}
+        rows.append(
+            {
+                "sparsity": s,
+                "certificate": cert.bound,
+                "worst_gap_found": gap,
+                "max_gap_on_test_data": data_gap,
+                "certificate_over_gap": cert.bound / gap if gap > 0 else None,
+                "method": cert.method,
+                "candidates": cert.candidates,
+                "lemma_a_over_gap": cert.candidates["lemma_a"] / gap if gap > 0 else None,
+                "relative_certificate": cert.relative,
+                "accuracy": evaluate(pruned, data).accuracy,
+                "accuracy_change_pt": 100 * (evaluate(pruned, data).accuracy - dense_acc),
+                "certify_seconds": t_cert,
+            }
+        )
+    return {
+        "dataset": dataset,
+        "radius": radius,
+        "dense_accuracy": dense_acc,
+        "output_scale_bound": cert.output_scale,
+        "rows": rows,
+    }
+
+
+def default_init(seed: int, amount: float = 0.3) -> dict[str, object]:
+    """784-300-100-10 at PyTorch default init, magnitude-pruned per layer, R = 1 (the issue's
+    tightness example): certificate candidates vs the worst gap found."""
+    torch.manual_seed(seed)  # default init uses the global RNG
+    net = pb.prune(pb.models.mlp([784, 300, 100, 10]).eval(), "magnitude", amount)
+    t0 = time.perf_counter()
+    cert = certify(net, radius=1.0)
+    t_cert = time.perf_counter() - t0
+    dense = pb.reset(copy.deepcopy(net))
+    gap = worst_gap(net, dense, 784, 1.0, starts=128, steps=300, seed=seed)
+    return {
+        "seed": seed,
+        "amount": amount,
+        "certificate": cert.bound,
+        "method": cert.method,
+        "candidates": cert.candidates,
+        "worst_gap_found": gap,
+        "certificate_over_gap": cert.bound / gap,
+        "lemma_a_over_gap": cert.candidates["lemma_a"] / gap,
+        "output_scale_bound": cert.output_scale,
+        "certify_seconds": t_cert,
+    }
 
 
 def main() -> None:
@@ -89,10 +136,13 @@ def main() -> None:
     ap.add_argument("--fashion", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    default = [default_init(seed) for seed in (0, 1)]
+    print("default-init rows done", file=sys.stderr)
     results = [run("digits", 20)]
     if args.fashion:
         results.append(run("fashion-mnist", 8))
-    print(json.dumps({"benchmark": "trained_certify", "results": results}, indent=2))
+    out = {"benchmark": "trained_certify", "default_init": default, "results": results}
+    print(json.dumps(out, indent=2))
     if args.out:
         import matplotlib
 
@@ -103,8 +153,18 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for res in results:
             xs = [100 * r["sparsity"] for r in res["rows"]]  # type: ignore[index]
-            ax.semilogy(xs, [r["certificate"] for r in res["rows"]], "o-", label=f"{res['dataset']}: certificate")  # type: ignore[index]
-            ax.semilogy(xs, [r["worst_gap_found"] for r in res["rows"]], "s--", label=f"{res['dataset']}: worst gap found")  # type: ignore[index]
+            ax.semilogy(
+                xs,
+                [r["certificate"] for r in res["rows"]],
+                "o-",
+                label=f"{res['dataset']}: certificate",
+            )  # type: ignore[index]
+            ax.semilogy(
+                xs,
+                [r["worst_gap_found"] for r in res["rows"]],
+                "s--",
+                label=f"{res['dataset']}: worst gap found",
+            )  # type: ignore[index]
         ax.set_xlabel("sparsity (%)")
         ax.set_ylabel("sup ||f(x) - F(x)|| over the ball")
         ax.legend()

@@ -1,9 +1,10 @@
 """Deterministic certificates (theory/certify.py, norms.py, network.py): exact values on hand
-examples, and certificate >= brute force / gradient-ascent gaps (docs/theory_certify.md)."""
+examples, and certificate >= brute force / gradient-ascent gaps (docs/theory.md §7)."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 
@@ -146,7 +147,7 @@ def test_unpruned_model_certifies_zero() -> None:
 
 def test_lemma_a_candidate_equals_propagate() -> None:
     net = pb.prune(_mlp((10, 12, 8, 4), 1), "magnitude", 0.4)
-    cert = certify(net, radius=2.0)
+    cert = certify(net, radius=2.0, relax=False)
     prop = propagate(
         [t.norm_w for t in cert.layers],
         [t.norm_pruned for t in cert.layers],
@@ -160,6 +161,10 @@ def test_lemma_a_candidate_equals_propagate() -> None:
     assert cert.bound <= cert.candidates["lemma_a"]
     assert cert.method in cert.candidates
     json.dumps(cert.to_dict())
+    both = certify(net, radius=2.0)  # relax on: output scale is the min of two valid bounds
+    assert both.output_scale <= cert.output_scale
+    assert both.bound == min(both.candidates.values())
+    assert set(both.candidates) == {"lemma_a", "lemma_a_mixed", "triangle", "relax", "hybrid"}
 
 
 # ------------------------------------------------------------------------ brute-force soundness
@@ -408,3 +413,136 @@ def test_mnist_mlp_tightness_against_gradient_ascent() -> None:
     assert 0 < low <= cert.bound
     assert cert.bound <= cert.candidates["lemma_a"]
     assert cert.bound / low < 50
+
+
+# ------------------------------------------------------------------ slope decomposition (relax)
+
+
+def test_relax_hand_two_layers() -> None:
+    # z = (2 x1, x2) unstable on the unit disk, p = -Delta x = (0, -x2): the difference is
+    # 1/2 W2 p + 1/2 W2 v with ||v|| <= ||p|| <= 1, so relax = (||W2 e2|| + ||W2||) / 2
+    # (triangle sum); the stacked bound ||[B_x / t_x, B_v / t_v]|| sqrt(t_x^2 + t_v^2) with
+    # B_x = W2 diag(0, -1) / 2, B_v = W2 / 2, t^2 = ||B|| (radii 1) is smaller (docs §7.5)
+    cert = certify(_hand_net(), radius=1.0)
+    golden = (1 + math.sqrt(5)) / 2
+    w2 = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    bx, bv = w2 @ torch.diag(torch.tensor([0.0, -1.0], dtype=torch.float64)) / 2, w2 / 2
+    tx, tv = math.sqrt(math.sqrt(2) / 2), math.sqrt(golden / 2)
+    stacked = float(torch.linalg.matrix_norm(torch.cat([bx / tx, bv / tv], 1), ord=2))
+    stacked *= math.sqrt(tx**2 + tv**2)
+    assert stacked < (math.sqrt(2) + golden) / 2
+    assert cert.candidates["relax"] == pytest.approx(stacked, rel=1e-9)
+    assert cert.method == "relax"
+    assert cert.bound >= math.sqrt(2)  # the exact sup (see the Lemma A hand test)
+
+
+def test_relax_single_layer_is_exact() -> None:
+    net = pb.prune(_mlp((6, 4), 0), "magnitude", 0.5)
+    cert = certify(net, radius=2.0)
+    delta = (pb.original_weight(net[0]) - net[0].weight).detach().double()
+    exact = 2.0 * float(torch.linalg.matrix_norm(delta, ord=2))
+    assert cert.candidates["relax"] == pytest.approx(exact, rel=1e-9)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh])
+@pytest.mark.parametrize("radius", [0.3, 1.5])
+def test_relax_bounds_dense_grid_on_2d_disk(act: type[nn.Module], radius: float) -> None:
+    for seed in range(3):
+        net = pb.prune(_mlp((2, 16, 16, 2), seed, act), "magnitude", 0.5)
+        cert = certify(net, radius=radius, relax=True)
+        brute = _disk_gap(net, radius)
+        assert 0 < brute <= cert.candidates["relax"] * (1 + 1e-12)
+        assert 0 < brute <= cert.candidates["hybrid"] * (1 + 1e-12)
+        assert cert.candidates["hybrid"] <= cert.candidates["lemma_a"] * (1 + 1e-12)
+
+
+def test_relax_exact_when_all_neurons_stable() -> None:
+    # huge positive biases: every ReLU is active on the ball, the network is affine there, and
+    # relax is the exact sup ||(W2 W1 - W~2 W~1) x|| = R ||W2 W1 - W~2 W~1||
+    net = _mlp((3, 5, 2), 4)
+    with torch.no_grad():
+        net[0].bias.fill_(100.0)
+    pb.prune(net, "magnitude", 0.4)
+    cert = certify(net, radius=1.0)
+    w1, w2 = (pb.original_weight(net[i]).detach().double() for i in (0, 2))
+    t1, t2 = (net[i].weight.detach().double() for i in (0, 2))
+    lin = float(torch.linalg.matrix_norm(w2 @ w1 - t2 @ t1, ord=2))
+    b = net[0].bias.detach().double()
+    const = float(torch.linalg.vector_norm((w2 - t2) @ b))
+    # sup_x ||A x + c|| <= ||A|| + ||c|| (relax's bound) and >= max(||A||, ||c||)
+    assert max(lin, const) <= cert.candidates["relax"] <= (lin + const) * (1 + 1e-9)
+    assert cert.candidates["relax"] < cert.candidates["lemma_a"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_relax_bounds_gradient_ascent_conv_and_batchnorm(seed: int) -> None:
+    torch.manual_seed(seed)
+    shape = (2, 6, 6)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 2)
+    body = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1),
+        bn,
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=2, dilation=2),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+    ).eval()
+    with torch.no_grad():
+        width = body(torch.zeros(1, *shape)).shape[1]
+    net = nn.Sequential(*body, nn.Linear(width, 3)).eval()
+    pb.prune(net, "magnitude", 0.5)
+    cert = certify(net, radius=1.0, input_shape=shape, relax=True)
+    low = _pga_gap(net, shape, 1.0, seed=seed)
+    assert 0 < low <= cert.candidates["relax"]
+
+
+def test_relax_skipped_with_note_for_max_pool() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Unflatten(1, (1, 8)))
+    with pytest.raises(ValueError, match="Unflatten"):
+        certify(net)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv1d(1, 2, 3), nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(12, 2)
+    )
+    pb.prune(net, "magnitude", 0.5)
+    cert = certify(net, input_shape=(1, 14))
+    assert "relax" not in cert.candidates
+    assert any("MaxPool1d" in n for n in cert.notes)
+    with pytest.raises(ValueError, match="relax=True"):
+        certify(net, input_shape=(1, 14), relax=True)
+
+
+def test_relax_wins_on_default_init_mlp_and_halves_lemma_a() -> None:
+    torch.manual_seed(0)
+    net = pb.prune(pb.models.mlp([784, 300, 100, 10]).eval(), "magnitude", 0.3)
+    cert = certify(net, radius=1.0)
+    assert cert.method in ("relax", "hybrid")
+    assert cert.bound < 0.6 * cert.candidates["lemma_a"]
+
+
+# ----------------------------------------------------------- large layers: operator Lanczos path
+
+
+@pytest.mark.parametrize("amount", [0.3, 0.9])
+def test_large_layer_path_bounds_exact_norms(
+    amount: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cmod = importlib.import_module("prunebound.theory.certify")  # the package exports the function
+    monkeypatch.setattr(cmod, "_EXACT_MAX", 8)  # force Lanczos operators (CSR at 90%)
+    net = pb.prune(_mlp((20, 30, 30, 5), 2), "magnitude", amount)
+    cert = certify(net, radius=1.0, relax=False, generator=_gen(0))
+    for t, i in zip(cert.layers, (0, 2, 4), strict=True):
+        w = pb.original_weight(net[i]).detach().double()
+        wt = net[i].weight.detach().double()
+        for bound, mat in ((t.norm_w, w), (t.norm_pruned, wt), (t.norm_delta, w - wt)):
+            exact = float(torch.linalg.matrix_norm(mat, ord=2))
+            assert exact * (1 - 1e-9) <= bound
+    low = _pga_gap(net, (20,), 1.0)
+    assert 0 < low <= cert.bound
+    monkeypatch.setattr(cmod, "_EXACT_MAX", 1024)
+    exact_cert = certify(net, radius=1.0, relax=False)
+    assert cert.bound >= exact_cert.bound * (1 - 1e-9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -312,3 +313,25 @@ def test_trained_conv_plan_uses_conv_norms() -> None:
         x = x / x.norm()
     lower = float(nn.functional.conv2d(x, w, padding=1).norm())
     assert lower <= res.norm_w[0] <= 3 * float(torch.linalg.matrix_norm(w.reshape(4, -1), 2)) + 1e-9
+
+
+def test_trained_tightened_plan_prunes_more_and_is_certified() -> None:
+    torch.manual_seed(5)  # test-only: default init uses the global RNG
+    model = pb.models.mlp([16, 24, 12, 5]).eval()
+    base = plan(model, 0.3, 0.1, law="trained")
+    tight = plan(model, 0.3, 0.1, law="trained", tighten=True)
+    assert all(t >= b for t, b in zip(tight.counts.values(), base.counts.values(), strict=True))
+    assert tight.total_pruned > base.total_pruned
+    assert any("tightened" in n for n in tight.notes)
+    pruned = pb.prune(copy.deepcopy(model), plan=tight)
+    cert = pb.theory.certify(pruned, radius=1.0)
+    assert cert.bound <= 0.3
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    a = [(lin.weight.detach()[None], lin.bias.detach()[None]) for lin in layers]
+    b = [
+        (m.weight.detach()[None], m.bias.detach()[None]) for m in pruned if isinstance(m, nn.Linear)
+    ]
+    gap = float(_sup_gap(b, a, torch.Generator().manual_seed(0))[0])
+    assert 0 < gap <= cert.bound
+    with pytest.raises(ValueError, match="tighten=True needs law='trained'"):
+        plan(model, 0.3, 0.1, law="uniform", tighten=True)

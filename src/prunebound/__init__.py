@@ -8,6 +8,10 @@ The whole user API, by name::
     save, load, snapshot, rewind                    # checkpoints (checkpoint.py)
     import_torch_prune, export_torch_prune
     data, models                                    # data sets and model builders (modules)
+    verify, VerifyReport, SearchConfig              # Monte Carlo checks of plans (verify.py)
+    largest_fraction, LargestFraction
+    export, export_report, save_export, load_export # sparse inference (export.py, export_io.py)
+    ExportReport, LayerExport, SparseLinear, SparseConv2d
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -21,6 +25,8 @@ from prunebound.checkpoint import (
     save,
     snapshot,
 )
+from prunebound.export import ExportReport, LayerExport, export, export_report
+from prunebound.export_io import load_export, save_export
 from prunebound.masks import (
     LayerSparsity,
     Mask,
@@ -35,6 +41,14 @@ from prunebound.masks import (
 )
 from prunebound.methods import METHODS, Method, register_method
 from prunebound.pruning import prune
+from prunebound.sparse import SparseConv2d, SparseLinear
+from prunebound.verify import (
+    LargestFraction,
+    SearchConfig,
+    VerifyReport,
+    largest_fraction,
+    verify,
+)
 
 try:
     __version__ = version("prunebound")
@@ -43,16 +57,27 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "METHODS",
+    "ExportReport",
+    "LargestFraction",
+    "LayerExport",
     "LayerSparsity",
     "Mask",
     "Method",
+    "SearchConfig",
+    "SparseConv2d",
+    "SparseLinear",
     "SparsityReport",
+    "VerifyReport",
     "__version__",
     "data",
+    "export",
+    "export_report",
     "export_torch_prune",
     "import_torch_prune",
     "is_pruned",
+    "largest_fraction",
     "load",
+    "load_export",
     "masks",
     "models",
     "original_weight",
@@ -63,7 +88,9 @@ __all__ = [
     "reset",
     "rewind",
     "save",
+    "save_export",
     "snapshot",
     "sparsity",
     "theory",
+    "verify",
 ]

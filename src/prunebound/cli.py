@@ -1,4 +1,4 @@
-"""Command line: `prunebound demo | run | prune | report | plan | certify | verify`.
+"""Command line: `prunebound demo | run | prune | export | report | plan | certify | verify`.
 
 Each command is an `add_<cmd>_parser` / `run_<cmd>` pair. Exit codes: 0 success, 2 usage error
 (argparse), 1 runtime failure with a one-line reason on stderr.
@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prunebound import report
-from prunebound.experiment import DataSpec, Experiment, ModelSpec, run
+from prunebound.experiment import CHECKPOINT, DataSpec, Experiment, ModelSpec, run
 from prunebound.pipeline import TrainConfig
 from prunebound.schedule import Round, Schedule
+
+if TYPE_CHECKING:
+    from prunebound.distributed import DistContext
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -165,6 +169,32 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--out", help="results directory (overrides out_dir)")
     _add_data_args(p, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-round lines")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.safetensors (an interrupted epoch restarts)",
+    )
+    d = p.add_argument_group("distributed (DDP; see docs/distributed.md)")
+    d.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        help="processes to launch on this machine (default 1); train.batch_size is the global "
+        "batch and must be a multiple; leave at 1 under torchrun",
+    )
+    d.add_argument(
+        "--backend",
+        choices=["auto", "gloo", "nccl"],
+        default="auto",
+        help="gloo (CPU), nccl (one GPU per process) or auto (nccl if CUDA; default)",
+    )
+    d.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long a rank waits for the others before the run fails (default 300)",
+    )
     p.set_defaults(handler=run_run)
 
 
@@ -178,11 +208,64 @@ def run_run(args: argparse.Namespace) -> int:
         exp = replace(exp, data=replace(exp.data, data_dir=args.data_dir))
     if args.quiet:
         exp = replace(exp, quiet=True)
-    res = run(exp, on_round=None if exp.quiet else _print_round)
-    print(report.rounds_table(res.to_dict()))
-    print(report.layers_table(res.to_dict()))
-    print(f"results: {res.out_dir} (config hash {exp.hash()})")
+    from prunebound import distributed as pbd
+
+    ranks = pbd.env_ranks(os.environ)  # set by torchrun
+    if args.nproc != 1:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        if ranks is not None:
+            raise ValueError("--nproc launches its own processes: leave it at 1 under torchrun")
+        pbd.check_world_size(exp.train.batch_size, args.nproc)  # before anything starts
+        level = logging.getLogger().getEffectiveLevel()
+        try:
+            pbd.launch(
+                _run_rank,
+                args.nproc,
+                (exp, args.resume, level),
+                backend=args.backend,
+                timeout=args.dist_timeout,
+                threads=args.threads,
+            )
+        except RuntimeError as e:
+            ckpt = Path(exp.out_dir) / CHECKPOINT
+            if not ckpt.is_file():
+                raise
+            raise RuntimeError(f"{e}. Checkpoint {ckpt} is intact: rerun with --resume") from None
+        d = report.load_results(exp.out_dir)
+    elif ranks is not None and ranks.world_size > 1:
+        pbd.check_world_size(exp.train.batch_size, ranks.world_size)
+        with pbd.process_group(
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+            local_rank=ranks.local_rank,
+            backend=args.backend,
+            timeout=args.dist_timeout,
+        ) as ctx:
+            on_round = None if exp.quiet or not ctx.is_main else _print_round
+            d = run(exp, on_round=on_round, resume=args.resume, dist=ctx).to_dict()
+        if not ctx.is_main:
+            return 0
+    else:
+        res = run(exp, on_round=None if exp.quiet else _print_round, resume=args.resume)
+        d = res.to_dict()
+    print(report.rounds_table(d))
+    print(report.layers_table(d))
+    if "distributed" in d:
+        dd = d["distributed"]
+        print(
+            f"distributed: {dd['world_size']} ranks ({dd['backend']}), largest difference "
+            f"between the ranks' final models {dd['max_rank_divergence']:.3g}"
+        )
+    print(f"results: {exp.out_dir} (config hash {exp.hash()})")
     return 0
+
+
+def _run_rank(ctx: DistContext, exp: Experiment, resume: bool, log_level: int) -> None:
+    """One process of `run --nproc N` (spawned by `distributed.launch`; rank 0 prints)."""
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    on_round = None if exp.quiet or not ctx.is_main else _print_round
+    run(exp, on_round=on_round, resume=resume, dist=ctx)
 
 
 # --- prune ----------------------------------------------------------------------------------
@@ -221,6 +304,84 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export ---------------------------------------------------------------------------------
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ints like 1,28,28, got {text!r}") from None
+    if any(v < 1 for v in shape):
+        raise argparse.ArgumentTypeError(f"expected positive ints like 1,28,28, got {text!r}")
+    return shape
+
+
+def add_export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="export a pruned checkpoint for sparse inference")
+    p.add_argument("checkpoint", help="safetensors checkpoint written by prunebound")
+    p.add_argument(
+        "--model",
+        help="model name (prunebound.models.MODELS); default: the model of the results.json "
+        "next to the checkpoint",
+    )
+    p.add_argument("--model-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--format", choices=["csr", "dense"], default="csr")
+    p.add_argument("--batch-size", type=int, default=1, help="batch to measure at (default 1)")
+    p.add_argument(
+        "--input-shape", type=_shape, help="one sample's shape, e.g. 1,28,28 (measures convs)"
+    )
+    p.add_argument(
+        "--layer",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="NAME=CHOICE",
+        help="per-layer override: dense, sparse or a kernel name (repeatable; globs allowed)",
+    )
+    p.add_argument("--out", help="output file (default: CHECKPOINT stem + .export.safetensors)")
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import prunebound as pb
+
+    ckpt = Path(args.checkpoint)
+    name, model_args = args.model, dict(args.model_arg)
+    if name is None:
+        results = ckpt.parent / "results.json"
+        if not results.is_file():
+            raise ValueError(f"--model is required: no results.json next to {ckpt}")
+        spec = json.loads(results.read_text())["config"]["model"]
+        name, model_args = spec["name"], {**spec.get("args", {}), **model_args}
+    model = pb.models.build_model(name, **model_args)
+    pb.load(model, ckpt)
+    exported = pb.export(
+        model,
+        args.format,
+        layers=dict(args.layer),
+        batch_size=args.batch_size,
+        input_shape=args.input_shape,
+    )
+    out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.stem}.export.safetensors")
+    pb.save_export(exported, out)
+    rows = [
+        {
+            "layer": r.name,
+            "type": r.type,
+            "sparsity": r.sparsity,
+            "kernel": r.kernel,
+            "speedup": "" if r.speedup is None else f"{r.speedup:.2f}x",
+            "reason": r.reason,
+        }
+        for r in pb.export_report(exported).layers
+    ]
+    print(report.format_table(rows))
+    size, ckpt_size = out.stat().st_size, ckpt.stat().st_size
+    print(f"saved {out}: {size} bytes ({size / ckpt_size:.1%} of the checkpoint's {ckpt_size})")
+    return 0
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -252,13 +413,219 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- plan / certify / verify (theory) --------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        v = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if any(x < 1 for x in v):
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return v
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    """Target (an MLP or a plain conv stack, ReLU between) and budget of a theory plan."""
+    t = p.add_mutually_exclusive_group(required=True)
+    t.add_argument("--widths", type=_ints, help="MLP widths n0,...,nL (as models.mlp)")
+    t.add_argument("--conv", type=_ints, metavar="C0,...,CL", help="conv stack channels")
+    p.add_argument("--in-size", type=_ints, help="conv input spatial size, e.g. 12,12")
+    p.add_argument("--kernel", type=int, default=3, help="conv kernel (default 3)")
+    p.add_argument("--stride", type=int, default=1, help="conv stride (default 1)")
+    p.add_argument("--padding", type=int, default=0, help="conv zero padding (default 0)")
+    e = p.add_mutually_exclusive_group(required=True)
+    e.add_argument("--eps", type=float, help="allowed sup_{||x||<=R} ||f(x) - F(x)||, absolute")
+    e.add_argument("--rel-eps", type=float, help="eps relative to the output scale r_L")
+    p.add_argument("--delta", type=float, default=0.05, help="failure probability (def. 0.05)")
+    p.add_argument("--method", choices=["magnitude", "random"], default="magnitude")
+    p.add_argument("--law", choices=["uniform", "gaussian"], default="uniform")
+    p.add_argument("--split", choices=["optimized", "equal", "params"], default="optimized")
+    p.add_argument("--sampling", choices=["count", "bernoulli"], default="count")
+    p.add_argument("--radius", type=float, default=1.0, help="input ball radius R (default 1)")
+
+
+def _make_plan(args: argparse.Namespace) -> Any:
+    from prunebound.theory import plan
+    from prunebound.theory.network import conv_specs
+
+    if args.conv is not None:
+        if args.in_size is None:
+            raise ValueError("--conv needs --in-size, e.g. --in-size 12,12")
+        target: Any = list(
+            conv_specs(args.conv, args.kernel, args.in_size, stride=args.stride,
+                       padding=args.padding)
+        )  # fmt: skip
+    else:
+        target = list(args.widths)
+    kw = {
+        "method": args.method,
+        "law": args.law,
+        "split": args.split,
+        "radius": args.radius,
+        "sampling": args.sampling,
+    }
+    eps = args.eps
+    if eps is None:  # r_L bounds the target alone: it does not depend on eps or the counts
+        if not args.rel_eps > 0:
+            raise ValueError(f"--rel-eps must be > 0, got {args.rel_eps}")
+        eps = args.rel_eps * plan(target, 1.0, args.delta, **kw).output_scale
+    return plan(target, eps, args.delta, **kw)
+
+
+def _plan_table(p: Any) -> str:
+    rows = [
+        {
+            "layer": lp.name,
+            "shape": "x".join(str(n) for n in spec.shape),
+            "weights": spec.numel,
+            "prune": lp.count,
+            "fraction": lp.fraction,
+            "threshold": "" if lp.threshold is None else f"{lp.threshold:.4g}",
+            "eps share": lp.eps_share,
+            "||Delta|| <=": "" if lp.norm_bound is None else f"{lp.norm_bound:.4g}",
+        }
+        for lp, spec in zip(p.layers, p.specs, strict=True)
+    ]
+    lines = [
+        report.format_table(rows),
+        f"guarantee: with probability >= {1 - p.delta:.4g} over the weights"
+        f"{' and masks' if p.method == 'random' else ''}, sup_{{||x||<={p.radius:g}}} "
+        f"||f(x) - F(x)|| <= eps = {p.eps:.4g}",
+        f"output scale r_L = {p.output_scale:.4g} (bound on sup ||F(x)||); "
+        f"eps / r_L = {p.eps / p.output_scale:.4g}; pruned {p.total_pruned} weights",
+    ]
+    return "\n".join(lines + [f"note: {n}" for n in p.notes])
+
+
+def add_plan_parser(sub: Any) -> None:
+    p = sub.add_parser("plan", help="per-layer prunable counts for an error budget (eps, delta)")
+    _add_target_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    p = _make_plan(args)
+    print(json.dumps(p.to_dict(), indent=1) if args.json else _plan_table(p))
+    return 0
+
+
+def add_certify_parser(sub: Any) -> None:
+    p = sub.add_parser("certify", help="deterministic bound on a pruned checkpoint's output gap")
+    p.add_argument("checkpoint", help="safetensors checkpoint written by prunebound (pruned)")
+    p.add_argument("--model", default="lenet_300_100", help="model name (default lenet_300_100)")
+    p.add_argument("--model-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--radius", type=float, default=1.0, help="input ball radius R (default 1)")
+    p.add_argument("--input-shape", type=_ints, help="one sample's shape (needed for conv)")
+    p.add_argument("--json", action="store_true", help="print the certificate as JSON")
+    p.set_defaults(handler=run_certify)
+
+
+def run_certify(args: argparse.Namespace) -> int:
+    import prunebound as pb
+
+    model = pb.models.build_model(args.model, **dict(args.model_arg))
+    pb.load(model, args.checkpoint)
+    cert = pb.theory.certify(model.eval(), radius=args.radius, input_shape=args.input_shape)
+    if args.json:
+        print(json.dumps(cert.to_dict(), indent=1))
+        return 0
+    rows = [
+        {
+            "layer": t.name,
+            "pruned": f"{t.pruned}/{t.total}",
+            "||W||": t.norm_w,
+            "||W~||": t.norm_pruned,
+            "||Delta||": t.norm_delta,
+            "r_in": t.r_in,
+            "contribution": t.contribution,
+        }
+        for t in cert.layers
+    ]
+    print(report.format_table(rows))
+    print(
+        f"sup_{{||x||<={cert.radius:g}}} ||f(x) - F(x)|| <= {cert.bound:.5g} ({cert.method}); "
+        f"output scale r_L = {cert.output_scale:.5g}, relative {cert.relative:.4g}"
+    )
+    print(cert.assumptions)
+    return 0
+
+
+def add_verify_parser(sub: Any) -> None:
+    p = sub.add_parser("verify", help="Monte Carlo check of a plan on sampled networks")
+    _add_target_args(p)
+    p.add_argument("--trials", type=int, default=500, help="networks to sample (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--confidence", type=float, default=0.95, help="of the CP upper limit")
+    p.add_argument("--samples", type=int, default=128, help="random inputs per network")
+    p.add_argument("--restarts", type=int, default=8, help="gradient-ascent restarts")
+    p.add_argument("--steps", type=int, default=40, help="gradient-ascent steps")
+    p.add_argument("--certificates", action="store_true", help="also certify every network")
+    p.add_argument(
+        "--largest", type=int, default=0, metavar="TRIALS",
+        help="also bisect the empirically largest fraction on TRIALS networks (default off)",
+    )  # fmt: skip
+    p.add_argument("--out", default="runs/verify", help="directory for verify.json, gaps.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    import prunebound as pb
+
+    search = pb.SearchConfig(samples=args.samples, restarts=args.restarts, steps=args.steps)
+    p = _make_plan(args)
+    if not args.quiet:
+        print(_plan_table(p))
+    with tqdm(total=args.trials, desc="verify", unit="net", disable=args.quiet) as bar:
+        rep = pb.verify(
+            p, trials=args.trials, seed=args.seed, search=search, confidence=args.confidence,
+            certificates=args.certificates, progress=lambda done, _: bar.update(done - bar.n),
+        )  # fmt: skip
+    out: dict[str, Any] = {"plan": p.to_dict(), "verify": rep.to_dict()}
+    print(
+        f"{rep.violations}/{rep.trials} violations (gap > eps = {rep.eps:.4g}); rate "
+        f"{rep.rate:.3g} <= {rep.rate_upper:.3g} (Clopper-Pearson, {rep.confidence:.0%}); "
+        f"{'PASS' if rep.passed else 'FAIL'} vs delta = {rep.delta:g}"
+    )
+    print(
+        f"{1 - rep.delta:.0%} quantile of the worst-gap estimate {rep.gap_quantile:.4g}, "
+        f"tightness {rep.tightness:.3g}; eps / r_L = {rep.relative_eps:.4g} "
+        "(gap estimates are lower bounds on each network's sup)"
+    )
+    if rep.certified is not None:
+        print(f"certified (certificate <= eps): {rep.certified}/{rep.trials} networks")
+    if args.largest > 0:
+        lf = pb.largest_fraction(p, trials=args.largest, seed=args.seed, search=search)
+        out["largest_fraction"] = lf.to_dict()
+        rows = [
+            {"layer": n, "planned": a, "empirical": b, "ratio": "" if r is None else f"{r:.3g}"}
+            for n, a, b, r in zip(lf.layers, lf.planned, lf.empirical, lf.ratio, strict=True)
+        ]
+        print(report.format_table(rows))
+    d = Path(args.out)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "verify.json").write_text(json.dumps(out, indent=1))
+    png = report.plot_gaps(out["verify"], d / "gaps.png")
+    print(f"results: {d / 'verify.json'}, {png}")
+    return 0
+
+
 # --- main -----------------------------------------------------------------------------------
 
 COMMANDS: list[Callable[[Any], None]] = [
     add_demo_parser,
     add_run_parser,
     add_prune_parser,
+    add_export_parser,
     add_report_parser,
+    add_plan_parser,
+    add_certify_parser,
+    add_verify_parser,
 ]
 
 

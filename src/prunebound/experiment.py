@@ -1,7 +1,9 @@
 """Experiments: a frozen config (loadable from TOML) and `run`, which writes a results directory.
 
 Results directory: `results.json` (config, versions, config hash, every round's metrics, timings),
-`rounds.csv`, `model.safetensors` (final weights and masks) and PNG plots (via `report`).
+`rounds.csv`, `model.safetensors` (final weights and masks) and PNG plots (via `report`), plus
+`checkpoint.safetensors`, rewritten atomically at every epoch end and round end, from which
+`run(..., resume=True)` continues an interrupted run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,8 +30,13 @@ from prunebound.data import Dataset, load_dataset
 from prunebound.masks import sparsity
 from prunebound.methods import CONV
 from prunebound.models import build_model
-from prunebound.pipeline import TrainConfig
-from prunebound.schedule import Round, Schedule, run_schedule
+from prunebound.pipeline import NonFiniteError, TrainConfig
+from prunebound.resume import CHECKPOINT as CHECKPOINT  # re-exported: the run's file name
+from prunebound.resume import read_checkpoint, write_checkpoint
+from prunebound.schedule import Progress, Round, Schedule, run_schedule
+
+if TYPE_CHECKING:
+    from prunebound.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +190,11 @@ class RunResult:
     out_dir: Path
     seconds: float
     final_sparsity: Mapping[str, Any] = field(default_factory=dict)
+    distributed: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The content of results.json."""
-        return {
+        """The content of results.json (`distributed` only for a multi-process run)."""
+        d = {
             "config": self.experiment.to_dict(),
             "config_hash": self.experiment.hash(),
             "versions": versions(),
@@ -194,6 +202,9 @@ class RunResult:
             "final_sparsity": dict(self.final_sparsity),
             "seconds": self.seconds,
         }
+        if self.distributed:
+            d["distributed"] = dict(self.distributed)
+        return d
 
 
 def versions() -> dict[str, str]:
@@ -221,23 +232,84 @@ def run(
     *,
     on_round: Callable[[Round], None] | None = None,
     write_plots: bool = True,
+    resume: bool = False,
+    dist: DistContext | None = None,
 ) -> RunResult:
-    """Train, prune per the schedule, evaluate every round, and write the results directory."""
+    """Train, prune per the schedule, evaluate every round, and write the results directory.
+
+    At every epoch end and round end, `out_dir/checkpoint.safetensors` is replaced atomically
+    (weights, masks, optimizer state, LR-schedule position, counters, lottery snapshot, RNG
+    state and the rounds so far; safetensors + JSON, no pickle). With `resume=True` the run
+    continues from it (or starts afresh, with a warning, if there is none): a run killed
+    mid-epoch restarts that epoch from its start and ends with the same masks and metrics as an
+    uninterrupted run, bit for bit on CPU with the same number of torch threads. (Models whose
+    forward draws random numbers, e.g. dropout, use torch's global RNG, which is not saved.)
+
+    With `dist` (this rank of a process group, `prunebound.distributed`) the schedule runs
+    data-parallel; only rank 0 writes the directory and calls `on_round`, and `results.json`
+    records the world size and the largest difference between the ranks' final models
+    (0.0: identical). Resuming needs `out_dir` readable by every rank (a shared file system).
+
+    Raises:
+        ValueError: the checkpoint is corrupt, or was written for another config (hash).
+        NonFiniteError: training diverged; names the round and epoch and the last good
+            checkpoint, which is kept.
+    """
     t0 = time.perf_counter()
     exp = experiment
     model = build_model(exp.model.name, seed=exp.seed, **dict(exp.model.args))
     data = load_data(exp.data, exp.seed)
     convolutional = any(isinstance(m, CONV) for m in model.modules())
     data = data.image() if convolutional else data.flat()
+    if dist is not None:  # before anything is trained or written
+        dist.check_batch(exp.train.batch_size)
+        model, data = dist.to_device(model, data)
+    main = dist is None or dist.is_main
     out = Path(exp.out_dir)
-    out.mkdir(parents=True, exist_ok=True)  # before training: a bad out_dir fails at once
+    if main:
+        out.mkdir(parents=True, exist_ok=True)  # before training: a bad out_dir fails at once
+    ckpt = out / CHECKPOINT
+    for stale in out.glob(f".{CHECKPOINT}.*.tmp") if main else ():  # a write cut short
+        stale.unlink()
+    state, before = None, 0.0
+    if resume and ckpt.is_file():
+        state, before = read_checkpoint(ckpt, model, exp)
+        logger.info("resuming %s from round %d, epoch %d", ckpt, state.round, state.epoch)
+    elif resume:
+        logger.warning("no checkpoint %s to resume from: starting afresh", ckpt)
     logger.info("run %s (config %s) -> %s", exp.model.name, exp.hash(), out)
     g = torch.Generator().manual_seed(exp.seed)
-    rounds = run_schedule(
-        model, data, exp.train, exp.schedule, generator=g, progress=not exp.quiet, on_round=on_round
-    )
+    written = state is not None
+
+    def checkpoint(progress: Progress) -> None:
+        nonlocal written
+        write_checkpoint(ckpt, model, progress, exp, run_seconds=before + time.perf_counter() - t0)
+        written = True
+
+    try:
+        rounds = run_schedule(
+            model,
+            data,
+            exp.train,
+            exp.schedule,
+            generator=g,
+            progress=not exp.quiet and main,
+            on_round=on_round if main else None,
+            resume=state,
+            on_checkpoint=checkpoint if main else None,
+            dist=dist,
+        )
+    except NonFiniteError as e:
+        e.checkpoint = str(ckpt) if written else None
+        raise
     final = sparsity(model, data.input_shape).to_dict()
-    result = RunResult(exp, tuple(rounds), out, time.perf_counter() - t0, final)
+    info: dict[str, Any] = {}
+    if dist is not None:
+        info = {"world_size": dist.world_size, "backend": dist.backend}
+        info["max_rank_divergence"] = dist.divergence(model)
+    result = RunResult(exp, tuple(rounds), out, before + time.perf_counter() - t0, final, info)
+    if not main:
+        return result
     write_results(result, model)
     if write_plots:
         from prunebound import report

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunebound.methods import PRUNABLE
+from prunebound.methods import LINEAR, OPT_IN, PRUNABLE, is_layer, output_axis
 
 LayerSelector = str | type[nn.Module]
 
@@ -85,28 +85,67 @@ def is_pruned(model: nn.Module) -> bool:
     return any(mask_module(m) is not None for m in model.modules())
 
 
+def holders(model: nn.Module) -> dict[int, list[str]]:
+    """`id(parameter)` -> names of the modules holding it; a tied weight has several.
+
+    A masked weight is held by its layer (not by the parametrization); a module used twice in
+    the model is one holder, since masking it masks every use.
+    """
+    out: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, parametrize.ParametrizationList):
+            continue
+        params = [p for _, p in mod.named_parameters(recurse=False)]
+        if parametrize.is_parametrized(mod):
+            plists = getattr(mod, "parametrizations").values()  # noqa: B009
+            params += [plist.original for plist in plists]
+        for p in params:
+            out.setdefault(id(p), []).append(name)
+    return out
+
+
+def _maskable(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer a mask may sit on: default, opt-in and tied ones (for checkpoint loading)."""
+    return {n: m for n, m in model.named_modules() if is_layer(m, PRUNABLE + OPT_IN)}
+
+
 def prunable_layers(
     model: nn.Module,
     layers: Sequence[LayerSelector] | None = None,
     *,
-    types: tuple[type[nn.Module], ...] = PRUNABLE,
+    types: tuple[type[nn.Module], ...] = PRUNABLE + OPT_IN,
 ) -> dict[str, nn.Module]:
     """Select layers by name, glob pattern (`"features.*"`) or type; default: every Linear/Conv.
+
+    Linear includes transposed linears such as transformers' GPT-2 `Conv1D` (see
+    `prunebound.methods.TRANSPOSED_LINEAR`). Two kinds of layer are left alone unless selected
+    explicitly, by exact name or by type: embeddings (`nn.Embedding`) and layers whose weight is
+    tied/shared with another parameter (a language model's output head tied to its input
+    embedding). The default and glob patterns skip them, unless they already carry a mask.
 
     Only weights are pruned; biases are left alone (they are few, and pruning them saves nothing
     while shifting every output).
     """
-    candidates = {name: m for name, m in model.named_modules() if isinstance(m, types)}
+    candidates = {name: m for name, m in model.named_modules() if is_layer(m, types)}
+    owners = holders(model)
+    default = {
+        n: m
+        for n, m in candidates.items()
+        if mask_module(m) is not None
+        or not (isinstance(m, OPT_IN) or len(owners.get(id(original_weight(m)), ())) > 1)
+    }
     if layers is None:
-        return candidates
+        return default
     if isinstance(layers, str | type):
         layers = [layers]
     selected: dict[str, nn.Module] = {}
     for sel in layers:
         if isinstance(sel, type):
-            hits = {n: m for n, m in candidates.items() if isinstance(m, sel)}
+            hits = {n: m for n, m in candidates.items() if is_layer(m, (sel,))}
         elif isinstance(sel, str):
-            hits = {n: m for n, m in candidates.items() if n == sel or fnmatch.fnmatchcase(n, sel)}
+            hits = {n: m for n, m in candidates.items() if n == sel} or {
+                n: m for n, m in default.items() if fnmatch.fnmatchcase(n, sel)
+            }
         else:
             raise TypeError(f"layers entries must be names, glob patterns or types, got {sel!r}")
         if not hits:
@@ -175,7 +214,8 @@ class LayerSparsity:
 class SparsityReport:
     """Sparsity of the prunable layers and of the whole model.
 
-    `sparsity` = zeros / total over the prunable weights, `compression` = total / nonzero.
+    `sparsity` = zeros / total over the prunable weights, `compression` = total / nonzero; a
+    weight tied across layers has a row per layer but counts once in the totals.
     FLOPs count a multiply-add as 2 and cover the prunable layers (one sample of `input_shape`);
     sparse FLOPs count only nonzero weights, as an ideal sparse kernel would.
     """
@@ -203,8 +243,8 @@ def _positions(
     for name, m in layers.items():
 
         def hook(mod: nn.Module, inp: Any, output: torch.Tensor, name: str = name) -> None:
-            if isinstance(mod, nn.Linear):
-                out[name] = output[0].numel() // mod.out_features
+            if is_layer(mod, LINEAR):
+                out[name] = output[0].numel() // original_weight(mod).shape[output_axis(mod)]
             else:
                 out[name] = output[0, 0].numel()
 
@@ -231,7 +271,7 @@ def sparsity(model: nn.Module, input_shape: Sequence[int] | None = None) -> Spar
     """
     layers = prunable_layers(model)
     positions = _positions(model, layers, input_shape) if input_shape is not None else {}
-    rows = []
+    rows, counted, seen = [], [], set()  # counted: rows of distinct weights (tied ones once)
     with torch.no_grad():
         for name, m in layers.items():
             w = effective_weight(m)
@@ -246,17 +286,20 @@ def sparsity(model: nn.Module, input_shape: Sequence[int] | None = None) -> Spar
                     name, tuple(w.shape), total, zeros, zeros / max(total, 1), dense, sparse
                 )
             )
+            if id(original_weight(m)) not in seen:
+                seen.add(id(original_weight(m)))
+                counted.append(rows[-1])
         params = list(model.parameters())  # originals: count effective zeros via the layers
         model_params = sum(p.numel() for p in params)
-        masked_zeros = sum(r.zeros for r in rows)
+        masked_zeros = sum(r.zeros for r in counted)
         other_zero = sum(
             p.numel() - int(torch.count_nonzero(p))
             for n, p in model.named_parameters()
             if not n.endswith("parametrizations.weight.original")
             and not _is_layer_weight(n, layers)
         )
-    total = sum(r.total for r in rows)
-    zeros = sum(r.zeros for r in rows)
+    total = sum(r.total for r in counted)
+    zeros = sum(r.zeros for r in counted)
     flops = [r.dense_flops for r in rows]
     has_flops = input_shape is not None and all(f is not None for f in flops)
     return SparsityReport(

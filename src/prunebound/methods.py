@@ -29,6 +29,31 @@ MaskFn = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
 LINEAR: tuple[type[nn.Module], ...] = (nn.Linear,)
 CONV: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PRUNABLE: tuple[type[nn.Module], ...] = LINEAR + CONV
+#: Prunable only when selected explicitly (by exact name or by type), never by default or by glob.
+OPT_IN: tuple[type[nn.Module], ...] = (nn.Embedding,)
+
+#: Linear layers of other libraries that store their weight transposed, (in, out), found by
+#: (module prefix, class name) so that prunebound never imports those libraries: transformers'
+#: GPT-2-style `Conv1D` computes x @ W + b. They count as Linear wherever Linear is accepted.
+TRANSPOSED_LINEAR: tuple[tuple[str, str], ...] = (("transformers", "Conv1D"),)
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    return any(
+        (c.__module__.split(".")[0], c.__name__) in TRANSPOSED_LINEAR for c in type(module).__mro__
+    )
+
+
+def is_layer(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
+    """`isinstance(module, types)`, where a transposed linear (`TRANSPOSED_LINEAR`) is a Linear."""
+    if isinstance(module, types):
+        return True
+    return any(issubclass(nn.Linear, t) for t in types) and _is_transposed_linear(module)
+
+
+def output_axis(module: nn.Module) -> int:
+    """Axis of the weight indexing output units (neurons): 1 for transposed linears, else 0."""
+    return 1 if _is_transposed_linear(module) else 0
 
 
 @dataclass(frozen=True)
@@ -41,8 +66,10 @@ class Method:
         mask: sampling function returning a keep-mask (non-ranking methods, e.g. Bernoulli).
         unit: "weight" prunes single weights; "row" prunes whole output rows (neurons of a
             Linear, filters of a Conv): `scores` then returns one score per output row and
-            `amount` counts rows.
-        layer_types: module types the method applies to.
+            `amount` counts rows. Row scores see the weight with output units on dim 0 (a
+            transposed linear's weight is passed transposed, so a "row" is its column).
+        layer_types: module types the method applies to (`OPT_IN` types only when selected
+            explicitly; a type that accepts Linear also accepts `TRANSPOSED_LINEAR` layers).
         blockwise: scores of a block of output rows depend only on those rows, so the selection
             routine may score a large layer in blocks (keeps global pruning of 100M-parameter
             models lean). True for every built-in method; leave False for custom scores that need
@@ -53,7 +80,7 @@ class Method:
     scores: ScoreFn | None = None
     mask: MaskFn | None = None
     unit: Literal["weight", "row"] = "weight"
-    layer_types: tuple[type[nn.Module], ...] = PRUNABLE
+    layer_types: tuple[type[nn.Module], ...] = PRUNABLE + OPT_IN
     blockwise: bool = False
 
     def __post_init__(self) -> None:
@@ -97,7 +124,10 @@ def row_norm(p: int) -> ScoreFn:
 
 
 def neuron(norm: int = 2) -> Method:
-    """Structured pruning of whole output neurons (rows) of Linear layers by L1/L2 norm."""
+    """Structured pruning of whole output neurons of Linear layers by L1/L2 norm.
+
+    A neuron is a row of an `nn.Linear` weight and a column of a transposed linear's (GPT-2 Conv1D).
+    """
     name = "neuron" if norm == 2 else f"neuron_l{norm}"
     return Method(name, scores=row_norm(norm), unit="row", layer_types=LINEAR, blockwise=True)
 

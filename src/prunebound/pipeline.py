@@ -12,13 +12,16 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from prunebound.data import Dataset
+
+if TYPE_CHECKING:
+    from prunebound.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,29 @@ class Evaluation:
         return asdict(self)
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged: the loss, or a weight at an epoch end, became NaN or infinite.
+
+    `round` (set by `run_schedule`; 0 is dense training) and `checkpoint` (set by
+    `experiment.run`: the last good checkpoint, which is kept) refine the message.
+    """
+
+    def __init__(self, what: str, *, epoch: int, step: int | None = None) -> None:
+        super().__init__(what)
+        self.what, self.epoch, self.step = what, epoch, step
+        self.round: int | None = None
+        self.checkpoint: str | None = None
+
+    def __str__(self) -> str:
+        where = f"epoch {self.epoch}" + (f" (step {self.step})" if self.step is not None else "")
+        if self.round is not None:
+            where = f"round {self.round}{' (dense training)' if self.round == 0 else ''}, {where}"
+        msg = f"{self.what} in {where}: training stopped; lower the learning rate?"
+        if self.checkpoint is not None:
+            msg += f" The last good checkpoint is kept: {self.checkpoint}"
+        return msg
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """Per-epoch mean training loss, training accuracy and learning rate."""
@@ -109,6 +135,21 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """A `train` call after `epoch` epochs: with the model, enough to continue it bit for bit.
+
+    `optimizer` and `scheduler` are the `state_dict()`s of the optimizer and of its LambdaLR (the
+    LR-schedule position). Those from `train(on_epoch=...)` share tensors with the live
+    optimizer: write or copy them before training goes on.
+    """
+
+    epoch: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    history: TrainResult
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -141,6 +182,9 @@ def train(
     generator: torch.Generator | None = None,
     progress: bool = False,
     callback: Callable[[int, nn.Module], None] | None = None,
+    start: TrainState | None = None,
+    on_epoch: Callable[[TrainState], None] | None = None,
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """Train `model` in place on `data.x_train` for `config.epochs` epochs.
 
@@ -157,22 +201,40 @@ def train(
         progress: a tqdm bar over epochs, shown only if stderr is a terminal.
         callback: `callback(epoch, model)` after each epoch (1-based), e.g. to snapshot weights
             for lottery-ticket rewinding.
+        start: continue an interrupted call from its `TrainState` (the model must hold the
+            weights and masks of that moment, the generator its state then): the optimizer
+            and LR schedule resume where they were, and the result covers all epochs.
+        on_epoch: `on_epoch(state)` after each epoch (after `callback`), e.g. to checkpoint.
+        dist: train data-parallel (DDP) as this rank of a process group: every rank draws the
+            same global batch and trains on its slice (see `prunebound.distributed`). Raises
+            ValueError before training if the world size does not divide the batch size.
 
     Returns:
         Per-epoch training loss, accuracy and learning rate.
 
     Raises:
-        RuntimeError: the loss became NaN or infinite (learning rate too high).
+        NonFiniteError: the loss, or a weight at an epoch end, became NaN or infinite (learning
+            rate too high); nothing of the failed epoch reaches `callback` or `on_epoch`.
     """
+    if dist is not None:
+        dist.check_batch(config.batch_size)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     opt = make_optimizer(model, config)
+    net = model if dist is None else dist.wrap(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: _lr_factor(config, e))
     n = data.x_train.shape[0]
     losses: list[float] = []
     accs: list[float] = []
     lrs: list[float] = []
+    if start is not None:
+        if not 0 <= start.epoch <= config.epochs:
+            raise ValueError(f"start.epoch must be in [0, {config.epochs}], got {start.epoch}")
+        opt.load_state_dict(start.optimizer)
+        sched.load_state_dict(start.scheduler)
+        losses, accs = list(start.history.losses), list(start.history.accuracies)
+        lrs = list(start.history.lrs)
     bar = tqdm(
-        range(config.epochs),
+        range(start.epoch if start is not None else 0, config.epochs),
         desc="train",
         leave=False,
         disable=not (progress and sys.stderr.isatty()),
@@ -181,18 +243,30 @@ def train(
         model.train()
         order = torch.randperm(n, generator=g)
         total_loss, correct = 0.0, 0
-        for i in range(0, n, config.batch_size):
+        for step, i in enumerate(range(0, n, config.batch_size), 1):
             idx = order[i : i + config.batch_size]
-            x, y = data.x_train[idx], data.y_train[idx]
-            out = model(x)
-            loss = nn.functional.cross_entropy(out, y)
+            mine = idx if dist is None else dist.shard(idx)
+            x, y = data.x_train[mine], data.y_train[mine]
+            out = net(x)
+            if dist is None:
+                loss = nn.functional.cross_entropy(out, y)
+            else:  # scaled so that DDP's mean over ranks is the global batch's mean
+                loss = dist.loss(out, y, idx.numel())
             if not torch.isfinite(loss):
-                raise RuntimeError(f"training loss became {loss.item()} at epoch {epoch + 1}")
+                what = f"training loss became {loss.item()}"
+                raise NonFiniteError(what, epoch=epoch + 1, step=step)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total_loss += loss.item() * idx.numel()
             correct += int((out.argmax(1) == y).sum())
+        for name, p in model.named_parameters():  # the last step may have broken a weight
+            if not _finite(p.detach()):
+                raise NonFiniteError(f"parameter {name!r} became NaN or infinite", epoch=epoch + 1)
+        if dist is not None:  # this rank's sums -> global (its loss terms carry world_size)
+            total_loss, all_correct = dist.all_sum(total_loss / dist.world_size, correct)
+            correct = round(all_correct)
+            dist.average_buffers(model)  # BatchNorm statistics of each rank's slices
         lrs.append(float(opt.param_groups[0]["lr"]))
         sched.step()
         losses.append(total_loss / n)
@@ -200,8 +274,16 @@ def train(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if callback is not None:
             callback(epoch + 1, model)
+        if on_epoch is not None:
+            history = TrainResult(tuple(losses), tuple(accs), tuple(lrs))
+            on_epoch(TrainState(epoch + 1, opt.state_dict(), sched.state_dict(), history))
         logger.debug("epoch %d: loss %.4f, train accuracy %.4f", epoch + 1, losses[-1], accs[-1])
     return TrainResult(tuple(losses), tuple(accs), tuple(lrs))
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """All entries finite; the sum is a cheap first test (it overflows only rarely)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 @torch.no_grad()

@@ -17,8 +17,15 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from prunebound.masks import LayerSelector, mask_module, original_weight, prunable_layers, set_mask
-from prunebound.methods import Method, get_method
+from prunebound.masks import (
+    LayerSelector,
+    holders,
+    mask_module,
+    original_weight,
+    prunable_layers,
+    set_mask,
+)
+from prunebound.methods import Method, get_method, is_layer, output_axis
 
 _BLOCK = 1 << 21  # elements scored at once (8 MB of float32 scores)
 _SAMPLE = 1 << 18  # scores sampled to bracket the k-th smallest
@@ -71,36 +78,62 @@ def _generator(seed: int | torch.Generator | None) -> torch.Generator:
     return g
 
 
-def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method) -> None:
+def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method) -> dict[str, str]:
+    """Validate the selection; return {twin layer: first layer} for weights tied across layers.
+
+    A tied weight is pruned once, with one mask on every layer holding it, and only if all of
+    them are selected: masking some of them would leave the others computing with the dense
+    weight.
+    """
     if not layers:
+        skipped = sorted(n for n, m in model.named_modules() if is_layer(m, method.layer_types))
         raise ValueError(
             f"model has no prunable layer for method {method.name!r} "
             f"(types {[t.__name__ for t in method.layer_types]})"
+            + (
+                f"; embeddings and tied/shared layers {skipped} are pruned only when selected "
+                "by exact name or type"
+                if skipped
+                else ""
+            )
         )
     for name, m in layers.items():
-        if not isinstance(m, method.layer_types):
+        if not is_layer(m, method.layer_types):
             raise ValueError(
                 f"method {method.name!r} cannot prune layer {name!r} ({type(m).__name__})"
             )
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    seen: dict[int, str] = {}
+    owners = holders(model)
+    first: dict[int, str] = {}
+    twins: dict[str, str] = {}
     for name, m in layers.items():
         w = original_weight(m)
-        names = owners.get(id(w), [])
-        if len(names) > 1 or id(w) in seen:
-            raise ValueError(
-                f"layer {name!r}: its weight is tied/shared ({', '.join(names)}); pruning it would "
-                "leave its twins dense while this layer is masked. Untie it (copy the tensor) "
-                "or exclude it with layers=[...]"
-            )
-        seen[id(w)] = name
+        group = owners.get(id(w), [name])
+        if len(group) > 1:
+            missing = [n for n in group if n not in layers]
+            if missing:
+                raise ValueError(
+                    f"layer {name!r}: its weight is tied/shared with "
+                    f"{[n for n in group if n != name]}; pruning some holders would leave the "
+                    "others dense. Select all of "
+                    f"{group} by name to prune the shared weight once (one mask on all), "
+                    "untie it (copy the tensor), or exclude it"
+                )
+        if id(w) in first:
+            twins[name] = first[id(w)]
+            continue
+        first[id(w)] = name
         wd = (
             w.detach()
         )  # a sum is non-finite if any entry is (and rarely by overflow): cheap first test
         if not bool(torch.isfinite(wd.sum())) and not bool(torch.isfinite(wd).all()):
             raise ValueError(f"layer {name!r}: weight contains NaN or Inf; refusing to prune")
+    return twins
+
+
+def _units_first(module: nn.Module, t: torch.Tensor, unit: str) -> torch.Tensor:
+    """A weight-shaped tensor as the selection sees it: for unit 'row', a view with output units
+    on dim 0 (a transposed linear's columns become rows; writes go through to `t`)."""
+    return t.movedim(output_axis(module), 0) if unit == "row" else t
 
 
 def _alive(module: nn.Module, unit: str) -> torch.Tensor | None:
@@ -108,12 +141,12 @@ def _alive(module: nn.Module, unit: str) -> torch.Tensor | None:
     mm = mask_module(module)
     if mm is None:
         return None
-    return mm.mask.flatten(1).any(dim=1) if unit == "row" else mm.mask
+    return _units_first(module, mm.mask, unit).flatten(1).any(dim=1) if unit == "row" else mm.mask
 
 
 def _n_units(module: nn.Module, unit: str) -> int:
     w = original_weight(module)
-    return w.shape[0] if unit == "row" else w.numel()
+    return _units_first(module, w, unit).shape[0] if unit == "row" else w.numel()
 
 
 def _n_alive(module: nn.Module, unit: str) -> int:
@@ -127,7 +160,7 @@ def _scored_blocks(
     """Yield (layer index, first row, flat scores with pruned units set to +inf), block by block."""
     assert method.scores is not None
     for i, m in enumerate(layers):
-        w = original_weight(m).detach()
+        w = _units_first(m, original_weight(m).detach(), method.unit)
         mm = mask_module(m)
         alive = _alive(m, method.unit)
         rows = w.shape[0]
@@ -135,7 +168,7 @@ def _scored_blocks(
         for r0 in range(0, rows, step):
             wb = w[r0 : r0 + step]
             if mm is not None:  # score the effective weight
-                wb = wb * mm.mask[r0 : r0 + step]
+                wb = wb * _units_first(m, mm.mask, method.unit)[r0 : r0 + step]
             s = method.scores(wb, g).detach().float().reshape(-1)
             if alive is not None:
                 s = s.masked_fill(~alive[r0 : r0 + step].reshape(-1), math.inf)
@@ -208,7 +241,7 @@ def _select(
             ties -= eq.numel()
         p = p.to(keeps[i].device)
         if method.unit == "row":  # p: one flag per row of the block
-            keeps[i][r0 : r0 + p.numel()][p] = False
+            _units_first(layers[i], keeps[i], "row")[r0 : r0 + p.numel()][p] = False
         else:  # p: flat flags of whole rows r0, r0+1, ...
             rows = p.numel() // max(1, keeps[i][0].numel())
             keeps[i][r0 : r0 + rows].view(-1).masked_fill_(p, False)
@@ -238,7 +271,11 @@ def prune(
             probability.
         scope: "layer" (each layer loses the same fraction) or "global" (one ranking across
             layers).
-        layers: names, glob patterns or module types to prune; default all Linear/Conv.
+        layers: names, glob patterns or module types to prune; default all Linear/Conv
+            (including transposed linears: transformers' GPT-2 `Conv1D`). Embeddings and tied
+            weights are pruned only when selected by exact name or type; a tied weight needs
+            all its holders selected (`["transformer.wte", "lm_head"]`) and is pruned once,
+            with one mask on each. See `prunable_layers`.
         counts: exact number of surviving units to prune per layer, instead of `amount`.
         plan: a `prunebound.theory.Plan`; applies its method and per-layer counts.
         seed: int or `torch.Generator` for random methods (global RNG state is never used).
@@ -273,7 +310,7 @@ def prune(
         selected = prunable_layers(model, list(counts), types=meth.layer_types) if counts else {}
     else:
         selected = prunable_layers(model, layers, types=meth.layer_types)
-    _check_layers(model, selected, meth)
+    twins = _check_layers(model, selected, meth)
     g = _generator(seed)
 
     if amount is not None:
@@ -293,7 +330,17 @@ def prune(
                 raise ValueError(
                     f"counts[{name!r}] = {c} exceeds the {alive} surviving units of that layer"
                 )
+        for twin, name in twins.items():
+            if twin in counts and counts[twin] != counts.get(name, counts[twin]):
+                raise ValueError(
+                    f"counts: {twin!r} and {name!r} share one tied weight, pruned once; "
+                    f"give them the same count, got {counts[twin]} and {counts[name]}"
+                )
+            if twin in counts and name not in counts:
+                counts = {**counts, name: counts[twin]}
 
+    twin_layers = {n: selected[n] for n in twins}
+    selected = {n: m for n, m in selected.items() if n not in twins}  # tied weights once
     names, mods = list(selected), list(selected.values())
     if meth.mask is not None:
         assert amount is not None
@@ -313,4 +360,6 @@ def prune(
             new[n] = _select([m], meth, g, k)[0]
     for n, keep in new.items():  # all validation and selection done: now mutate
         set_mask(selected[n], keep)
+    for twin, name in twins.items():
+        set_mask(twin_layers[twin], new[name].clone())
     return model

@@ -142,3 +142,29 @@ def plot_run(results: Mapping[str, Any], directory: str | Path) -> list[Path]:
         plot_accuracy_vs_sparsity(results, d / "accuracy_vs_sparsity.png"),
         plot_layer_sparsity(results, d / "layer_sparsity.png"),
     ]
+
+
+def plot_gaps(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Histogram of a `VerifyReport.to_dict()`'s worst-gap estimates relative to eps, with eps,
+    the (1 - delta)-quantile and (if computed) the certificates. Writes a PNG, returns it."""
+    eps = float(report["eps"])
+    gaps = [g / eps for g in report["gaps"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(gaps, bins=40, alpha=0.8, label=f"worst-gap estimate ({len(gaps)} networks)")
+    certs = report.get("certificates")
+    if certs:
+        ax.hist([c / eps for c in certs], bins=40, alpha=0.5, label="certificate (upper bound)")
+    ax.axvline(1.0, color="red", label="eps")
+    q = float(report["gap_quantile"]) / eps
+    ax.axvline(q, color="black", linestyle="--", label=f"{1 - report['delta']:.0%} quantile")
+    ax.set_xlabel("sup gap / eps")
+    ax.set_ylabel("networks")
+    ax.set_title(
+        f"{report['method']}: {report['violations']} violations, rate <= "
+        f"{report['rate_upper']:.3g} ({report['confidence']:.0%} CP)"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -9,13 +9,14 @@ count-exact: after round r a layer of n weights (rows, for structured methods) h
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -24,8 +25,11 @@ from prunebound.checkpoint import rewind, snapshot
 from prunebound.data import Dataset
 from prunebound.masks import mask_module, original_weight, prunable_layers, sparsity
 from prunebound.methods import METHODS
-from prunebound.pipeline import TrainConfig, evaluate, train
+from prunebound.pipeline import NonFiniteError, TrainConfig, TrainState, evaluate, train
 from prunebound.pruning import prune
+
+if TYPE_CHECKING:
+    from prunebound.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +198,37 @@ class Round:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a schedule run stands at a checkpoint; with the model, enough to continue exactly.
+
+    Two kinds of boundary: an epoch end (`train` holds the training's state) and a round end
+    (`train` is None; `rounds[-1].round == round`). Round 0 is the dense training.
+
+    Attributes:
+        round: the round in progress or just finished.
+        epoch: epochs of that round's training done.
+        rounds: metrics of every round measured so far.
+        train: state of the interrupted training, None at a round end.
+        rewind_to: lottery only: the weights to rewind to, once taken.
+        generator: `get_state()` of the run's generator (shuffling, random pruning).
+        seconds: time spent in this round so far.
+    """
+
+    round: int
+    epoch: int
+    rounds: tuple[Round, ...]
+    train: TrainState | None
+    rewind_to: Mapping[str, torch.Tensor] | None
+    generator: torch.Tensor
+    seconds: float
+
+    @property
+    def round_done(self) -> bool:
+        """Whether this is a round end (the round is measured)."""
+        return bool(self.rounds) and self.rounds[-1].round == self.round
+
+
 def _units(module: nn.Module, unit: str) -> tuple[int, int]:
     """(total, pruned) units of a layer: weights, or whole output rows if unit == "row"."""
     w = original_weight(module)
@@ -299,6 +334,9 @@ def run_schedule(
     progress: bool = False,
     on_round: Callable[[Round], None] | None = None,
     train_dense: bool = True,
+    resume: Progress | None = None,
+    on_checkpoint: Callable[[Progress], None] | None = None,
+    dist: DistContext | None = None,
 ) -> list[Round]:
     """Train `model` dense with `dense`, then run `schedule`; returns every round's metrics.
 
@@ -308,6 +346,15 @@ def run_schedule(
     model is taken as already trained by `dense` (which then only sets the retraining LR
     schedule); lottery schedules need the dense run and refuse this. Raises ValueError before
     any training if a lottery `rewind_epoch` exceeds `dense.epochs`.
+
+    `on_checkpoint(progress)` is called at every epoch end and round end. Passing such a
+    `Progress` back as `resume` (with the model holding that moment's weights and masks)
+    continues the run and gives the same masks and metrics, bit for bit on CPU, as if it had
+    never stopped (`on_round` is then called only for the rounds still to come).
+    NonFiniteError (a NaN/Inf loss or weight) is raised with its round set.
+
+    With `dist` every training is data-parallel (`prunebound.distributed`); every rank prunes
+    (keeping the generators in step) and rank 0's masks are then broadcast to all.
     """
     if schedule.kind == "lottery" and schedule.rewind_epoch > dense.epochs:
         raise ValueError(
@@ -315,37 +362,77 @@ def run_schedule(
         )
     if schedule.kind == "lottery" and not train_dense:
         raise ValueError("train_dense=False: lottery schedules rewind into the dense run")
-    t0 = time.perf_counter()
+    rounds: list[Round] = []
     rewind_to: dict[str, torch.Tensor] | None = None
-    if not train_dense:
-        pass
-    elif schedule.kind == "lottery":
-        if schedule.rewind_epoch == 0:
-            rewind_to = snapshot(model)
-
-        def keep(epoch: int, m: nn.Module) -> None:
-            nonlocal rewind_to
-            if epoch == schedule.rewind_epoch:
-                rewind_to = snapshot(m)
-
-        train(model, data, dense, generator=generator, progress=progress, callback=keep)
-    else:
-        train(model, data, dense, generator=generator, progress=progress)
-    rounds = [measure(model, data, 0, time.perf_counter() - t0)]
-    logger.info("dense: accuracy %.4f", rounds[0].accuracy)
-    if on_round is not None:
-        on_round(rounds[-1])
+    first, start, elapsed = 0, None, 0.0
+    if resume is not None:
+        rounds = list(resume.rounds)
+        rewind_to = dict(resume.rewind_to) if resume.rewind_to is not None else None
+        generator.set_state(resume.generator)
+        first = resume.round + int(resume.round_done)
+        if not resume.round_done:  # an epoch end: the interrupted round goes on from there
+            start, elapsed = resume.train, resume.seconds
     retrain = retrain_config(dense, schedule)
-    for r in range(1, schedule.rounds + 1):
-        t0 = time.perf_counter()
-        prune_round(model, schedule, generator, r)
-        if rewind_to is not None:
-            rewind(model, rewind_to)
-        train(model, data, retrain, generator=generator, progress=progress)
+    lottery = schedule.kind == "lottery"
+
+    def keep(epoch: int, m: nn.Module) -> None:
+        nonlocal rewind_to
+        if epoch == schedule.rewind_epoch:
+            rewind_to = snapshot(m)
+
+    def save(r: int, t0: float, epochs: int, state: TrainState | None) -> None:
+        if on_checkpoint is not None:
+            epoch = epochs if state is None else state.epoch
+            seconds = time.perf_counter() - t0
+            g_state = generator.get_state()
+            on_checkpoint(Progress(r, epoch, tuple(rounds), state, rewind_to, g_state, seconds))
+
+    for r in range(first, schedule.rounds + 1):
+        t0 = time.perf_counter() - elapsed
+        epochs = retrain.epochs if r > 0 else dense.epochs if train_dense else 0
+        on_epoch = functools.partial(save, r, t0, epochs)
+        try:
+            if r == 0 and train_dense:
+                if lottery and schedule.rewind_epoch == 0 and start is None:
+                    rewind_to = snapshot(model)
+                cb = keep if lottery else None
+                train(
+                    model,
+                    data,
+                    dense,
+                    generator=generator,
+                    progress=progress,
+                    callback=cb,
+                    start=start,
+                    on_epoch=on_epoch,
+                    dist=dist,
+                )
+            elif r > 0:
+                if start is None:
+                    prune_round(model, schedule, generator, r)
+                    if dist is not None:
+                        dist.broadcast_masks(model)
+                    if rewind_to is not None:
+                        rewind(model, rewind_to)
+                train(
+                    model,
+                    data,
+                    retrain,
+                    generator=generator,
+                    progress=progress,
+                    start=start,
+                    on_epoch=on_epoch,
+                    dist=dist,
+                )
+        except NonFiniteError as e:
+            e.round = r
+            raise
+        start, elapsed = None, 0.0
         rounds.append(measure(model, data, r, time.perf_counter() - t0))
         logger.info(
             "round %d: sparsity %.4f, accuracy %.4f", r, rounds[-1].sparsity, rounds[-1].accuracy
         )
         if on_round is not None:
             on_round(rounds[-1])
+        save(r, t0, epochs, None)
     return rounds

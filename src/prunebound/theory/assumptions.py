@@ -1,5 +1,5 @@
 """Checks of the a-priori plans' weight assumptions: i.i.d. U[-a, a] or N(0, s^2) entries
-(docs/theory.md §6.3-6.6; docs/theory_certify.md §7).
+(docs/theory.md §5, §7.8).
 
 A check can only refute: passing does not prove the law. The deterministic certificate
 (`certify`) and the data certificate (`datacert`) need none of these assumptions.

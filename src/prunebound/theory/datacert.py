@@ -1,5 +1,5 @@
 """Data certificates: Clopper-Pearson upper limits on how often pruning changes a model's output
-on the input population, from a held-out i.i.d. sample (docs/theory_certify.md §6).
+on the input population, from a held-out i.i.d. sample (docs/theory.md §7.7).
 
 No assumption on the weights; the only assumption is that the certify sample is drawn i.i.d.
 from the population and is independent of every choice made about the pruning (which is why
@@ -191,7 +191,7 @@ def search_data_plan(
     whose next grid step keeps the Clopper-Pearson upper limit of P(||f - F|| > eps) <= alpha
     on the SEARCH split, the one adding the most pruned weights; stop when no step is feasible.
     Then `data_certificate` on the CERTIFY split: the only certificate that is valid, since the
-    search split's counts are biased by the selection (docs/theory_certify.md §6.2).
+    search split's counts are biased by the selection (docs/theory.md §7.7).
 
     Args:
         model: the model to prune (not modified: the search works on deep copies with masks

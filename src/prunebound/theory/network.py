@@ -1,4 +1,4 @@
-"""The theory's view of a feed-forward model (docs/theory_certify.md §3).
+"""The theory's view of a feed-forward model (docs/theory.md §7.3).
 
 A chain of steps, each an affine prunable layer (Linear, Conv1d, Conv2d) or a map phi with
 ||phi(x) - phi(y)|| <= L ||x - y|| and ||phi(0)|| = c (activations, pooling, eval BatchNorm,
@@ -128,7 +128,7 @@ def _pool_lipschitz(name: str, m: nn.Module) -> float:
 
 
 def _lipschitz(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> tuple[float, float]:
-    """(Lipschitz constant, ||phi(0)||) of a non-prunable step (docs/theory_certify.md §3)."""
+    """(Lipschitz constant, ||phi(0)||) of a non-prunable step (docs/theory.md §7.3)."""
     if isinstance(m, nn.Flatten | nn.Dropout | nn.Identity):
         return 1.0, 0.0  # Dropout: identity in eval mode; certify() refuses training mode
     if isinstance(m, _POOLS):

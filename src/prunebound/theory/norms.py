@@ -1,4 +1,4 @@
-"""Operator-norm UPPER bounds of weight matrices and convolutions (docs/theory_certify.md §2).
+"""Operator-norm UPPER bounds of weight matrices and convolutions (docs/theory.md §7.2).
 
 A certificate needs upper bounds: power iteration alone under-estimates. Derived for prunebound
 in the setting of Qian & Klabjan (2021); the constants are ours.
@@ -8,13 +8,13 @@ in the setting of Qian & Klabjan (2021); the constants are ours.
   (valid with probability >= 1 - fail_prob over the algorithm's own random start);
 - ``frobenius`` and ``schur``: cheap deterministic fallbacks;
 - convolutions: the min of the circular-embedding DFT bound (Sedghi, Gupta & Long 2019) and
-  Lemma C of docs/theory.md §6.6.
+  Lemma C of docs/theory.md §2 and §7.2.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -81,7 +81,7 @@ def frobenius(a: torch.Tensor) -> float:
 
 
 def schur(a: torch.Tensor) -> float:
-    """Schur test: ||A||_2 <= sqrt(max row abs-sum * max column abs-sum) (docs/theory.md §6.2)."""
+    """Schur test: ||A||_2 <= sqrt(max row abs-sum * max column abs-sum) (docs/theory.md §7.2)."""
     b = a.detach().to(torch.float64).abs()
     if b.numel() == 0:
         return 0.0
@@ -101,35 +101,73 @@ def lanczos_bound(
     fail_prob: float = 1e-9,
     generator: torch.Generator | None = None,
 ) -> NormBound:
-    """Probabilistic upper bound on ||A||_2 by Lanczos on A^T A (docs/theory_certify.md §2.2).
+    """Probabilistic upper bound on ||A||_2 by Lanczos on A^T A (docs/theory.md §7.2).
 
     For PSD G (n x n), a start uniform on the sphere and k Lanczos steps, the largest Ritz value
     theta_k satisfies P(theta_k < (1 - eps) lambda_1) <= 1.648 sqrt(n) exp(-sqrt(eps)(2k - 1))
     (Kuczynski & Wozniakowski 1992). So ||A||^2 <= theta_k / (1 - eps) with probability
     >= 1 - fail_prob. Full reorthogonalisation in float64; a 1e-10 relative margin covers rounding.
     """
+    _check_lanczos(steps, fail_prob)
+    a = _as_matrix(a)
+    if a.numel() == 0:
+        return NormBound(0.0, "lanczos", 0.0)
+    return lanczos_operator(
+        lambda q: torch.mv(a.T, torch.mv(a, q)),
+        lambda v: torch.mv(a, v),
+        a.shape[1],
+        float(torch.linalg.vector_norm(a)) ** 2,
+        steps=steps,
+        fail_prob=fail_prob,
+        generator=generator,
+        device=a.device,
+    )
+
+
+def _check_lanczos(steps: int, fail_prob: float) -> None:
     if not 0 < fail_prob < 1:
         raise ValueError(f"fail_prob must be in (0, 1), got {fail_prob}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    a = _as_matrix(a)
-    n = a.shape[1]
-    if a.numel() == 0:
+
+
+def lanczos_operator(
+    gram_mv: Callable[[torch.Tensor], torch.Tensor],
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    fro2: float,
+    *,
+    steps: int = 100,
+    fail_prob: float = 1e-9,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> NormBound:
+    """`lanczos_bound` for a matrix A given as functions: gram_mv(q) = A^T A q, apply(v) = A v
+    (float64, q in R^n), and fro2 >= ||A||_F^2 (for the rounding margin). Lets sparse or
+    implicit matrices (A = W - W~ as W q - W~ q) skip forming A (docs/theory.md §7.2)."""
+    _check_lanczos(steps, fail_prob)
+    if n == 0 or fro2 == 0:
         return NormBound(0.0, "lanczos", 0.0)
     k = min(steps, n)
-    q = torch.randn(n, dtype=torch.float64, generator=generator).to(a.device)
+    q = torch.randn(n, dtype=torch.float64, generator=generator).to(device)
     q /= torch.linalg.vector_norm(q)
-    basis = torch.zeros((k, n), dtype=torch.float64, device=a.device)
-    alpha = torch.zeros(k, dtype=torch.float64, device=a.device)
-    beta = torch.zeros(k, dtype=torch.float64, device=a.device)
+    basis = torch.zeros((k, n), dtype=torch.float64, device=device)
+    alpha = torch.zeros(k, dtype=torch.float64, device=device)
+    beta = torch.zeros(k, dtype=torch.float64, device=device)
     used = k
     for j in range(k):
         basis[j] = q
-        w = a.T @ (a @ q)
+        w = gram_mv(q)
         alpha[j] = q @ w
-        w -= basis[: j + 1].T @ (basis[: j + 1] @ w)  # full reorthogonalisation (twice)
+        w -= alpha[j] * q  # three-term recurrence, then full reorthogonalisation
+        if j > 0:
+            w -= beta[j - 1] * basis[j - 1]
+        before = float(torch.linalg.vector_norm(w))
         w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
         b = float(torch.linalg.vector_norm(w))
+        if b < 0.7 * before:  # "twice is enough" (Kahan-Parlett): a second pass when needed
+            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+            b = float(torch.linalg.vector_norm(w))
         if j == k - 1 or b <= 1e-14 * max(float(alpha[: j + 1].abs().max()), 1e-300):
             used = j + 1  # invariant subspace found: theta is an exact eigenvalue (w.p. 1 the max)
             break
@@ -145,11 +183,10 @@ def lanczos_bound(
     theta = max(float(evals[-1]), 0.0)
     top = torch.from_numpy(evecs[:, -1]).to(basis)
     ritz = basis[:used].T @ top
-    lower = float(torch.linalg.vector_norm(a @ ritz) / torch.linalg.vector_norm(ritz))
+    lower = float(torch.linalg.vector_norm(apply(ritz)) / torch.linalg.vector_norm(ritz))
     exact_subspace = used < k or k == n  # Krylov space is invariant or the whole space
     # conservative reading of KW's k: one less than the Krylov dimension (matvec count convention)
     eps = 0.0 if exact_subspace else kw_epsilon(n, max(used - 1, 1), fail_prob)
-    fro2 = float((a * a).sum())
     if eps >= 1:
         return NormBound(math.inf, "lanczos", fail_prob, lower)
     value = math.sqrt(theta / (1 - eps) * (1 + 1e-10) + 10 * n * _U64 * fro2)
@@ -165,7 +202,7 @@ def norm_bound(
     fail_prob: float = 1e-9,
     generator: torch.Generator | None = None,
 ) -> NormBound:
-    """Upper bound on ||A||_2 with the chosen method (docs/theory_certify.md §2).
+    """Upper bound on ||A||_2 with the chosen method (docs/theory.md §7.2).
 
     ``auto``: ``gram`` when min(A.shape) <= exact_max, else the min of ``lanczos``, Frobenius and
     Schur (the last two cost nothing and sometimes win for very sparse matrices).
@@ -198,7 +235,7 @@ def conv_norm(
     dilation: Sequence[int] | int = 1,
 ) -> float:
     """Upper bound on the l2 operator norm of a Conv1d/Conv2d (groups=1, zero padding) acting on
-    inputs of spatial size `in_size` (docs/theory_certify.md §2.3).
+    inputs of spatial size `in_size` (docs/theory.md §7.2).
 
     min of (i) the circular bound: the padded linear conv is a compression of a circular conv on
     a torus of size n + 2p, whose norm is max over DFT frequencies w of ||K^(w)||_2, and striding

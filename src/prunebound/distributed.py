@@ -1,0 +1,406 @@
+"""Distributed retraining on torch.distributed: DistributedDataParallel over ranks that each take
+a slice of the same global batch.
+
+Every rank holds the whole (small, in-memory) data set and the same shuffling generator, so all
+ranks draw the same global batch; rank r trains on its slice. The loss is scaled so that DDP's
+gradient average equals the gradient of the global batch's mean loss, so a run on N ranks
+matches a one-process run with the same `batch_size` up to floating-point reduction order.
+Pruning is computed on every rank (keeping the generators in step) and rank 0's masks are then
+broadcast, so masks are identical by construction; results and checkpoints are written by rank 0.
+
+Masks are `torch.nn.utils.parametrize` parametrizations: DDP sees the underlying
+`parametrizations.weight.original` parameters, whose gradient is zero at pruned entries, and the
+effective weight `original * mask` stays exactly zero there whatever the all-reduce does.
+
+Two ways in: `launch(fn, nproc)` spawns local processes with a file rendezvous (what
+`prunebound run CONFIG --nproc N` uses); under `torchrun` the CLI reads the rank from the
+environment and opens `process_group(init_method="env://")` (see docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as torch_mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from prunebound.data import Dataset
+from prunebound.masks import Mask, mask_module, prunable_layers, set_mask
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["auto", "gloo", "nccl"]
+BACKENDS = ("auto", "gloo", "nccl")
+
+#: Seconds the launcher waits for the other ranks to stop on their own after one failed.
+_GRACE_S = 5.0
+
+
+def check_world_size(batch_size: int, world_size: int) -> None:
+    """Raise ValueError unless `world_size` (>= 1) divides `batch_size` (each rank's share)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if batch_size % world_size != 0:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not divisible by the world size {world_size}: "
+            f"every rank must take an equal share of the global batch (use a batch size that "
+            f"is a multiple of {world_size})"
+        )
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in an initialised default process group.
+
+    Attributes:
+        rank: global rank in [0, world_size).
+        world_size: number of processes.
+        local_rank: rank on this machine (selects the GPU with nccl).
+        device: where the model and batches live (cpu for gloo, cuda:local_rank for nccl).
+        backend: "gloo" or "nccl".
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "gloo"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {self.world_size!r}")
+        if not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be an int in [0, {self.world_size}), got {self.rank!r}")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes results and checkpoints."""
+        return self.rank == 0
+
+    def check_batch(self, batch_size: int) -> None:
+        """Raise ValueError unless the world size divides `batch_size`."""
+        check_world_size(batch_size, self.world_size)
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a global batch of indices (equal slices; the last, shorter
+        batch of an epoch is split as evenly as possible)."""
+        return idx.tensor_split(self.world_size)[self.rank]
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, global_count: int) -> torch.Tensor:
+        """Cross-entropy of this rank's slice, scaled so that DDP's average over ranks is the
+        mean over the `global_count` examples of the global batch (also for uneven slices)."""
+        total = nn.functional.cross_entropy(logits, y, reduction="sum")
+        return total * (self.world_size / global_count)
+
+    def wrap(self, model: nn.Module) -> DistributedDataParallel:
+        """`model` in DDP; rank 0's parameters and buffers (masks included) are copied to all.
+
+        Buffers are not re-broadcast at every forward: masks change only between rounds (where
+        `broadcast_masks` syncs them) and BatchNorm statistics are averaged at epoch ends
+        (`average_buffers`).
+        """
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+
+    @torch.no_grad()
+    def average_buffers(self, model: nn.Module) -> None:
+        """Average the floating-point buffers other than masks over the ranks, in place.
+
+        These are BatchNorm running statistics, each rank's running average over its own
+        slices. Averaging them gives the running mean of the global batches exactly, for equal
+        slices. The running variance misses the spread between slices, so it comes out
+        slightly low. Masks and integer buffers are identical on every rank already.
+        """
+        for m in model.modules():
+            if isinstance(m, Mask):
+                continue
+            for b in m.buffers(recurse=False):
+                if b.is_floating_point():
+                    tdist.all_reduce(b)
+                    b.div_(self.world_size)
+
+    def all_sum(self, *values: float) -> list[float]:
+        """Sum each value over all ranks (float64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t)
+        return [float(v) for v in t.cpu()]
+
+    def broadcast_masks(self, model: nn.Module) -> int:
+        """Install rank 0's masks on every rank; returns how many mask entries this rank had
+        different (0 when pruning was deterministic, as it should be).
+
+        Raises:
+            RuntimeError: ranks disagree on which layers are masked (they ran different code).
+        """
+        layers = list(prunable_layers(model).values())
+        has = torch.tensor(
+            [mask_module(m) is not None for m in layers], dtype=torch.int64, device=self.device
+        )
+        ref = has.clone()
+        tdist.broadcast(ref, src=0)
+        if not torch.equal(has, ref):
+            raise RuntimeError(f"rank {self.rank} has masks on other layers than rank 0")
+        changed = 0
+        for m in layers:
+            mm = mask_module(m)
+            if mm is None:
+                continue
+            keep = mm.mask.clone()
+            tdist.broadcast(keep, src=0)
+            changed += int((keep != mm.mask).sum())
+            set_mask(m, keep)
+        if changed:
+            logger.warning("rank %d: %d mask entries differed from rank 0's", self.rank, changed)
+        return changed
+
+    def divergence(self, model: nn.Module) -> float:
+        """Largest difference between ranks over every parameter and buffer (masks included);
+        0.0 means the ranks hold bit-identical models."""
+        worst = 0.0
+        for t in model.state_dict().values():  # one tensor at a time: bounded extra memory
+            hi = t.detach().to(self.device, torch.float64).flatten()
+            lo = hi.clone()
+            tdist.all_reduce(hi, op=tdist.ReduceOp.MAX)
+            tdist.all_reduce(lo, op=tdist.ReduceOp.MIN)
+            if hi.numel():
+                worst = max(worst, float((hi - lo).max()))
+        return worst
+
+    def to_device(self, model: nn.Module, data: Dataset) -> tuple[nn.Module, Dataset]:
+        """Move the model and data set to `self.device` (a no-op on CPU)."""
+        if self.device.type == "cpu":
+            return model, data
+        d = self.device
+        moved = replace(
+            data,
+            x_train=data.x_train.to(d),
+            y_train=data.y_train.to(d),
+            x_test=data.x_test.to(d),
+            y_test=data.y_test.to(d),
+        )
+        return model.to(d), moved
+
+
+def _resolve_backend(backend: Backend, local_rank: int) -> tuple[str, torch.device]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"backend 'nccl' needs a CUDA device for local rank {local_rank}; "
+                f"{torch.cuda.device_count()} visible"
+            )
+        return backend, torch.device("cuda", local_rank)
+    return backend, torch.device("cpu")
+
+
+@contextmanager
+def process_group(
+    *,
+    rank: int,
+    world_size: int,
+    init_method: str = "env://",
+    local_rank: int = 0,
+    backend: Backend = "auto",
+    timeout: float = 300.0,
+) -> Iterator[DistContext]:
+    """Open the default process group for the block; yields this process's `DistContext`.
+
+    Args:
+        rank, world_size, local_rank: this process's place (torchrun sets RANK, WORLD_SIZE and
+            LOCAL_RANK; the CLI passes them in).
+        init_method: "env://" (torchrun's MASTER_ADDR/MASTER_PORT), "tcp://host:port" or
+            "file:///path".
+        backend: "gloo" (CPU), "nccl" (one GPU per local rank) or "auto" (nccl if CUDA).
+        timeout: seconds a collective may wait for the other ranks before failing, so a rank
+            that vanishes (a lost machine) stops the others instead of hanging them.
+    """
+    if not (isinstance(timeout, int | float) and timeout > 0):
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    name, device = _resolve_backend(backend, local_rank)
+    ctx = DistContext(rank, world_size, local_rank, device, name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tdist.init_process_group(
+        name,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout),
+    )
+    try:
+        yield ctx
+    finally:
+        tdist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class EnvRanks:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def env_ranks(env: Mapping[str, str]) -> EnvRanks | None:
+    """The ranks torchrun put in `env` (pass `os.environ`), or None outside torchrun."""
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    try:
+        r = EnvRanks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
+    except ValueError:
+        raise ValueError(
+            f"RANK/WORLD_SIZE/LOCAL_RANK must be ints, got {env['RANK']!r}/"
+            f"{env['WORLD_SIZE']!r}/{env.get('LOCAL_RANK')!r}"
+        ) from None
+    if r.world_size < 1 or not 0 <= r.rank < r.world_size:
+        raise ValueError(f"RANK={r.rank} must be in [0, WORLD_SIZE={r.world_size})")
+    return r
+
+
+def _worker(
+    rank: int,
+    fn: Callable[..., None],
+    nproc: int,
+    init_method: str,
+    backend: Backend,
+    timeout: float,
+    threads: int,
+    error_dir: str,
+    args: tuple[Any, ...],
+) -> None:
+    """Body of each spawned process: open the group, run `fn(ctx, *args)`, record any error."""
+    torch.set_num_threads(threads)
+    try:
+        with process_group(
+            rank=rank,
+            world_size=nproc,
+            init_method=init_method,
+            local_rank=rank,
+            backend=backend,
+            timeout=timeout,
+        ) as ctx:
+            fn(ctx, *args)
+    except BaseException as e:
+        msg = str(e).strip().splitlines()
+        Path(error_dir, f"rank{rank}.txt").write_text(
+            f"{type(e).__name__}: {msg[0] if msg else ''}"
+        )
+        raise
+
+
+def launch(
+    fn: Callable[..., None],
+    nproc: int,
+    args: tuple[Any, ...] = (),
+    *,
+    backend: Backend = "gloo",
+    timeout: float = 300.0,
+    threads: int | None = None,
+) -> None:
+    """Run `fn(ctx, *args)` in `nproc` local processes sharing a process group.
+
+    Processes are spawned (fresh interpreters: `fn` and `args` must be picklable, `fn` defined
+    at module level) and meet through a file rendezvous in a temporary directory, so no port
+    is needed. The launcher watches them: when one fails, the others get `_GRACE_S` seconds to
+    stop on their own (gloo notices a closed peer at once) and are then terminated.
+
+    Args:
+        fn: called as `fn(ctx, *args)` in every process, `ctx` a `DistContext`.
+        nproc: number of processes (ranks 0 .. nproc-1 on this machine).
+        backend: as in `process_group` ("gloo" by default: CPU).
+        timeout: seconds a collective may wait (see `process_group`).
+        threads: torch threads per process (default: this machine's cores / nproc).
+
+    Raises:
+        ValueError: bad nproc, backend or timeout (before anything starts).
+        RuntimeError: a rank failed or died; names the first one and its error.
+    """
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not (isinstance(timeout, int | float) and timeout > 0):
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    if threads is None:
+        threads = max(1, len(os.sched_getaffinity(0)) // nproc)
+    mp = torch_mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="prunebound-dist-") as tmpdir:
+        init = Path(tmpdir, "rendezvous").as_uri()
+        procs = [
+            mp.Process(
+                target=_worker,
+                args=(r, fn, nproc, init, backend, timeout, threads, tmpdir, args),
+                daemon=True,
+            )
+            for r in range(nproc)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            failed = _watch(procs)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join()
+        if failed:
+            raise RuntimeError(_failure_message(failed, procs, tmpdir))
+
+
+def _watch(procs: list[Any]) -> list[int]:
+    """Wait for all processes; returns failed ranks in the order they exited (empty: success).
+
+    After the first failure the others get `_GRACE_S` seconds before the caller stops them.
+    """
+    pending = {p.sentinel: r for r, p in enumerate(procs)}
+    failed: list[int] = []
+    deadline: float | None = None
+    while pending:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = multiprocessing.connection.wait(list(pending), timeout=wait)
+        if not ready:
+            break  # grace over: the caller terminates the rest
+        for s in ready:
+            r = pending.pop(s)
+            procs[r].join()
+            if procs[r].exitcode != 0:
+                failed.append(r)
+        if failed and deadline is None:
+            deadline = time.monotonic() + _GRACE_S
+    return failed
+
+
+def _failure_message(failed: list[int], procs: list[Any], error_dir: str) -> str:
+    """One line: the first rank to fail and why, then the ranks that failed after it."""
+
+    def why(r: int) -> str:
+        f = Path(error_dir, f"rank{r}.txt")
+        if f.is_file():
+            text = f.read_text()
+            return "raised " + (text if len(text) <= 200 else text[:197] + "...")
+        code = procs[r].exitcode
+        return f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+
+    msg = f"distributed run failed: rank {failed[0]} of {len(procs)} {why(failed[0])}"
+    msg += "; all ranks were stopped"
+    if len(failed) > 1:
+        msg += " (then " + "; ".join(f"rank {r} {why(r)}" for r in failed[1:]) + ")"
+    return msg

@@ -1,0 +1,356 @@
+"""Export a pruned model for inference: sparse layers where a measured kernel is faster.
+
+`export(model, "csr")` returns a copy of the model (masks baked in, eval mode) in which every
+pruned Linear, and every Conv2d when `input_shape` is given, becomes a `SparseLinear` /
+`SparseConv2d` if one of the sparse kernels (`prunebound.sparse.KERNELS`) beats the dense layer in
+a micro-benchmark at the given batch size; otherwise it stays dense. What each layer became, and
+why, is in `export_report(exported)`. Layers below `min_sparsity` are not even measured: with
+more than half the weights left, a sparse kernel does more memory traffic than the dense one.
+
+Files: `save_export` / `load_export` (export_io.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunebound.masks import effective_weight, prunable_layers, remove
+from prunebound.sparse import KERNELS, SparseConv2d, SparseLinear
+
+__all__ = [
+    "ExportReport",
+    "LayerExport",
+    "export",
+    "export_report",
+    "measure_ms",
+    "sparse_path",
+]
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["csr", "dense"]
+FORMATS = ("csr", "dense")
+SPARSE = "sparse"  # override: the fastest sparse kernel, even if dense is faster
+_CHOICES = ("dense", SPARSE, *KERNELS)
+_REPORT_ATTR = "_prunebound_export"
+_MARGIN = 1.05  # a sparse kernel must be >= 5% faster than dense to replace it (timing noise)
+
+
+@dataclass(frozen=True)
+class LayerExport:
+    """What one Linear/Conv layer became: `kernel` is "dense" or a key of `sparse.KERNELS`.
+
+    `timings_ms` holds each candidate's measured latency (the minimum over repeats; empty if not
+    measured);
+    `speedup` = dense time / chosen time, when both were measured.
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    sparsity: float
+    kernel: str
+    reason: str
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+    speedup: float | None = None
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """Per-layer export decisions, with the settings they were measured under."""
+
+    format: str
+    batch_size: int
+    threads: int
+    layers: tuple[LayerExport, ...]
+
+    @property
+    def sparse_layers(self) -> tuple[str, ...]:
+        """Names of the layers exported sparse."""
+        return tuple(r.name for r in self.layers if r.kernel != "dense")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        d = asdict(self)
+        d["layers"] = [{**r, "timings_ms": dict(r["timings_ms"])} for r in d["layers"]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ExportReport:
+        """Inverse of `to_dict`."""
+        layers = tuple(
+            LayerExport(**{**r, "shape": tuple(r["shape"])}) for r in d.get("layers", ())
+        )
+        return cls(d["format"], int(d["batch_size"]), int(d["threads"]), layers)
+
+
+def measure_ms(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    budget_s: float = 0.3,
+    min_repeats: int = 5,
+    max_repeats: int = 30,
+    statistic: Literal["median", "min"] = "median",
+) -> dict[str, float]:
+    """Wall time in ms of each function (median or minimum over repeats), calls interleaved so
+    that load on a shared machine hits every candidate alike; the repeat count fits `budget_s`
+    within the bounds. The minimum suits choosing between kernels: interference only adds time."""
+    if not fns:
+        return {}
+    estimate = 0.0
+    for f in fns.values():
+        f()  # warm-up (allocations, kernel operands, caches)
+        t0 = time.perf_counter()
+        f()
+        estimate += time.perf_counter() - t0
+    repeats = max(min_repeats, min(max_repeats, int(budget_s / max(estimate, 1e-9))))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    reduce = np.median if statistic == "median" else np.min
+    return {k: 1e3 * float(reduce(v)) for k, v in times.items()}
+
+
+def sparse_path(module: nn.Module) -> str | None:
+    """Why `module` cannot become a sparse layer, or None if it can."""
+    if not isinstance(module, nn.Linear | nn.Conv2d):
+        return f"no sparse path for {type(module).__name__} (only Linear and Conv2d)"
+    w = effective_weight(module)
+    if w.device.type != "cpu":
+        return f"sparse kernels run on CPU only, weight is on {w.device}"
+    if w.dtype not in (torch.float32, torch.float64):
+        return f"sparse kernels need float32/float64 weights, got {w.dtype}"
+    if isinstance(module, nn.Conv2d):
+        why = SparseConv2d.unsupported(module)
+        return None if why is None else f"no sparse path for this Conv2d: {why}"
+    return None
+
+
+def export_report(model: nn.Module) -> ExportReport:
+    """The `ExportReport` attached to a model by `export` or `load_export`."""
+    report = getattr(model, _REPORT_ATTR, None)
+    if not isinstance(report, ExportReport):
+        raise ValueError("model has no export report (it was not made by pb.export/load_export)")
+    return report
+
+
+def attach_report(model: nn.Module, report: ExportReport) -> None:
+    """Attach `report` so that `export_report(model)` returns it."""
+    object.__setattr__(model, _REPORT_ATTR, report)
+
+
+def _check_args(
+    format: str,
+    batch_size: int,
+    input_shape: Sequence[int] | None,
+    min_sparsity: float,
+    candidates: Sequence[str],
+) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if input_shape is not None and (
+        isinstance(input_shape, str)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape)
+    ):
+        raise ValueError(f"input_shape must be a sequence of ints >= 1, got {input_shape!r}")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    bad = [k for k in candidates if k not in KERNELS]
+    if bad or not candidates:
+        raise ValueError(f"candidates must be a non-empty subset of {sorted(KERNELS)}, got {bad}")
+
+
+def _resolve_overrides(
+    layers: Mapping[str, str], names: Sequence[str], model: nn.Module
+) -> dict[str, str]:
+    """layer name -> choice, from {name or glob pattern: choice}; later entries win."""
+    out: dict[str, str] = {}
+    for pattern, choice in layers.items():
+        if choice not in _CHOICES:
+            raise ValueError(f"layers[{pattern!r}] must be one of {_CHOICES}, got {choice!r}")
+        hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"layers: {pattern!r} matches no Linear/Conv layer; layers: {names}")
+        for n in hits:
+            why = sparse_path(model.get_submodule(n))
+            if choice != "dense" and why is not None:
+                raise ValueError(f"layers: {n!r} cannot be exported sparse: {why}")
+            out[n] = choice
+    return out
+
+
+def _input_shapes(
+    model: nn.Module, layers: Mapping[str, nn.Module], example: torch.Tensor
+) -> dict[str, tuple[int, ...]]:
+    """Input shape of each layer in one forward of `example`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str, mod: nn.Module, args: tuple[Any, ...]) -> None:
+        shapes.setdefault(name, tuple(args[0].shape))
+
+    handles = [m.register_forward_pre_hook(partial(hook, name)) for name, m in layers.items()]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _sparse_module(m: nn.Module, kernel: str) -> SparseLinear | SparseConv2d:
+    if isinstance(m, nn.Linear):
+        return SparseLinear.from_dense(m, kernel)
+    assert isinstance(m, nn.Conv2d)  # callers checked sparse_path
+    return SparseConv2d.from_dense(m, kernel)
+
+
+def _measure(
+    m: nn.Module, shape: tuple[int, ...], candidates: Sequence[str], with_dense: bool
+) -> dict[str, float]:
+    """Latency (ms, minimum of repeats) of the dense layer and each sparse kernel, random input."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=effective_weight(m).dtype)
+    variants: dict[str, nn.Module] = {"dense": m} if with_dense else {}
+    variants.update({k: _sparse_module(m, k) for k in candidates})
+    fns: dict[str, Callable[[], object]] = {k: partial(v, x) for k, v in variants.items()}
+    with torch.inference_mode():
+        return measure_ms(fns, statistic="min")
+
+
+def _decide(
+    row: LayerExport,
+    m: nn.Module,
+    choice: str | None,
+    shape: tuple[int, ...] | None,
+    opts: tuple[float, Sequence[str]],
+    cache: dict[tuple[Any, ...], LayerExport],
+) -> LayerExport:
+    """Fill in the kernel and reason of `row` for one layer (format "csr")."""
+    min_sparsity, candidates = opts
+    why = sparse_path(m)
+    if choice == "dense" or (choice is None and why is not None):
+        return replace(row, kernel="dense", reason=why or "forced by layers")
+    if choice in KERNELS:
+        return replace(row, kernel=choice, reason="forced by layers")
+    if choice is None and row.sparsity < min_sparsity:
+        reason = f"sparsity {row.sparsity:.1%} < min_sparsity {min_sparsity:.0%}: dense is faster"
+        return replace(row, kernel="dense", reason=reason)
+    if shape is None:
+        if choice == SPARSE:
+            return replace(row, kernel=candidates[0], reason="forced sparse, not measured")
+        reason = "no input_shape given: a conv layer's cost depends on its input size"
+        return replace(row, kernel="dense", reason=reason)
+    # layers of one shape and sparsity are measured once ("keep the best per shape")
+    key = (row.type, row.shape, shape, round(row.sparsity, 2), choice, tuple(candidates))
+    if key not in cache:
+        ms = _measure(m, shape, candidates, with_dense=choice is None)
+        best = min(candidates, key=lambda k: ms[k])
+        dense_ms = ms.get("dense", math.inf)
+        kernel = best if choice == SPARSE or ms[best] * _MARGIN < dense_ms else "dense"
+        reason = f"measured at input {list(shape)}: " + (
+            f"{best} {ms[best]:.3g} ms vs dense {dense_ms:.3g} ms"
+            if "dense" in ms
+            else f"forced sparse, fastest kernel {best} {ms[best]:.3g} ms"
+        )
+        speedup = dense_ms / ms[kernel] if "dense" in ms else None
+        cache[key] = replace(row, kernel=kernel, reason=reason, timings_ms=ms, speedup=speedup)
+    hit = cache[key]
+    return replace(
+        row, kernel=hit.kernel, reason=hit.reason, timings_ms=hit.timings_ms, speedup=hit.speedup
+    )
+
+
+def export(
+    model: nn.Module,
+    format: Format = "csr",
+    *,
+    layers: Mapping[str, str] | None = None,
+    batch_size: int = 1,
+    input_shape: Sequence[int] | None = None,
+    min_sparsity: float = 0.5,
+    candidates: Sequence[str] = tuple(KERNELS),
+) -> nn.Module:
+    """A copy of `model` for inference, with sparse layers where they are measured faster.
+
+    The input model is not changed. The copy has its masks baked in and is in eval mode; its
+    outputs equal the input model's (eval mode) up to float rounding, and carry no gradient.
+
+    Args:
+        model: a pruned model (masks, or zeros baked in by `pb.remove`), on CPU.
+        format: "csr": each pruned Linear, and each Conv2d if `input_shape` is given, becomes
+            sparse when the fastest kernel in `candidates` beats the dense layer by >= 5% in a
+            micro-benchmark at `batch_size` with torch's current thread count; "dense": every
+            layer stays dense (the model with masks baked in).
+        layers: per-layer overrides, {name or glob pattern: "dense" | "sparse" | kernel name};
+            "sparse" takes the fastest sparse kernel even when dense is faster.
+        batch_size: batch to measure at; the exported model accepts any batch.
+        input_shape: shape of one input sample, e.g. (1, 28, 28); needed to measure Conv2d
+            layers (and Linear layers applied to more than 2-D input).
+        min_sparsity: layers with fewer zeros are kept dense without being measured.
+        candidates: kernels to try (keys of `prunebound.sparse.KERNELS`).
+
+    Returns:
+        The exported model; `export_report(exported)` says what each layer became and why.
+
+    Raises:
+        ValueError: bad arguments, a model with no Linear/Conv layer, a model with no zero
+            weight and format "csr" (nothing to gain: prune first, or ask for format="dense"),
+            or an override forcing a layer that has no sparse path (Conv1d, grouped conv, GPU).
+    """
+    _check_args(format, batch_size, input_shape, min_sparsity, candidates)
+    names = list(prunable_layers(model))
+    if not names:
+        raise ValueError("export: the model has no Linear/Conv layer to export")
+    overrides = _resolve_overrides(layers or {}, names, model)
+    out = remove(copy.deepcopy(model)).eval()
+    targets = prunable_layers(out)
+    zeros = {
+        n: float((effective_weight(m) == 0).double().mean().item()) for n, m in targets.items()
+    }
+    if format == "csr" and not any(zeros.values()):
+        raise ValueError(
+            "export: the model is not pruned (no Linear/Conv weight is zero); prune it first, "
+            "or pass format='dense' for a plain dense copy"
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    if input_shape is not None:
+        p = next(out.parameters())
+        example = torch.zeros((batch_size, *input_shape), dtype=p.dtype, device=p.device)
+        shapes = _input_shapes(out, targets, example)
+    cache: dict[tuple[Any, ...], LayerExport] = {}
+    rows = []
+    for name, m in targets.items():
+        shape = tuple(effective_weight(m).shape)
+        row = LayerExport(name, type(m).__name__, shape, zeros[name], "dense", "format='dense'")
+        if format == "dense":
+            rows.append(row)
+            continue
+        in_shape = shapes.get(name)
+        if in_shape is None and isinstance(m, nn.Linear):
+            in_shape = (batch_size, m.in_features)
+        row = _decide(row, m, overrides.get(name), in_shape, (min_sparsity, candidates), cache)
+        rows.append(row)
+        if row.kernel != "dense":
+            parent, _, leaf = name.rpartition(".")
+            setattr(out.get_submodule(parent), leaf, _sparse_module(m, row.kernel))
+        logger.info("export %s: %s (%s)", name, row.kernel, row.reason)
+    attach_report(out, ExportReport(format, batch_size, torch.get_num_threads(), tuple(rows)))
+    return out

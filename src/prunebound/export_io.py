@@ -1,0 +1,366 @@
+"""Exported models on disk: safetensors holding only the nonzero weights and their indices.
+
+File layout (`save_export`):
+
+- each Linear/Conv weight whose compressed form is smaller than the dense one (sparse layers
+  always, dense-kernel layers with enough zeros) as three tensors `L.values`, `L.col_indices`,
+  `L.crow_indices` (compressed sparse rows of the weight flattened to (out, in*kh*kw)); column
+  indices are stored in 16 bits when the layer has <= 65536 columns, and widened on load;
+- every other parameter and buffer under its `state_dict` key;
+- JSON metadata: `format` ("prunebound-export"), `version`, `layers` (per layer: type, shape,
+  kernel, storage, conv hyper-parameters), `graph` (below), `report` and a SHA-256 `digest` of
+  the tensors, so a corrupt file is refused rather than loaded.
+
+`graph` describes a flat `nn.Sequential` whose children are Linear, Conv2d, their sparse forms,
+or one of `GRAPH_TYPES` (activations, Flatten, pooling, Dropout, BatchNorm1d/2d, Softmax):
+`load_export(path)` rebuilds such a model without its original class. Any other model (nested
+blocks, custom modules) is saved with `graph` null and loads with `load_export(path, model=m)`,
+where `m` is an instance of the original architecture (its weights are not used).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from prunebound.checkpoint import _digest
+from prunebound.export import (
+    ExportReport,
+    attach_report,
+    export,
+    export_report,
+    measure_ms,
+)
+from prunebound.masks import is_pruned, remove
+from prunebound.sparse import SparseConv2d, SparseLinear, check_csr, csr_tensor, to_csr
+
+__all__ = ["GRAPH_TYPES", "export_summary", "load_export", "save_export"]
+
+FORMAT = "prunebound-export"
+VERSION = "1"
+_SPARSE_KEYS = ("values", "col_indices", "crow_indices")
+
+# type name -> (class, constructor arguments read back from the instance's attributes)
+GRAPH_TYPES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "ReLU": (nn.ReLU, ()),
+    "Tanh": (nn.Tanh, ()),
+    "Sigmoid": (nn.Sigmoid, ()),
+    "SiLU": (nn.SiLU, ()),
+    "Identity": (nn.Identity, ()),
+    "GELU": (nn.GELU, ("approximate",)),
+    "LeakyReLU": (nn.LeakyReLU, ("negative_slope",)),
+    "ELU": (nn.ELU, ("alpha",)),
+    "Softmax": (nn.Softmax, ("dim",)),
+    "LogSoftmax": (nn.LogSoftmax, ("dim",)),
+    "Dropout": (nn.Dropout, ("p",)),
+    "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
+    "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+    "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode")),
+    "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
+    "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine")),
+    "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine")),
+}
+_CONV_ARGS = ("stride", "padding", "dilation", "groups", "padding_mode")
+
+
+def _layer_meta(m: nn.Module) -> dict[str, Any] | None:
+    """Metadata of a Linear/Conv2d (dense or sparse) layer; None for other modules."""
+    if isinstance(m, SparseLinear | SparseConv2d):
+        meta: dict[str, Any] = {
+            "type": "Linear" if isinstance(m, SparseLinear) else "Conv2d",
+            "shape": list(m.weight_shape),
+            "kernel": m.kernel,
+            "bias": m.bias is not None,
+        }
+        if isinstance(m, SparseConv2d):
+            conv = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation}
+            meta["conv"] = {**conv, "groups": 1, "padding_mode": "zeros"}
+        return meta
+    if isinstance(m, nn.Linear | nn.Conv2d):
+        meta = {
+            "type": type(m).__name__,
+            "shape": list(m.weight.shape),
+            "kernel": "dense",
+            "bias": m.bias is not None,
+        }
+        if isinstance(m, nn.Conv2d):
+            meta["conv"] = {k: getattr(m, k) for k in _CONV_ARGS}
+        return meta
+    return None
+
+
+def _graph(model: nn.Module, layer_names: set[str]) -> list[dict[str, Any]] | None:
+    """The layer graph of a flat Sequential of supported modules, else None."""
+    if type(model) is not nn.Sequential:
+        return None
+    graph: list[dict[str, Any]] = []
+    for name, child in model.named_children():
+        kind = type(child).__name__
+        if name in layer_names:
+            graph.append({"name": name, "type": "layer"})
+        elif kind in GRAPH_TYPES and type(child) is GRAPH_TYPES[kind][0]:
+            args = {a: getattr(child, a) for a in GRAPH_TYPES[kind][1]}
+            graph.append({"name": name, "type": kind, **args})
+        else:
+            return None
+    return graph
+
+
+def _encode(
+    csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor], shape: Sequence[int]
+) -> dict[str, torch.Tensor] | None:
+    """File tensors of a CSR weight if smaller than the dense weight, else None."""
+    crow, col, values = csr
+    cols = math.prod(shape[1:])
+    col = col.to(torch.int16) if cols <= 2**16 else col  # 16-bit pattern, widened on load
+    size = values.numel() * (values.element_size() + col.element_size()) + crow.numel() * 4
+    if size >= math.prod(shape) * values.element_size():
+        return None
+    return {"values": values, "col_indices": col, "crow_indices": crow.to(torch.int32)}
+
+
+def _dense(
+    crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: Sequence[int]
+) -> torch.Tensor:
+    size = (shape[0], math.prod(shape[1:]))
+    return csr_tensor(crow, col, values, size).to_dense().reshape(tuple(shape))
+
+
+def save_export(model: nn.Module, path: str | Path) -> Path:
+    """Write an exported model (from `export`) to safetensors; see the module doc for the layout.
+
+    The write is atomic (temporary file, then rename). Returns the path. Raises ValueError for a
+    model that still has masks (export it first).
+    """
+    path = Path(path)
+    if is_pruned(model):
+        raise ValueError("save_export: the model still has masks; save pb.export(model) instead")
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        meta = _layer_meta(m)
+        if meta is None:
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(m, SparseLinear | SparseConv2d):
+            csr = (m.crow_indices, m.col_indices, m.values)
+            enc = _encode(csr, meta["shape"])
+            if enc is None:
+                tensors[prefix + "weight"] = _dense(*csr, meta["shape"])
+        else:
+            enc = _encode(to_csr(m.weight), meta["shape"])
+        if enc is not None:
+            tensors.update({prefix + k: t.contiguous() for k, t in enc.items()})
+        meta["storage"] = "sparse" if enc is not None else "dense"
+        layers[name] = meta
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers and (
+            leaf in _SPARSE_KEYS or (leaf == "weight" and layers[owner]["storage"] == "sparse")
+        ):
+            continue  # written above
+        t = t.detach().contiguous()
+        # safetensors refuses tensors sharing memory (tied weights): store a copy
+        tensors[key] = t.clone() if t.data_ptr() in seen else t
+        seen.add(t.data_ptr())
+    report = getattr(model, "_prunebound_export", None)
+    meta_json = {
+        "format": FORMAT,
+        "version": VERSION,
+        "layers": json.dumps(layers),
+        "graph": json.dumps(_graph(model, set(layers))),
+        "report": json.dumps(report.to_dict() if isinstance(report, ExportReport) else None),
+        "digest": _digest(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=meta_json)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and decoded metadata of an export file, checked (format, digest)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"export file {path} does not exist")
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            raw = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: corrupt or truncated export file ({e})") from None
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a prunebound export (format {raw.get('format')!r})")
+    if raw.get("version") != VERSION:
+        raise ValueError(f"{path}: unsupported export version {raw.get('version')!r}")
+    if raw.get("digest") != _digest(tensors):
+        raise ValueError(f"{path}: corrupt export file (tensors do not match their SHA-256)")
+    try:
+        meta = {k: json.loads(raw[k]) for k in ("layers", "graph", "report")}
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt export metadata ({e})") from None
+    return tensors, meta
+
+
+def _tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _placeholder(meta: dict[str, Any]) -> nn.Module:
+    """A dense layer of the right shape on the meta device (its values come from the file)."""
+    shape, bias = meta["shape"], meta["bias"]
+    if meta["type"] == "Linear":
+        return nn.Linear(shape[1], shape[0], bias=bias, device="meta")
+    c = {k: _tuple(v) for k, v in meta["conv"].items()}
+    c_in = shape[1] * c["groups"]
+    return nn.Conv2d(c_in, shape[0], tuple(shape[2:]), **c, bias=bias, device="meta")
+
+
+def _from_graph(graph: list[dict[str, Any]], layers: dict[str, Any]) -> nn.Sequential:
+    seq = nn.Sequential()
+    for node in graph:
+        if node["type"] == "layer":
+            seq.add_module(node["name"], _placeholder(layers[node["name"]]))
+        else:
+            cls, args = GRAPH_TYPES[node["type"]]
+            seq.add_module(node["name"], cls(**{a: _tuple(node[a]) for a in args}))
+    return seq
+
+
+def _install(
+    out: nn.Module, name: str, lm: dict[str, Any], state: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Put layer `name` into `out` as the file describes; `state` keeps what load_state_dict
+    should still load (a dense weight, or the new sparse layer's buffers)."""
+    prefix = f"{name}." if name else ""
+    shape = tuple(lm["shape"])
+    if lm["storage"] == "sparse":
+        parts = [state.pop(prefix + k, None) for k in ("crow_indices", "col_indices", "values")]
+        crow, col, values = parts
+        if crow is None or col is None or values is None:
+            raise ValueError(f"{path}: sparse layer {name!r} lacks values or indices")
+        if col.dtype == torch.int16:
+            col = col.to(torch.int32) & 0xFFFF
+        crow = crow.to(col.dtype)
+        check_csr(crow, col, values, (shape[0], math.prod(shape[1:])), f"{path}: layer {name!r}")
+        if lm["kernel"] == "dense":
+            state[prefix + "weight"] = _dense(crow, col, values, shape)
+            return
+    elif lm["kernel"] == "dense":
+        return
+    else:
+        crow, col, values = to_csr(state.pop(prefix + "weight"))
+    bias = state.pop(prefix + "bias", None)
+    new: nn.Module
+    if lm["type"] == "Linear":
+        new = SparseLinear(crow, col, values, shape, bias, lm["kernel"])
+    else:
+        conv = {k: tuple(lm["conv"][k]) for k in ("stride", "padding", "dilation")}
+        new = SparseConv2d(crow, col, values, shape, bias, lm["kernel"], **conv)
+    parent, _, leaf = name.rpartition(".")
+    setattr(out.get_submodule(parent), leaf, new)
+    state.update({prefix + k: t for k, t in new.state_dict().items()})
+
+
+def load_export(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+    """Load a file written by `save_export` (never unpickles); returns a model in eval mode.
+
+    Args:
+        path: the safetensors file.
+        model: an instance of the original architecture, needed only when the file has no
+            layer graph (not a flat Sequential of `GRAPH_TYPES`); it is copied, not changed.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a corrupt or foreign file, or one that does not fit `model`.
+    """
+    path = Path(path)
+    tensors, meta = _read(path)
+    layers: dict[str, dict[str, Any]] = meta["layers"]
+    try:
+        if model is not None:
+            out = remove(copy.deepcopy(model))
+        elif meta["graph"] is not None:
+            out = _from_graph(meta["graph"], layers)
+        else:
+            raise ValueError(
+                f"{path}: the export has no layer graph (the model was not a flat Sequential of "
+                f"supported layers); pass model=<an instance of the original architecture>"
+            )
+        state = dict(tensors)
+        for name, lm in layers.items():
+            _install(out, name, lm, state, path)
+        out.load_state_dict(state, strict=True, assign=True)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: export does not fit the model ({e})") from None
+    if meta["report"] is not None:
+        attach_report(out, ExportReport.from_dict(meta["report"]))
+    return out.eval()
+
+
+def export_summary(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_size: int = 1,
+    path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Export `model` (format "csr"), and measure the file size and the speed-up it gives.
+
+    For a run report. Writes the export to `path` (a temporary file if None). Returns a dict:
+    `bytes` (export file), `dense_bytes` (safetensors of the dense weights), `size_ratio`,
+    `latency_ms` {"dense", "exported"} at `batch_size` (medians, interleaved), `speedup`,
+    `threads`, `kernels` {layer: kernel}; or {"exported": False, "reason": ...} if the model
+    cannot be exported (not pruned).
+    """
+    try:
+        exported = export(model, "csr", batch_size=batch_size, input_shape=input_shape)
+    except ValueError as e:
+        return {"exported": False, "reason": str(e)}
+    dense = remove(copy.deepcopy(model)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(path) if path is not None else Path(tmp) / "export.safetensors"
+        save_export(exported, target)
+        dense_file = Path(tmp) / "dense.safetensors"
+        safetensors.torch.save_file(
+            {k: t.detach().contiguous() for k, t in dense.state_dict().items()}, dense_file
+        )
+        size, dense_size = target.stat().st_size, dense_file.stat().st_size
+    p = next(dense.parameters())
+    x = torch.randn(
+        (batch_size, *input_shape), generator=torch.Generator().manual_seed(0), dtype=p.dtype
+    )
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        ms = measure_ms({"dense": lambda: dense(x), "exported": lambda: exported(x)})
+    report = export_report(exported)
+    return {
+        "exported": True,
+        "bytes": size,
+        "dense_bytes": dense_size,
+        "size_ratio": size / dense_size,
+        "batch_size": batch_size,
+        "latency_ms": ms,
+        "speedup": ms["dense"] / ms["exported"],
+        "threads": report.threads,
+        "kernels": {r.name: r.kernel for r in report.layers},
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,371 @@
+"""Monte Carlo checks of theory plans (docs/theory.md §1 guarantee).
+
+`verify` samples target networks from a plan's law, prunes each as planned and estimates its
+worst gap sup_{||x|| <= R} ||f(x) - F(x)||; `largest_fraction` bisects the largest pruning that
+still meets eps. Work is batched over networks: a chunk of N networks is held as (N, out, in)
+weights (torch.baddbmm) or as one grouped convolution (groups=N), never a loop over networks.
+
+The worst-gap estimate (random points on the sphere, then projected gradient ascent on the ball
+from the best of them) is a LOWER bound on the true sup: violation counts are lower bounds too.
+The optional deterministic certificates (`theory.certify`) bound each network's gap from above.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from prunebound._batched import (
+    Batch,
+    SearchConfig,
+    check_chain,
+    chunk_generator,
+    default_chunk,
+    laws,
+    prune_batch,
+    sample_batch,
+    sphere,
+    worst_gap,
+)
+from prunebound.masks import set_mask
+from prunebound.theory.certify import certify
+from prunebound.theory.datacert import clopper_pearson_upper
+from prunebound.theory.types import Plan
+
+Progress = Callable[[int, int], None]  # (networks done, total)
+
+__all__ = [
+    "LargestFraction",
+    "SearchConfig",
+    "VerifyReport",
+    "largest_fraction",
+    "rate_lower",
+    "verify",
+]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Monte Carlo check of a plan over `trials` sampled networks.
+
+    `violations` counts gaps > eps, with `rate_upper` its Clopper-Pearson upper limit at
+    `confidence`; `passed` is rate_upper <= delta. `gap_quantile` is the empirical (1 - delta)-
+    quantile of the gaps and `tightness` = gap_quantile / eps (1 would be a tight plan).
+    `relative_eps` = eps / output_scale (the plan's r_L). Gaps are LOWER estimates of each
+    network's sup; `certificates` (when computed) are upper bounds, and `certified` counts the
+    networks with certificate <= eps, so true violations <= trials - certified.
+    """
+
+    trials: int
+    eps: float
+    delta: float
+    radius: float
+    method: str
+    sampling: str
+    confidence: float
+    violations: int
+    rate: float
+    rate_upper: float
+    passed: bool
+    gap_quantile: float
+    gap_max: float
+    tightness: float
+    output_scale: float
+    relative_eps: float
+    gaps: tuple[float, ...]
+    certificates: tuple[float, ...] | None
+    certified: int | None
+    search: SearchConfig
+    seed: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LargestFraction:
+    """The empirically largest pruning along the plan's per-layer fractions (`largest_fraction`).
+
+    Layer l prunes min(1, scale * direction_l); `ratio` = empirical / planned per layer (None
+    where the plan prunes nothing) and `total_ratio` the same for total counts. Because gaps are
+    lower estimates, the empirical fractions are optimistic (upper estimates of the truth).
+    """
+
+    layers: tuple[str, ...]
+    planned: tuple[float, ...]
+    empirical: tuple[float, ...]
+    ratio: tuple[float | None, ...]
+    scale: float
+    direction: str
+    planned_total: int
+    empirical_total: int
+    total_ratio: float | None
+    eps: float
+    delta: float
+    trials: int
+    allowed_violations: int
+    evaluations: tuple[tuple[float, int], ...]
+    search: SearchConfig = field(default_factory=SearchConfig)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def _amounts(plan: Plan, fractions: Sequence[float] | None) -> tuple[list[float], bool]:
+    """Per-layer amounts for `prune_batch` and whether they are cutoffs."""
+    if plan.sampling == "bernoulli":
+        fr = fractions if fractions is not None else [lp.fraction for lp in plan.layers]
+        return list(fr), True
+    if fractions is not None:
+        return [round(f * s.numel) for f, s in zip(fractions, plan.specs, strict=True)], False
+    if plan.sampling == "threshold" and plan.method == "magnitude":
+        return [lp.threshold if lp.threshold is not None else 0.0 for lp in plan.layers], True
+    return [float(lp.count) for lp in plan.layers], False
+
+
+def _certificate(batch: Batch, pruned: Sequence[torch.Tensor], i: int, radius: float) -> float:
+    """`theory.certify` of network i, rebuilt as an nn.Sequential with prunebound masks."""
+    mods: list[nn.Module] = []
+    for j, (spec, w, wp, b) in enumerate(
+        zip(batch.specs, batch.weights, pruned, batch.biases, strict=True)
+    ):
+        layer: nn.Linear | nn.Conv1d | nn.Conv2d
+        if spec.kind == "linear":
+            if j and batch.specs[j - 1].kind != "linear":
+                mods.append(nn.Flatten())
+            layer = nn.Linear(spec.shape[1], spec.shape[0], bias=b is not None)
+        else:
+            conv: Any = nn.Conv1d if spec.kind == "conv1d" else nn.Conv2d
+            layer = conv(
+                spec.shape[1], spec.shape[0], spec.shape[2:], spec.stride, spec.padding,
+                spec.dilation, bias=b is not None,
+            )  # fmt: skip
+        layer = layer.double()
+        with torch.no_grad():
+            layer.weight.copy_(w[i])
+            if b is not None and layer.bias is not None:
+                layer.bias.copy_(b[i])
+        set_mask(layer, wp[i] != 0)
+        mods += [layer, nn.ReLU()]
+    model = nn.Sequential(*mods[:-1]).eval()
+    gen = torch.Generator().manual_seed(0)
+    cert = certify(model, radius=radius, input_shape=batch.specs[0].in_shape, generator=gen)
+    return cert.bound
+
+
+def _check_run(plan: object, trials: object, confidence: object) -> Plan:
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a prunebound.theory.Plan, got {type(plan).__name__}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an int >= 1, got {trials!r}")
+    if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
+    if not 0.0 < plan.delta < 1.0 or not plan.eps > 0 or not plan.radius > 0:
+        raise ValueError(
+            f"plan needs eps > 0, delta in (0, 1), radius > 0; got eps={plan.eps}, "
+            f"delta={plan.delta}, radius={plan.radius}"
+        )
+    laws(plan)
+    check_chain(plan.specs)
+    return plan
+
+
+def _gaps(
+    plan: Plan,
+    fractions: Sequence[float] | None,
+    trials: int,
+    seed: int,
+    search: SearchConfig,
+    *,
+    chunk: int | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    stop_above: int | None = None,
+    certificates: bool = False,
+    progress: Progress | None = None,
+) -> tuple[list[float], list[float]]:
+    """Gaps (and certificates) of `trials` networks, chunk by chunk; stops early once more than
+    `stop_above` gaps exceed eps. Chunk c is drawn from generator (seed, c): weights, keys,
+    then search inputs, so the same (seed, chunk) gives the same networks at every pruning."""
+    size = chunk if chunk is not None else default_chunk(plan.specs)
+    amounts, cut = _amounts(plan, fractions)
+    gaps: list[float] = []
+    certs: list[float] = []
+    for c, start in enumerate(range(0, trials, size)):
+        n = min(size, trials - start)
+        gen = chunk_generator(seed, c)
+        batch = sample_batch(plan, n, gen, device=device, dtype=dtype)
+        x0 = sphere(n, search.samples, plan.specs[0].in_shape, plan.radius, gen)
+        pruned = prune_batch(batch, amounts, cutoff=cut)
+        g = worst_gap(batch, pruned, plan.radius, x0.to(device, dtype), search)
+        gaps += g.double().cpu().tolist()
+        if certificates:
+            certs += [_certificate(batch, pruned, i, plan.radius) for i in range(n)]
+        if progress is not None:
+            progress(len(gaps), trials)
+        if stop_above is not None and sum(v > plan.eps for v in gaps) > stop_above:
+            break
+    return gaps, certs
+
+
+def verify(
+    plan: Plan,
+    *,
+    trials: int = 200,
+    seed: int = 0,
+    search: SearchConfig | None = None,
+    confidence: float = 0.95,
+    certificates: bool = False,
+    chunk: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Check a plan by Monte Carlo: sample `trials` targets from its law (weights and biases),
+    prune each as planned, estimate each worst gap and count those above eps.
+
+    Pruning as `prune(model, plan=plan)` does: magnitude, the `count` smallest |w| per layer;
+    random, a uniform `count`-subset (or each weight w.p. `fraction` if plan.sampling is
+    "bernoulli"). Networks are rebuilt as Linear/Conv chains with ReLU between (as
+    `models.mlp`). The gaps are LOWER bounds on each sup; `certificates=True` adds the
+    deterministic upper bound of `theory.certify` per network (a loop: slower).
+
+    Args:
+        plan: a `theory.plan(...)` result with law "uniform" or "gaussian".
+        trials: networks to sample, >= 1. seed: reproducibility (with `chunk`).
+        search: worst-gap search effort (`SearchConfig()` by default).
+        confidence: of the Clopper-Pearson upper limit on the violation rate.
+        chunk: networks per batch (default: ~16 MB of weights); device, dtype: where to compute.
+        progress: called with (networks done, trials) after each chunk.
+
+    Raises:
+        ValueError: trials < 1, confidence not in (0, 1), a plan without a law to sample, or
+            layers that are not a plain chain. TypeError: `plan` is not a Plan.
+
+    Example:
+        >>> import prunebound as pb
+        >>> p = pb.theory.plan([8, 16, 4], eps=0.5, delta=0.1)
+        >>> rep = pb.verify(p, trials=20, search=pb.SearchConfig(samples=16, restarts=2, steps=5))
+        >>> rep.violations, rep.gap_max <= p.eps
+        (0, True)
+    """
+    plan = _check_run(plan, trials, confidence)
+    search = search if search is not None else SearchConfig()
+    t0 = time.perf_counter()
+    gaps, certs = _gaps(
+        plan, None, trials, seed, search, chunk=chunk, device=device, dtype=dtype,
+        certificates=certificates, progress=progress,
+    )  # fmt: skip
+    k = sum(g > plan.eps for g in gaps)
+    q = float(np.quantile(gaps, 1.0 - plan.delta))
+    return VerifyReport(
+        trials=trials,
+        eps=plan.eps,
+        delta=plan.delta,
+        radius=plan.radius,
+        method=plan.method,
+        sampling=plan.sampling,
+        confidence=confidence,
+        violations=k,
+        rate=k / trials,
+        rate_upper=clopper_pearson_upper(k, trials, 1.0 - confidence),
+        passed=clopper_pearson_upper(k, trials, 1.0 - confidence) <= plan.delta,
+        gap_quantile=q,
+        gap_max=max(gaps),
+        tightness=q / plan.eps,
+        output_scale=plan.output_scale,
+        relative_eps=plan.eps / plan.output_scale if plan.output_scale > 0 else math.inf,
+        gaps=tuple(gaps),
+        certificates=tuple(certs) if certificates else None,
+        certified=sum(c <= plan.eps for c in certs) if certificates else None,
+        search=search,
+        seed=seed,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def rate_lower(violations: int, trials: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower limit of a violation rate (0 when violations = 0)."""
+    if violations == 0:
+        return 0.0
+    return float(stats.beta.ppf(1.0 - confidence, violations, trials - violations + 1))
+
+
+def largest_fraction(
+    plan: Plan,
+    *,
+    trials: int = 100,
+    seed: int = 0,
+    search: SearchConfig | None = None,
+    iters: int = 8,
+    chunk: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LargestFraction:
+    """The empirically largest pruning along the plan's per-layer fractions that still meets eps.
+
+    Layer l prunes min(1, s * planned_l); s is bisected (`iters` steps after checking the scale
+    where the largest layer reaches 1) for the largest s whose Monte Carlo violation count
+    (gap > eps over `trials` networks, same networks at every s) is <= floor(delta * trials),
+    i.e. the empirical (1 - delta)-quantile of the gap is <= eps. If the plan prunes nothing
+    at all, the direction is uniform (every layer the same fraction s) instead; a layer the
+    plan leaves unpruned stays unpruned otherwise.
+    """
+    plan = _check_run(plan, trials, 0.95)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
+    search = search if search is not None else SearchConfig()
+    t0 = time.perf_counter()
+    planned = [lp.fraction for lp in plan.layers]
+    base, direction = (planned, "plan") if max(planned) > 0 else ([1.0] * len(planned), "uniform")
+    allowed = math.floor(plan.delta * trials)
+    evals: list[tuple[float, int]] = []
+
+    def ok(s: float) -> bool:
+        fr = [min(1.0, s * f) for f in base]
+        gaps, _ = _gaps(plan, fr, trials, seed, search, chunk=chunk, device=device,
+                        dtype=dtype, stop_above=allowed)  # fmt: skip
+        evals.append((s, sum(g > plan.eps for g in gaps)))
+        return evals[-1][1] <= allowed
+
+    lo, hi = 0.0, 1.0 / max(base)
+    if ok(hi):
+        lo = hi
+    else:
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    emp = [min(1.0, lo * f) for f in base]
+    numel = [s.numel for s in plan.specs]
+    p_tot = sum(lp.count for lp in plan.layers)
+    e_tot = sum(round(f * n) for f, n in zip(emp, numel, strict=True))
+    return LargestFraction(
+        layers=tuple(lp.name for lp in plan.layers),
+        planned=tuple(planned),
+        empirical=tuple(emp),
+        ratio=tuple(e / p if p > 0 else None for e, p in zip(emp, planned, strict=True)),
+        scale=lo,
+        direction=direction,
+        planned_total=p_tot,
+        empirical_total=e_tot,
+        total_ratio=e_tot / p_tot if p_tot > 0 else None,
+        eps=plan.eps,
+        delta=plan.delta,
+        trials=trials,
+        allowed_violations=allowed,
+        evaluations=tuple(evals),
+        search=search,
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,93 @@
+"""CLI commands of the theory: plan, certify, verify (via main([...]))."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunebound as pb
+from prunebound.cli import main
+from prunebound.theory import plan
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_plan_table_and_json_match_the_library(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--widths", "64,32,10", "--eps", "0.3", "--delta", "0.05"]
+    assert main([*args, "--method", "magnitude"]) == 0
+    table = capsys.readouterr().out
+    expected = plan([64, 32, 10], 0.3, 0.05, method="magnitude")
+    assert "eps share" in table and f"pruned {expected.total_pruned} weights" in table
+    assert main([*args, "--method", "random", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ref = plan([64, 32, 10], 0.3, 0.05, method="random")
+    assert got["counts"] == ref.counts and got["method"] == "random"
+    assert got["relative_eps"] == pytest.approx(0.3 / ref.output_scale)
+
+
+def test_plan_relative_eps_and_conv(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--widths", "64,32,10", "--rel-eps", "0.1", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["relative_eps"] == pytest.approx(0.1)
+    conv = ["plan", "--conv", "2,4,4", "--in-size", "9,9", "--stride", "2", "--padding", "1"]
+    assert main([*conv, "--rel-eps", "0.3", "--method", "random", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [s["stride"] for s in got["specs"]] == [[2, 2], [2, 2]]
+    assert main(["plan", "--conv", "2,4", "--eps", "1"]) == 1  # no --in-size
+    assert "--in-size" in capsys.readouterr().err
+
+
+def test_plan_bad_input_exits_nonzero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--widths", "64,32,10", "--eps", "0.3", "--delta", "1.5"]) == 1
+    assert "delta must be in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--widths", "64,x", "--eps", "0.3"])
+    with pytest.raises(SystemExit):
+        main(["plan", "--widths", "64,10"])  # eps missing
+
+
+def test_certify_a_pruned_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = pb.models.build_model("lenet_300_100", in_features=64, seed=0)
+    pb.prune(model, "magnitude", 0.5)
+    path = tmp_path / "lenet.safetensors"
+    pb.save(model, path)
+    common = ["certify", str(path), "--model-arg", "in_features=64"]
+    assert main([*common, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ref = pb.theory.certify(model.eval(), radius=1.0)
+    assert got["bound"] == pytest.approx(ref.bound, rel=1e-6)
+    assert [t["pruned"] for t in got["layers"]] == [r.zeros for r in pb.sparsity(model).layers]
+    x = torch.randn(256, 64)
+    x = x / x.norm(dim=1, keepdim=True)
+    dense = pb.reset(pb.models.build_model("lenet_300_100", in_features=64, seed=0))
+    with torch.no_grad():
+        gap = (model(x) - dense(x)).norm(dim=1).max()
+    assert 0 < gap <= got["bound"]
+    assert main([*common, "--radius", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "||Delta||" in out and "sup_{||x||<=2}" in out
+
+
+def test_verify_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "v"
+    args = ["verify", "--widths", "64,32,10", "--rel-eps", "0.1", "--trials", "50"]
+    search = ["--samples", "16", "--restarts", "2", "--steps", "8", "--quiet"]
+    assert main([*args, *search, "--out", str(out), "--largest", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "0/50 violations" in text and "tightness" in text
+    d = json.loads((out / "verify.json").read_text())
+    assert d["verify"]["trials"] == 50 and len(d["verify"]["gaps"]) == 50
+    ref = plan([64, 32, 10], 0.1 * d["plan"]["output_scale"], 0.05)
+    assert d["verify"]["violations"] == 0 and d["plan"]["counts"] == ref.counts
+    assert d["largest_fraction"]["trials"] == 10
+    assert (out / "gaps.png").stat().st_size > 1000

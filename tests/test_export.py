@@ -1,0 +1,380 @@
+"""Sparse export: exact outputs, per-layer choices, files (size, round trip, corruption), CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import make_cnn, make_mlp
+from torch import nn
+
+import prunebound as pb
+from prunebound.checkpoint import _digest
+from prunebound.cli import main
+from prunebound.export import measure_ms, sparse_path
+from prunebound.export_io import export_summary
+from prunebound.sparse import KERNELS, check_csr, to_csr
+
+SPARSE_KERNELS = sorted(KERNELS)
+
+
+def pruned_mlp(amount: float = 0.9, widths: tuple[int, ...] = (40, 32, 24, 5)) -> nn.Sequential:
+    model = make_mlp(seed=1, widths=widths)
+    pb.prune(model, "magnitude", amount)
+    return model
+
+
+def pruned_cnn(amount: float = 0.8) -> nn.Sequential:
+    model = make_cnn(seed=2)
+    pb.prune(model, "magnitude", amount)
+    return model
+
+
+def dense_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def file_bytes(model: nn.Module, path: Path) -> int:
+    tensors = {k: t.detach().contiguous() for k, t in model.state_dict().items()}
+    safetensors.torch.save_file(tensors, path)
+    return path.stat().st_size
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", SPARSE_KERNELS)
+def test_sparse_linear_matches_dense(kernel: str) -> None:
+    model = pruned_mlp()
+    exported = pb.export(model, layers={"*": kernel})
+    assert all(isinstance(exported[i], pb.SparseLinear) for i in (0, 2, 4))
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 40), (7, 40), (3, 5, 40)]:  # batch 1, a batch, and extra leading dims
+        x = torch.randn(shape, generator=g)
+        out = exported(x)
+        assert out.shape == (*shape[:-1], 5)
+        torch.testing.assert_close(out, dense_out(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", SPARSE_KERNELS)
+def test_sparse_conv_matches_dense(kernel: str) -> None:
+    model = make_cnn(seed=2)
+    model.insert(4, nn.Conv2d(6, 6, 3, padding=2, dilation=2))  # padding and dilation too
+    pb.prune(model, "magnitude", 0.8)
+    exported = pb.export(model, layers={"*": kernel}, input_shape=(1, 8, 8))
+    assert [type(m).__name__ for m in exported][:5:2] == ["SparseConv2d"] * 3
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(exported(x), dense_out(model, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exported(x[:1]), dense_out(model, x[:1]), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_and_no_bias() -> None:
+    model = nn.Sequential(nn.Linear(30, 20, bias=False), nn.ReLU(), nn.Linear(20, 4)).double()
+    pb.prune(model, "magnitude", 0.8)
+    exported = pb.export(model, layers={"*": "scipy_csr"})
+    x = torch.randn(6, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = exported(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, dense_out(model, x), rtol=1e-12, atol=1e-12)
+
+
+def test_indices_are_32_bit_and_only_nonzeros_are_stored() -> None:
+    model = pruned_mlp(0.75)
+    exported = pb.export(model, layers={"*": "torch_csr"})
+    layer = exported[0]
+    assert layer.crow_indices.dtype == layer.col_indices.dtype == torch.int32
+    assert layer.nnz == int(pb.masks(model)["0"].sum()) == 40 * 32 // 4
+
+
+def test_input_model_is_not_changed() -> None:
+    model = pruned_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    pb.export(model, layers={"*": "scipy_csc"})
+    assert pb.is_pruned(model) and model.training
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_copies_and_state_loading_rebuild_the_kernel_operand() -> None:
+    model = pruned_mlp()
+    exported = pb.export(model, layers={"*": "scipy_csc"})
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    clone = copy.deepcopy(exported)
+    with torch.no_grad():
+        clone[0].values.mul_(2.0)  # shared in memory with the csr kernels, copied for csc
+        clone[0].load_state_dict(clone[0].state_dict())
+    torch.testing.assert_close(exported(x), dense_out(model, x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(clone(x), exported(x))
+
+
+# --- per-layer choice -------------------------------------------------------------------------
+
+
+def test_layer_at_30_percent_stays_dense_and_says_why() -> None:
+    model = pruned_mlp(0.3)
+    exported = pb.export(model)
+    assert not any(isinstance(m, pb.SparseLinear) for m in exported.modules())
+    for row in pb.export_report(exported).layers:
+        assert row.kernel == "dense"
+        assert "min_sparsity" in row.reason and not row.timings_ms
+        assert row.sparsity == pytest.approx(0.3, abs=0.02)
+
+
+def test_automatic_choice_follows_the_measurement() -> None:
+    model = pruned_mlp(0.95, widths=(256, 256, 10))
+    report = pb.export_report(pb.export(model, batch_size=4))
+    for row in report.layers:
+        assert set(row.timings_ms) == {"dense", *KERNELS}
+        best = min(KERNELS, key=lambda k: row.timings_ms[k])
+        sparse_wins = row.timings_ms[best] * 1.05 < row.timings_ms["dense"]
+        assert row.kernel == (best if sparse_wins else "dense")
+        assert row.speedup == pytest.approx(row.timings_ms["dense"] / row.timings_ms[row.kernel])
+    assert report.batch_size == 4 and report.threads == torch.get_num_threads()
+
+
+def test_overrides_by_name_and_glob() -> None:
+    model = pruned_mlp()
+    exported = pb.export(model, layers={"*": "dense", "2": "scipy_csr", "4": "sparse"})
+    kinds = {r.name: r.kernel for r in pb.export_report(exported).layers}
+    assert kinds["0"] == "dense" and kinds["2"] == "scipy_csr" and kinds["4"] in KERNELS
+    assert type(exported[0]) is nn.Linear and isinstance(exported[2], pb.SparseLinear)
+    assert pb.export_report(exported).sparse_layers == ("2", "4")
+
+
+def test_conv_without_input_shape_stays_dense() -> None:
+    model = pruned_cnn()
+    report = pb.export_report(pb.export(model, layers={"5": "dense"}))
+    conv = [r for r in report.layers if r.type == "Conv2d"]
+    assert conv and all(r.kernel == "dense" and "input_shape" in r.reason for r in conv)
+
+
+def test_layers_without_sparse_path_are_reported_or_refused() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Conv2d(4, 4, 1, groups=2), nn.Flatten())
+    pb.prune(model, "magnitude", 0.9)
+    assert "Conv1d" in str(sparse_path(model[0])) and "groups" in str(sparse_path(model[1]))
+    report = pb.export_report(pb.export(model))
+    assert [r.kernel for r in report.layers] == ["dense", "dense"]
+    assert "Conv1d" in report.layers[0].reason
+    with pytest.raises(ValueError, match=r"'0' cannot be exported sparse.*Conv1d"):
+        pb.export(model, layers={"0": "sparse"})
+    with pytest.raises(ValueError, match="groups=2"):
+        pb.export(model, layers={"1": "scipy_csr"})
+
+
+def test_format_dense_bakes_masks_and_accepts_unpruned_models() -> None:
+    model = make_mlp()
+    exported = pb.export(model, "dense")
+    assert not pb.is_pruned(exported)
+    assert all(r.kernel == "dense" for r in pb.export_report(exported).layers)
+    x = torch.randn(2, 12, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(exported(x), dense_out(model, x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"format": "coo"}, "format must be one of"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1"),
+        ({"input_shape": (12, 0)}, "input_shape must be"),
+        ({"min_sparsity": 1.5}, r"min_sparsity must be in \[0, 1\]"),
+        ({"candidates": ("mkl",)}, "candidates must be a non-empty subset"),
+        ({"candidates": ()}, "candidates must be a non-empty subset"),
+        ({"layers": {"nope": "dense"}}, "'nope' matches no Linear/Conv layer"),
+        ({"layers": {"0": "fast"}}, r"layers\['0'\] must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, object], match: str) -> None:
+    model = pruned_mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        pb.export(model, **kwargs)  # type: ignore[arg-type]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unpruned_model_and_model_without_layers_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"not pruned.*format='dense'"):
+        pb.export(make_mlp())
+    with pytest.raises(ValueError, match="no Linear/Conv layer"):
+        pb.export(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="no export report"):
+        pb.export_report(make_mlp())
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def test_round_trip_without_the_model_class(tmp_path: Path) -> None:
+    model = pruned_mlp()
+    model.insert(0, nn.Flatten())
+    exported = pb.export(model, layers={"1": "scipy_csc", "3": "torch_csr", "5": "dense"})
+    path = pb.save_export(exported, tmp_path / "m.safetensors")
+    loaded = pb.load_export(path)
+    assert [type(m) for m in loaded] == [type(m) for m in exported]
+    assert loaded[1].kernel == "scipy_csc" and loaded[3].kernel == "torch_csr"
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(x), exported(x), rtol=0, atol=0)
+    assert pb.export_report(loaded) == pb.export_report(exported)
+    with safetensors.safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert {"5.values", "5.col_indices", "5.crow_indices", "5.bias"} <= keys  # pruned dense layer
+    assert not any(k.endswith("weight") for k in keys)
+
+
+def test_file_at_95_percent_is_at_most_a_tenth_of_dense(tmp_path: Path) -> None:
+    model = pb.models.build_model("lenet_300_100", seed=0)
+    pb.prune(model, "magnitude", 0.95)
+    exported = pb.export(model, layers={"*": "scipy_csr"})
+    size = pb.save_export(exported, tmp_path / "e.safetensors").stat().st_size
+    dense = file_bytes(pb.remove(copy.deepcopy(model)), tmp_path / "d.safetensors")
+    assert size <= 0.10 * dense, f"export {size} bytes vs dense {dense}"
+    # unpruned layers stored dense: a plain dense export is no smaller than the dense file
+    plain = pb.save_export(pb.export(make_mlp(), "dense"), tmp_path / "p.safetensors")
+    assert plain.stat().st_size >= file_bytes(make_mlp(), tmp_path / "q.safetensors")
+
+
+def test_wide_layers_keep_16_bit_indices_exact(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(40000, 2))  # column indices above 2**15
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[:, 39990:] = 1.0
+    exported = pb.export(model, layers={"0": "scipy_csr"})
+    loaded = pb.load_export(pb.save_export(exported, tmp_path / "w.safetensors"))
+    assert torch.equal(loaded[0].col_indices, exported[0].col_indices)
+    assert int(loaded[0].col_indices.max()) == 39999
+
+
+def test_models_without_graph_need_their_class(tmp_path: Path) -> None:
+    model = pb.models.build_model("resnet_small", seed=0, widths=(4, 8))
+    pb.prune(model, "magnitude", 0.9)
+    exported = pb.export(model, layers={"*": "dense", "*conv2": "scipy_csr"}, input_shape=(1, 8, 8))
+    path = pb.save_export(exported, tmp_path / "r.safetensors")
+    with pytest.raises(ValueError, match=r"no layer graph.*model="):
+        pb.load_export(path)
+    template = pb.models.build_model("resnet_small", seed=5, widths=(4, 8))
+    loaded = pb.load_export(path, model=template)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(x), exported(x), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, pb.SparseLinear | pb.SparseConv2d) for m in template.modules())
+    with pytest.raises(ValueError, match="does not fit the model"):
+        pb.load_export(path, model=pb.models.build_model("resnet_small", widths=(4, 16)))
+
+
+def test_corrupt_foreign_and_missing_files(tmp_path: Path) -> None:
+    path = pb.save_export(pb.export(pruned_mlp(), layers={"*": "scipy_csr"}), tmp_path / "m.st")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "flip.st").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt export file"):
+        pb.load_export(tmp_path / "flip.st")
+    (tmp_path / "cut.st").write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        pb.load_export(tmp_path / "cut.st")
+    pb.save(pruned_mlp(), tmp_path / "ckpt.st")
+    with pytest.raises(ValueError, match="not a prunebound export"):
+        pb.load_export(tmp_path / "ckpt.st")
+    with pytest.raises(FileNotFoundError):
+        pb.load_export(tmp_path / "missing.st")
+    with pytest.raises(ValueError, match="still has masks"):
+        pb.save_export(pruned_mlp(), tmp_path / "masked.st")
+
+
+def test_out_of_range_indices_are_refused_even_with_a_valid_digest(tmp_path: Path) -> None:
+    path = pb.save_export(pb.export(pruned_mlp(), layers={"*": "scipy_csr"}), tmp_path / "m.st")
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["0.col_indices"][3] = 40  # the layer has 40 columns
+    meta["digest"] = _digest(tensors)
+    safetensors.torch.save_file(tensors, tmp_path / "bad.st", metadata=meta)
+    with pytest.raises(ValueError, match=r"column indices outside \[0, 40\)"):
+        pb.load_export(tmp_path / "bad.st")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda c, i, v: (c.long(), i, v), "index dtypes"),
+        (lambda c, i, v: (c, i, v.int()), "not floating point"),
+        (lambda c, i, v: (c[:-1], i, v), "row pointers for"),
+        (lambda c, i, v: (c.flip(0), i, v), "non-decreasing"),
+        (lambda c, i, v: (c, i - 1, v), "outside"),
+    ],
+)
+def test_check_csr(change: Any, match: str) -> None:
+    w = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
+    crow, col, values = to_csr(w)
+    check_csr(crow, col, values, (2, 3), "ok")
+    with pytest.raises(ValueError, match=match):
+        check_csr(*change(crow, col, values), (2, 3), "w")
+
+
+# --- summary, timing, CLI -----------------------------------------------------------------------
+
+
+def test_export_summary(tmp_path: Path) -> None:
+    model = pruned_mlp(0.95)
+    s = export_summary(model, (40,), path=tmp_path / "s.st")
+    assert s["exported"] and (tmp_path / "s.st").stat().st_size == s["bytes"]
+    assert s["bytes"] < s["dense_bytes"] and s["size_ratio"] == s["bytes"] / s["dense_bytes"]
+    assert s["speedup"] == pytest.approx(s["latency_ms"]["dense"] / s["latency_ms"]["exported"])
+    assert set(s["kernels"]) == {"0", "2", "4"}
+    unpruned = export_summary(make_mlp(), (12,))
+    assert unpruned["exported"] is False and "not pruned" in unpruned["reason"]
+
+
+def test_measure_ms_interleaves_and_reduces() -> None:
+    calls: list[str] = []
+    ms = measure_ms(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        min_repeats=3,
+        max_repeats=3,
+    )
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # two warm-up calls each, then rounds
+    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+
+
+def test_cli_export_from_a_results_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = pb.models.build_model("lenet_300_100", seed=0, in_features=64)
+    pb.prune(model, "magnitude", 0.9)
+    pb.save(model, tmp_path / "model.safetensors")
+    config = {"model": {"name": "lenet_300_100", "args": {"in_features": 64}}}
+    (tmp_path / "results.json").write_text(json.dumps({"config": config}))
+    argv = [
+        "export",
+        str(tmp_path / "model.safetensors"),
+        "--format",
+        "csr",
+        "--layer",
+        "*=scipy_csr",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "scipy_csr" in out and "model.export.safetensors" in out
+    loaded = pb.load_export(tmp_path / "model.export.safetensors")
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(x), dense_out(model, x), rtol=1e-5, atol=1e-5)
+    # without results.json the architecture must be named, as for `prunebound prune`
+    (tmp_path / "results.json").unlink()
+    assert main(["export", str(tmp_path / "model.safetensors")]) == 1
+    assert "--model is required" in capsys.readouterr().err
+    pb.save(pb.models.build_model("mlp", widths=[12, 16, 8, 3]), tmp_path / "dense.safetensors")
+    argv = [
+        "export",
+        str(tmp_path / "dense.safetensors"),
+        "--model",
+        "mlp",
+        "--model-arg",
+        "widths=[12,16,8,3]",
+    ]
+    assert main(argv) == 1
+    assert "not pruned" in capsys.readouterr().err
