@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--dense-epochs", type=int, default=10)
-    ap.add_argument("--retrain-epochs", type=int, default=3, help="per pruning step")
+    ap.add_argument("--retrain-epochs", type=int, default=5, help="per pruning step")
     ap.add_argument("--last-layer-scale", type=float, default=0.2)
     ap.add_argument(
         "--retrain-lr-scale", type=float, default=2.0, help="retraining peak LR / dense LR"

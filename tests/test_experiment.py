@@ -65,6 +65,9 @@ def test_toml_run_writes_results_dir(tmp_path: Path) -> None:
     assert d["rounds"][1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert d["rounds"][1]["layers"].keys() == {"1", "3", "5"}
     assert d["rounds"][0]["dense_flops"] == 2 * (64 * 300 + 300 * 100 + 100 * 10)
+    # the pruned model's deployable form: a CSR export, its size and measured speed
+    assert (out / "model.export.safetensors").stat().st_size == d["export"]["bytes"]
+    assert d["export"]["size_ratio"] < 1 and d["export"]["speedup"] > 0
     with (out / "rounds.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and float(rows[1]["accuracy"]) == res.rounds[1].accuracy

@@ -335,3 +335,10 @@ def test_trained_tightened_plan_prunes_more_and_is_certified() -> None:
     assert 0 < gap <= cert.bound
     with pytest.raises(ValueError, match="tighten=True needs law='trained'"):
         plan(model, 0.3, 0.1, law="uniform", tighten=True)
+
+
+def test_gaussian_magnitude_plan_is_finite_without_warnings() -> None:
+    # regression: counts near n made the Gaussian threshold bound infinite (numpy warnings)
+    p = plan([50, 40, 30], 0.5, 0.1, law="gaussian")
+    assert p.total_pruned > 0
+    assert all(lp.threshold is None or math.isfinite(lp.threshold) for lp in p.layers)

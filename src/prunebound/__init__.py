@@ -8,6 +8,8 @@ The whole user API, by name::
     save, load, snapshot, rewind                    # checkpoints (checkpoint.py)
     import_torch_prune, export_torch_prune
     data, models                                    # data sets and model builders (modules)
+    train, evaluate, TrainConfig                    # training loops (pipeline.py)
+    Schedule, run_schedule, Experiment, run         # schedules, whole runs (schedule, experiment)
     verify, VerifyReport, SearchConfig              # Monte Carlo checks of plans (verify.py)
     largest_fraction, LargestFraction
     export, export_report, save_export, load_export # sparse inference (export.py, export_io.py)
@@ -25,6 +27,7 @@ from prunebound.checkpoint import (
     save,
     snapshot,
 )
+from prunebound.experiment import DataSpec, Experiment, ModelSpec, RunResult, run
 from prunebound.export import ExportReport, LayerExport, export, export_report
 from prunebound.export_io import load_export, save_export
 from prunebound.masks import (
@@ -40,7 +43,9 @@ from prunebound.masks import (
     sparsity,
 )
 from prunebound.methods import METHODS, Method, register_method
+from prunebound.pipeline import TrainConfig, evaluate, train
 from prunebound.pruning import prune
+from prunebound.schedule import Schedule, run_schedule
 from prunebound.sparse import SparseConv2d, SparseLinear
 from prunebound.verify import (
     LargestFraction,
@@ -57,19 +62,26 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "METHODS",
+    "DataSpec",
+    "Experiment",
     "ExportReport",
     "LargestFraction",
     "LayerExport",
     "LayerSparsity",
     "Mask",
     "Method",
+    "ModelSpec",
+    "RunResult",
+    "Schedule",
     "SearchConfig",
     "SparseConv2d",
     "SparseLinear",
     "SparsityReport",
+    "TrainConfig",
     "VerifyReport",
     "__version__",
     "data",
+    "evaluate",
     "export",
     "export_report",
     "export_torch_prune",
@@ -87,10 +99,13 @@ __all__ = [
     "remove",
     "reset",
     "rewind",
+    "run",
+    "run_schedule",
     "save",
     "save_export",
     "snapshot",
     "sparsity",
     "theory",
+    "train",
     "verify",
 ]

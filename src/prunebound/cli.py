@@ -257,6 +257,12 @@ def run_run(args: argparse.Namespace) -> int:
             f"distributed: {dd['world_size']} ranks ({dd['backend']}), largest difference "
             f"between the ranks' final models {dd['max_rank_divergence']:.3g}"
         )
+    ex = d.get("export", {})
+    if ex.get("bytes"):
+        print(
+            f"export (csr): {ex['bytes'] / 1024:.0f} KiB on disk ({100 * ex['size_ratio']:.1f}% of "
+            f"dense), {ex['speedup']:.2f}x faster at batch 1 than dense (measured)"
+        )
     print(f"results: {exp.out_dir} (config hash {exp.hash()})")
     return 0
 

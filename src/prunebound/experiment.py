@@ -18,7 +18,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,6 +191,7 @@ class RunResult:
     seconds: float
     final_sparsity: Mapping[str, Any] = field(default_factory=dict)
     distributed: Mapping[str, Any] = field(default_factory=dict)
+    export: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The content of results.json (`distributed` only for a multi-process run)."""
@@ -204,6 +205,8 @@ class RunResult:
         }
         if self.distributed:
             d["distributed"] = dict(self.distributed)
+        if self.export:
+            d["export"] = dict(self.export)
         return d
 
 
@@ -310,6 +313,11 @@ def run(
     result = RunResult(exp, tuple(rounds), out, before + time.perf_counter() - t0, final, info)
     if not main:
         return result
+    if any(r.sparsity > 0 for r in rounds):  # what the pruned model is worth where it runs
+        from prunebound.export_io import export_summary
+
+        summary = export_summary(model, data.input_shape, path=out / "model.export.safetensors")
+        result = replace(result, export=summary)
     write_results(result, model)
     if write_plots:
         from prunebound import report

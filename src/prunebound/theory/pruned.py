@@ -51,6 +51,8 @@ def magnitude_delta_bound(
         return 0.0, 0.0
     p_hi = order_stat_upper(n, m, delta / 2.0)
     t_max = magnitude_quantile(p_hi, law.name, law.scale)
+    if not math.isfinite(t_max):  # unbounded law, p_hi = 1: no finite threshold bound
+        return math.inf, math.inf
     q = bernoulli_cover(n - 1, m, ETA)
     mix = uniform_mixture(q, t_max)
     nb = iid_norm_bound(d1, d2, mix, delta / 2.0, dense=1.0 - ETA, orthant=orthant)
