@@ -24,9 +24,20 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src
 
+# Each benchmark prints JSON to stdout; `make bench` collects them in runs/bench/ (~40 min, 2 cores).
+BENCH := runs/bench
 bench: $(STAMP)
-	$(BIN)/python benchmarks/global_prune.py
-	$(BIN)/python benchmarks/lenet_fashion.py
+	mkdir -p $(BENCH)
+	$(BIN)/python benchmarks/lenet_fashion.py > $(BENCH)/lenet_fashion.json
+	$(BIN)/python benchmarks/global_prune.py > $(BENCH)/global_prune.json
+	$(BIN)/python benchmarks/certify_speed.py > $(BENCH)/certify_speed.json
+	$(BIN)/python benchmarks/hf_prune.py > $(BENCH)/hf_prune.json
+	$(BIN)/python benchmarks/verify_speed.py > $(BENCH)/verify_speed.json
+	$(BIN)/python benchmarks/sparse_inference.py > $(BENCH)/sparse_inference.json
+	$(BIN)/python benchmarks/validity.py --out $(BENCH)/validity > $(BENCH)/validity.json
+	$(BIN)/python benchmarks/trained_certify.py --fashion --out $(BENCH)/trained_certify > $(BENCH)/trained_certify.json
+	$(BIN)/python benchmarks/plan_tightness.py --nets 30 --exact-nets 1 > $(BENCH)/plan_tightness.json
+	$(BIN)/python benchmarks/reliability.py --trials 10 > $(BENCH)/reliability.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

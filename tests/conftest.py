@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -47,3 +48,12 @@ def mlp() -> nn.Sequential:
 @pytest.fixture
 def cnn() -> nn.Sequential:
     return make_cnn()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The test machine is shared: one thread is faster than two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,14 +17,6 @@ from prunebound.pipeline import NonFiniteError, TrainConfig, train
 from prunebound.resume import CHECKPOINT, read_checkpoint
 from prunebound.schedule import Schedule, run_schedule
 from prunebound.theory import certify, plan
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _experiment(out: Path, **schedule: object) -> Experiment:

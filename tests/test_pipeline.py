@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from prunebound.pipeline import TrainConfig, evaluate, train
 from prunebound.schedule import Schedule, prune_round, retrain_config, run_schedule
 
 DENSE = TrainConfig(epochs=20, batch_size=32, lr=2e-3)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The test machine is shared: one thread is faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,6 @@ from prunebound.experiment import DataSpec, Experiment, ModelSpec, RunResult, ru
 from prunebound.pipeline import TrainConfig, make_optimizer
 from prunebound.resume import CHECKPOINT, read_checkpoint
 from prunebound.schedule import Schedule
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Bit-for-bit comparisons need one thread count; one is also fastest on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _experiment(out: Path, **schedule: Any) -> Experiment:

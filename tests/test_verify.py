@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -26,14 +26,6 @@ from prunebound.theory.types import Law, LayerPlan, LayerSpec
 from prunebound.verify import rate_lower
 
 FAST = pb.SearchConfig(samples=32, restarts=4, steps=15)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _module(specs: Sequence[LayerSpec], ws: Sequence[torch.Tensor], bs: Sequence[object], i: int):

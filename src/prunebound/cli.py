@@ -47,6 +47,16 @@ def _kv(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        v = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if any(x < 1 for x in v):
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -313,16 +323,6 @@ def run_prune(args: argparse.Namespace) -> int:
 # --- export ---------------------------------------------------------------------------------
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ints like 1,28,28, got {text!r}") from None
-    if any(v < 1 for v in shape):
-        raise argparse.ArgumentTypeError(f"expected positive ints like 1,28,28, got {text!r}")
-    return shape
-
-
 def add_export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="export a pruned checkpoint for sparse inference")
     p.add_argument("checkpoint", help="safetensors checkpoint written by prunebound")
@@ -335,7 +335,7 @@ def add_export_parser(sub: Any) -> None:
     p.add_argument("--format", choices=["csr", "dense"], default="csr")
     p.add_argument("--batch-size", type=int, default=1, help="batch to measure at (default 1)")
     p.add_argument(
-        "--input-shape", type=_shape, help="one sample's shape, e.g. 1,28,28 (measures convs)"
+        "--input-shape", type=_ints, help="one sample's shape, e.g. 1,28,28 (measures convs)"
     )
     p.add_argument(
         "--layer",
@@ -420,16 +420,6 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 # --- plan / certify / verify (theory) --------------------------------------------------------
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        v = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if any(x < 1 for x in v):
-        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
-    return v
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
