@@ -301,3 +301,14 @@ def test_bad_input_is_refused() -> None:
     lps = tuple(LayerPlan(s.name, 0, 0.0, None, 0.0, 0.0, p.layers[0].law) for s in broken)
     with pytest.raises(ValueError, match="plain Linear/Conv chain"):
         pb.verify(replace(p, specs=broken, layers=lps), trials=5)
+
+
+def test_plan_from_a_non_relu_module_is_refused() -> None:
+    # verify rebuilds ReLU chains; a Tanh network must not be checked as if it were one
+    tanh = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    relu = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    assert pb.theory.plan(relu, 0.5, 0.1).activation == "relu"
+    p = pb.theory.plan(tanh, 0.5, 0.1)
+    assert p.activation == "other"
+    with pytest.raises(ValueError, match="ReLU between layers"):
+        pb.verify(p, trials=2)

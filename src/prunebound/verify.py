@@ -178,6 +178,11 @@ def _check_run(plan: object, trials: object, confidence: object) -> Plan:
             f"delta={plan.delta}, radius={plan.radius}"
         )
     laws(plan)
+    if plan.activation != "relu":
+        raise ValueError(
+            "verify rebuilds networks with ReLU between layers; this plan's target has other "
+            "activations or steps between its layers (use pb.theory.certify on the model instead)"
+        )
     check_chain(plan.specs)
     return plan
 

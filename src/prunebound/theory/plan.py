@@ -249,6 +249,7 @@ def plan(
         sampling="bernoulli" if sampling == "bernoulli" else "count",
         split=split,
         notes=tuple(notes),
+        activation="relu" if tgt.relu_chain else "other",
     )
 
 

@@ -27,6 +27,7 @@ class Target:
     model: nn.Module | None = None
     extra_bias: tuple[float, ...] | None = None
     nonneg_input: tuple[bool, ...] | None = None  # layer l reads a ReLU output (h >= 0)
+    relu_chain: bool = True  # ReLU alone between layers (widths and LayerSpec targets are)
 
 
 def resolve(target: object, input_shape: tuple[int, ...] | None) -> Target:
@@ -57,6 +58,7 @@ def _from_module(model: nn.Module, input_shape: tuple[int, ...] | None) -> Targe
         model=model,
         extra_bias=_extra_bias(net),
         nonneg_input=_nonneg_inputs(net),
+        relu_chain=_relu_chain(net),
     )
 
 
@@ -71,6 +73,25 @@ _KEEPS_NONNEG = (
     nn.Dropout,
     nn.Identity,
 )
+
+
+def _relu_chain(net: Any) -> bool:
+    """Are the layers separated by ReLU (flatten/dropout allowed), with nothing but
+    identity-like steps after the last one? (The networks `prunebound.verify` rebuilds.)"""
+    seen = 0
+    since: list[nn.Module] = []
+    for step in net.steps:
+        if step.spec is not None:
+            if seen and not any(isinstance(m, nn.ReLU) for m in since):
+                return False
+            seen += 1
+            since = []
+            continue
+        m = step.module
+        if not isinstance(m, nn.ReLU | nn.Flatten | nn.Dropout | nn.Identity):
+            return False
+        since.append(m)
+    return not any(isinstance(m, nn.ReLU) for m in since)
 
 
 def _nonneg_inputs(net: Any) -> tuple[bool, ...]:

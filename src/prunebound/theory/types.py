@@ -94,6 +94,9 @@ class Plan:
     sampling: Literal["threshold", "count", "bernoulli"] = "count"
     split: str = "optimized"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # the network between the layers: "relu" (ReLU alone between layers, nothing after the
+    # last: widths targets, LayerSpec lists, such modules) or "other" (verify cannot rebuild it)
+    activation: Literal["relu", "other"] = "relu"
 
     @property
     def counts(self) -> dict[str, int]:
