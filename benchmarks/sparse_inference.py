@@ -96,6 +96,7 @@ def run_case(
             "dense_min_ms": best["dense"],
             "exported_min_ms": best["exported"],
             "speedup_of_min": best["dense"] / best["exported"],
+            "sparse_chosen": bool(report.sparse_layers),
             "flop_limit": limit,
             "fraction_of_limit": speedup / limit,
             "allclose": bool(torch.allclose(ref, out, rtol=1e-4, atol=1e-5)),
@@ -154,8 +155,12 @@ def main() -> None:
     for name, (build, shape) in models.items():
         for s in args.sparsities:
             results += run_case(name, build, shape, s, args.batches, args.budget_s)
+    chosen = [r["speedup"] for r in results if r["sparse_chosen"]]
     out = {
         "benchmark": "sparse_inference",
+        # where the chooser picked a sparse layer, the exported model should not be slower
+        "check_min_speedup_where_sparse": min(chosen, default=None),
+        "check_ok": all(v >= 0.9 for v in chosen),
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
         "loadavg_start": list(load_start),

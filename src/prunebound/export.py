@@ -46,15 +46,19 @@ SPARSE = "sparse"  # override: the fastest sparse kernel, even if dense is faste
 _CHOICES = ("dense", SPARSE, *KERNELS)
 _REPORT_ATTR = "_prunebound_export"
 _MARGIN = 1.05  # a sparse kernel must be >= 5% faster than dense to replace it (timing noise)
+# sparse layers measured less than this much faster in isolation are re-timed inside the model
+# (isolated timings miss cache sharing with the other layers and the input layout they get)
+_CHECK_BELOW = 2.0
 
 
 @dataclass(frozen=True)
 class LayerExport:
     """What one Linear/Conv layer became: `kernel` is "dense" or a key of `sparse.KERNELS`.
 
-    `timings_ms` holds each candidate's measured latency (the minimum over repeats; empty if not
-    measured);
-    `speedup` = dense time / chosen time, when both were measured.
+    `timings_ms` holds each candidate's measured latency (median of interleaved repeats on the
+    isolated layer; empty if not measured);
+    `speedup` = dense time / chosen time, when both were measured (inside the model when the
+    choice was re-checked there, see `reason`).
     """
 
     name: str
@@ -207,7 +211,7 @@ def _input_shapes(
 
     handles = [m.register_forward_pre_hook(partial(hook, name)) for name, m in layers.items()]
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             model(example)
     finally:
         for h in handles:
@@ -225,14 +229,16 @@ def _sparse_module(m: nn.Module, kernel: str) -> SparseLinear | SparseConv2d:
 def _measure(
     m: nn.Module, shape: tuple[int, ...], candidates: Sequence[str], with_dense: bool
 ) -> dict[str, float]:
-    """Latency (ms, minimum of repeats) of the dense layer and each sparse kernel, random input."""
+    """Latency (ms, median of repeats) of the dense layer and each sparse kernel, random input.
+    The median, not the minimum: a kernel that is fast only in its best runs (thread wake-ups
+    on a loaded machine) should not win."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, dtype=effective_weight(m).dtype)
     variants: dict[str, nn.Module] = {"dense": m} if with_dense else {}
     variants.update({k: _sparse_module(m, k) for k in candidates})
     fns: dict[str, Callable[[], object]] = {k: partial(v, x) for k, v in variants.items()}
-    with torch.inference_mode():
-        return measure_ms(fns, statistic="min")
+    with torch.no_grad():
+        return measure_ms(fns)
 
 
 def _decide(
@@ -278,6 +284,84 @@ def _decide(
     )
 
 
+def _check_in_model(
+    out: nn.Module, rows: list[LayerExport], dense: Mapping[str, nn.Module], x: torch.Tensor
+) -> list[LayerExport]:
+    """Re-time each borderline automatic sparse choice inside the exported model: the whole
+    model with the sparse layer against the same model with that layer dense (interleaved
+    medians); keep sparse only if it wins by `_MARGIN` there. In model order, each check sees
+    the choices already made."""
+    checked = []
+    for row in rows:
+        if row.name not in dense or row.speedup is None or row.speedup >= _CHECK_BELOW:
+            checked.append(row)
+            continue
+        parent, _, leaf = row.name.rpartition(".")
+        holder = out.get_submodule(parent)
+        sparse_m = getattr(holder, leaf)
+
+        def run_with(m: nn.Module, holder: nn.Module = holder, leaf: str = leaf) -> object:
+            setattr(holder, leaf, m)
+            return out(x)
+
+        with torch.no_grad():
+            fns = {
+                "sparse": partial(run_with, sparse_m),
+                "dense": partial(run_with, dense[row.name]),
+            }
+            ms = measure_ms(fns, min_repeats=7)
+        keep = ms["sparse"] * _MARGIN < ms["dense"]
+        setattr(holder, leaf, sparse_m if keep else dense[row.name])
+        note = f"; in the model {ms['sparse']:.3g} ms with it vs {ms['dense']:.3g} ms dense: " + (
+            "kept" if keep else "dense"
+        )
+        checked.append(
+            replace(
+                row,
+                kernel=row.kernel if keep else "dense",
+                reason=row.reason + note,
+                speedup=ms["dense"] / ms["sparse"] if keep else 1.0,
+            )
+        )
+    return checked
+
+
+def _check_whole_model(
+    out: nn.Module, rows: list[LayerExport], dense: Mapping[str, nn.Module], x: torch.Tensor
+) -> list[LayerExport]:
+    """Last guard against timing noise (a loaded machine): the exported model against the same
+    model with every automatic sparse choice dense; if it does not win by `_MARGIN`, those
+    layers all go back to dense."""
+    names = [r.name for r in rows if r.name in dense and r.kernel != "dense"]
+    if not names:
+        return rows
+    holders = {n: (out.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names}
+    sparse_ms = {n: getattr(h, leaf) for n, (h, leaf) in holders.items()}
+
+    def install(mods: Mapping[str, nn.Module]) -> None:
+        for n, (h, leaf) in holders.items():
+            setattr(h, leaf, mods[n])
+
+    def run_with(mods: Mapping[str, nn.Module]) -> object:
+        install(mods)
+        return out(x)
+
+    with torch.no_grad():
+        ms = measure_ms(
+            {"sparse": partial(run_with, sparse_ms), "dense": partial(run_with, dense)},
+            min_repeats=7,
+        )
+    keep = ms["sparse"] * _MARGIN < ms["dense"]
+    install(sparse_ms if keep else dense)
+    if keep:
+        return rows
+    note = f"; whole model {ms['sparse']:.3g} ms vs {ms['dense']:.3g} ms all dense: dense"
+    return [
+        replace(r, kernel="dense", reason=r.reason + note, speedup=1.0) if r.name in names else r
+        for r in rows
+    ]
+
+
 def export(
     model: nn.Module,
     format: Format = "csr",
@@ -297,8 +381,12 @@ def export(
         model: a pruned model (masks, or zeros baked in by `pb.remove`), on CPU.
         format: "csr": each pruned Linear, and each Conv2d if `input_shape` is given, becomes
             sparse when the fastest kernel in `candidates` beats the dense layer by >= 5% in a
-            micro-benchmark at `batch_size` with torch's current thread count; "dense": every
-            layer stays dense (the model with masks baked in).
+            micro-benchmark at `batch_size` with torch's current thread count (median of
+            interleaved repeats); with `input_shape`, a layer less than 2x faster there is
+            re-timed inside the model (with vs without it) and kept only if it wins there too,
+            and if the whole model is then not faster than with those layers dense, they all
+            go back to dense;
+            "dense": every layer stays dense (the model with masks baked in).
         layers: per-layer overrides, {name or glob pattern: "dense" | "sparse" | kernel name};
             "sparse" takes the fastest sparse kernel even when dense is faster.
         batch_size: batch to measure at; the exported model accepts any batch.
@@ -331,10 +419,14 @@ def export(
             "or pass format='dense' for a plain dense copy"
         )
     shapes: dict[str, tuple[int, ...]] = {}
+    example = None
     if input_shape is not None:
         p = next(out.parameters())
-        example = torch.zeros((batch_size, *input_shape), dtype=p.dtype, device=p.device)
+        g = torch.Generator(p.device).manual_seed(0)
+        shape = (batch_size, *input_shape)
+        example = torch.randn(shape, generator=g, dtype=p.dtype, device=p.device)
         shapes = _input_shapes(out, targets, example)
+    auto: dict[str, nn.Module] = {}  # dense layers replaced by an automatic (measured) choice
     cache: dict[tuple[Any, ...], LayerExport] = {}
     rows = []
     for name, m in targets.items():
@@ -351,6 +443,12 @@ def export(
         if row.kernel != "dense":
             parent, _, leaf = name.rpartition(".")
             setattr(out.get_submodule(parent), leaf, _sparse_module(m, row.kernel))
-        logger.info("export %s: %s (%s)", name, row.kernel, row.reason)
+            if overrides.get(name) is None:
+                auto[name] = m
+    if example is not None and auto:
+        rows = _check_in_model(out, rows, auto, example)
+        rows = _check_whole_model(out, rows, auto, example)
+    for row in rows:
+        logger.info("export %s: %s (%s)", row.name, row.kernel, row.reason)
     attach_report(out, ExportReport(format, batch_size, torch.get_num_threads(), tuple(rows)))
     return out

@@ -349,7 +349,7 @@ def export_summary(
         (batch_size, *input_shape), generator=torch.Generator().manual_seed(0), dtype=p.dtype
     )
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():
         ms = measure_ms({"dense": lambda: dense(x), "exported": lambda: exported(x)})
     report = export_report(exported)
     return {

@@ -7,7 +7,10 @@
 - `scipy_csr` / `scipy_csc`: `scipy.sparse` row- or column-compressed matmul through zero-copy
   numpy views of the tensors (single-threaded, but little per-call overhead and no thread sync);
 - `scipy_csr_mt` / `scipy_csc_mt`: the same on row blocks of equal nonzero count, one per torch
-  thread, run on a small thread pool (scipy releases the GIL).
+  thread, run on a small thread pool (scipy releases the GIL);
+- `numba_csr` (only where numba is installed): parallel numba CSR kernels with 16-bit column
+  indices (`prunebound._numba_kernels`); its (out, N) output, seen transposed by the next
+  SparseLinear, is already the contiguous (in, N) input that kernel wants.
 
 Which one is fastest depends on the shape, the density, the batch and the machine, so `export`
 measures them per layer. These layers are for inference only: outputs carry no gradient.
@@ -15,6 +18,7 @@ measures them per layer. These layers are for inference only: outputs carry no g
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import warnings
 from collections.abc import Callable
@@ -122,16 +126,69 @@ def _threaded(
     return build
 
 
-KERNELS: dict[str, Kernel] = {
-    k.name: k
-    for k in (
+class _NumbaCSR:
+    """Operand of "numba_csr": numpy views of the CSR arrays (column indices narrowed to uint16
+    where they fit) and row blocks of equal nonzero count, one per torch thread, run on a small
+    thread pool (the compiled kernels release the GIL)."""
+
+    def __init__(
+        self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+    ) -> None:
+        from prunebound import _numba_kernels  # lazily: compiles or loads the cached kernels
+
+        self.kernels = _numba_kernels
+        self.indptr = crow.numpy()
+        cols = col.numpy()
+        narrow = shape[1] <= 2**16
+        self.indices = cols.astype(np.uint16) if narrow else cols.astype(np.int32, copy=False)
+        self.data = values.numpy()
+        self.rows = shape[0]
+        threads = max(1, torch.get_num_threads())
+        targets = np.linspace(0, int(self.indptr[-1]), threads + 1)[1:-1]
+        cuts = [0, *np.searchsorted(self.indptr, targets).tolist(), shape[0]]
+        self.bounds = [(int(a), int(b)) for a, b in itertools.pairwise(cuts) if b > a]
+        self.pool = ThreadPoolExecutor(len(self.bounds) - 1) if len(self.bounds) > 1 else None
+
+    def matmul(self, xt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """W @ xt + bias[:, None], (out, N); xt (in, N)."""
+        x = xt.detach().numpy()
+        b = self.data[:0] if bias is None else bias.numpy()
+        dtype = self.data.dtype
+        y = np.empty((self.rows, x.shape[1]), dtype=dtype)
+        fn: Callable[..., None]
+        if x.shape[1] == 1:  # W @ x, on the (in,) vector and an (out,) view of y
+            fn, x, out = self.kernels.spmv, np.ascontiguousarray(x[:, 0], dtype), y[:, 0]
+        else:  # no copy when xt is the output of another numba layer (transposed by the model)
+            fn, x, out = self.kernels.spmm, np.ascontiguousarray(x, dtype), y
+
+        def work(r0: int, r1: int) -> None:
+            fn(self.indptr, self.indices, self.data, r0, r1, b, x, out)
+
+        futures = [self.pool.submit(work, *rr) for rr in self.bounds[1:]] if self.pool else []
+        work(*self.bounds[0])
+        for f in futures:
+            f.result()
+        return torch.from_numpy(y)
+
+
+def _numba_matmul(op: _NumbaCSR, xt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return op.matmul(xt, bias)
+
+
+def _kernels() -> dict[str, Kernel]:
+    kernels = [
         Kernel("torch_csr", _torch_prepare, _torch_matmul),
         Kernel("scipy_csr", _scipy_csr, _scipy_matmul),
         Kernel("scipy_csc", _scipy_csc, _scipy_matmul),
         Kernel("scipy_csr_mt", _threaded(_scipy_csr), _scipy_matmul),
         Kernel("scipy_csc_mt", _threaded(_scipy_csc), _scipy_matmul),
-    )
-}
+    ]
+    if importlib.util.find_spec("numba") is not None:  # optional: unavailable without numba
+        kernels.append(Kernel("numba_csr", _NumbaCSR, _numba_matmul))
+    return {k.name: k for k in kernels}
+
+
+KERNELS: dict[str, Kernel] = _kernels()
 
 
 def to_csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
