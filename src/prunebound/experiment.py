@@ -313,7 +313,9 @@ def run(
     result = RunResult(exp, tuple(rounds), out, before + time.perf_counter() - t0, final, info)
     if not main:
         return result
-    if any(r.sparsity > 0 for r in rounds):  # what the pruned model is worth where it runs
+    # what the pruned model is worth where it runs (not under torch.distributed: the other ranks
+    # would wait at the group's teardown while rank 0 times kernels)
+    if dist is None and any(r.sparsity > 0 for r in rounds):
         from prunebound.export_io import export_summary
 
         summary = export_summary(model, data.input_shape, path=out / "model.export.safetensors")
