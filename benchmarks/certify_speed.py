@@ -20,22 +20,12 @@ import sys
 import time
 
 import torch
-from torch import nn
+from global_prune import build  # the same model (this script's folder is on sys.path)
 
 import prunebound as pb
 from prunebound.masks import effective_weight, original_weight
 from prunebound.theory.certify import certify
 from prunebound.theory.norms import norm_bound
-
-
-def build(layers: int, width: int) -> nn.Sequential:
-    """The global_prune.py model: bias-free Linear(width, width) layers, weights U[-1, 1]."""
-    g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
-    with torch.no_grad():
-        for m in model:
-            m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 - 1)
-    return model
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import sys
 import time
 
 
-def _build(layers: int, width: int):  # type: ignore[no-untyped-def]
+def build(layers: int, width: int):  # type: ignore[no-untyped-def]
     import torch
     from torch import nn
 
@@ -44,7 +44,7 @@ def child(which: str, layers: int, width: int, amount: float, out: str) -> None:
 
     import prunebound as pb
 
-    model = _build(layers, width)
+    model = build(layers, width)
     base = _rss_mb()
     t0 = time.perf_counter()
     if which == "torch":

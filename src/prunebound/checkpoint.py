@@ -138,17 +138,26 @@ def save(
     return path
 
 
-def _open(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file, checked against its digest."""
+def read_file(
+    path: str | Path, what: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the raw metadata of a safetensors file (no code runs); a missing file is
+    a FileNotFoundError, an unreadable one a ValueError naming `what` it should have been."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         with safetensors.safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: corrupt or truncated checkpoint ({e})") from None
+        raise ValueError(f"{path}: corrupt or truncated {what} ({e})") from None
+    return tensors, meta
+
+
+def _open(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a checkpoint, checked against its digest."""
+    tensors, meta = read_file(path)
     if _DIGEST in meta and meta[_DIGEST] != _digest(tensors):
         raise ValueError(f"{path}: corrupt checkpoint (its tensors do not match their SHA-256)")
     return tensors, meta

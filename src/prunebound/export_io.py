@@ -35,7 +35,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from prunebound.checkpoint import _digest
+from prunebound.checkpoint import _digest, read_file
 from prunebound.export import (
     ExportReport,
     attach_report,
@@ -199,14 +199,7 @@ def save_export(model: nn.Module, path: str | Path) -> Path:
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and decoded metadata of an export file, checked (format, digest)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"export file {path} does not exist")
-    try:
-        with safetensors.safe_open(str(path), "pt") as f:
-            raw = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: corrupt or truncated export file ({e})") from None
+    tensors, raw = read_file(path, "export file")
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path}: not a prunebound export (format {raw.get('format')!r})")
     if raw.get("version") != VERSION:
