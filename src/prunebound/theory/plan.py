@@ -23,6 +23,7 @@ from prunebound.theory.layers import PriorLayer, TrainedLayer
 from prunebound.theory.network import extract
 from prunebound.theory.propagate import Propagation, propagate
 from prunebound.theory.relax import relax_bound
+from prunebound.theory.sampled import sampled_plan
 from prunebound.theory.split import Oracle, solve_budgets, solve_optimized
 from prunebound.theory.targets import Target, resolve
 from prunebound.theory.types import Law, LawName, LayerPlan, LayerSpec, Method, Plan
@@ -33,6 +34,7 @@ METHODS = ("magnitude", "random")
 LAWS = ("uniform", "gaussian", "trained", "data")
 SPLITS = ("optimized", "equal", "params")
 SAMPLINGS = ("count", "bernoulli")
+BOUNDS = ("theorem", "sampled")
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,10 @@ def plan(
     input_shape: tuple[int, ...] | None = None,
     sampling: str = "count",
     tighten: bool = False,
+    bound: str = "theorem",
+    seed: int = 0,
+    n_search: int = 32,
+    n_cert: int | None = None,
 ) -> Plan:
     """Per-layer counts to prune with sup_{||x||<=radius} ||f(x) - F(x)|| <= eps w.p. >= 1-delta.
 
@@ -168,6 +174,10 @@ def plan(
             min(Lemma A, slope decomposition) of the pruned model stays <= eps (docs §7.5);
             the final pruning is certified directly, so the guarantee is unchanged. Costs
             ~26 L certificate evaluations.
+        bound: "theorem" (default: the closed-form bounds above) or "sampled" (law uniform /
+            gaussian: search on `n_search` sampled networks, certify on `n_cert` fresh ones
+            with Clopper-Pearson at confidence 1 - alpha, alpha default 0.05; `seed` fixes
+            the draws; a statistical guarantee, docs §6b, `theory.sampled.sampled_plan`).
 
     Returns:
         A `Plan`: per-layer counts, fractions, thresholds (magnitude: the high-probability upper
@@ -182,6 +192,12 @@ def plan(
     _check_choice("split", split, SPLITS)
     if scale is not None and not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be > 0 and finite, got {scale!r}")
+    _check_choice("bound", bound, BOUNDS)
+    if bound == "sampled" and (law not in ("uniform", "gaussian") or tighten):
+        raise ValueError(
+            f"bound='sampled' needs law 'uniform' or 'gaussian' and tighten=False, "
+            f"got law={law!r}, tighten={tighten!r}"
+        )
     if law == "data":
         return _data_plan(
             target,
@@ -193,6 +209,15 @@ def plan(
             alpha=alpha,
             input_shape=input_shape,
         )
+    if bound == "sampled":
+        theorem = plan(
+            target, eps, delta, method=method, law=law, radius=radius, split=split,
+            scale=scale, input_shape=input_shape, sampling=sampling,
+        )  # fmt: skip
+        return sampled_plan(
+            theorem, seed=seed, n_search=n_search, n_cert=n_cert,
+            alpha=0.05 if alpha is None else alpha,
+        ).plan  # fmt: skip
     if tighten and not (law == "trained" and method == "magnitude"):
         raise ValueError(
             f"tighten=True needs law='trained' and method='magnitude', got {law!r}/{method!r}"
