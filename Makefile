@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sparse_inference.py > $(BENCH)/sparse_inference.json
 	$(BIN)/python benchmarks/validity.py --out $(BENCH)/validity > $(BENCH)/validity.json
 	$(BIN)/python benchmarks/trained_certify.py --fashion --out $(BENCH)/trained_certify > $(BENCH)/trained_certify.json
+	$(BIN)/python benchmarks/sampled_plans.py > $(BENCH)/sampled_plans.json
 	$(BIN)/python benchmarks/plan_tightness.py --nets 30 --exact-nets 1 > $(BENCH)/plan_tightness.json
 	$(BIN)/python benchmarks/reliability.py --trials 10 > $(BENCH)/reliability.json
 

@@ -82,3 +82,12 @@ def test_verify_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert d["verify"]["violations"] == 0 and d["plan"]["counts"] == ref.counts
     assert d["largest_fraction"]["trials"] == 10
     assert (out / "gaps.png").stat().st_size > 1000
+
+
+def test_plan_sampled_bound_matches_the_library(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--widths", "16,12,8,4", "--eps", "0.4", "--method", "random", "--json"]
+    assert main([*args, "--bound", "sampled"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ref = plan([16, 12, 8, 4], 0.4, 0.05, method="random", bound="sampled")
+    assert got["counts"] == ref.counts and got["split"] == "sampled"
+    assert ref.total_pruned > plan([16, 12, 8, 4], 0.4, 0.05, method="random").total_pruned

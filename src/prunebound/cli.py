@@ -440,6 +440,12 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["optimized", "equal", "params"], default="optimized")
     p.add_argument("--sampling", choices=["count", "bernoulli"], default="count")
     p.add_argument("--radius", type=float, default=1.0, help="input ball radius R (default 1)")
+    p.add_argument(
+        "--bound",
+        choices=["theorem", "sampled"],
+        default="theorem",
+        help="closed-form bound, or certificates of sampled networks (docs/theory.md §6b)",
+    )
 
 
 def _make_plan(args: argparse.Namespace) -> Any:
@@ -467,7 +473,7 @@ def _make_plan(args: argparse.Namespace) -> Any:
         if not args.rel_eps > 0:
             raise ValueError(f"--rel-eps must be > 0, got {args.rel_eps}")
         eps = args.rel_eps * plan(target, 1.0, args.delta, **kw).output_scale
-    return plan(target, eps, args.delta, **kw)
+    return plan(target, eps, args.delta, bound=args.bound, **kw)
 
 
 def _plan_table(p: Any) -> str:
