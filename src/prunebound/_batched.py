@@ -10,11 +10,14 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from prunebound.masks import set_mask
 from prunebound.theory.types import Law, LayerSpec, Plan
 
 
@@ -278,3 +281,31 @@ def chunk_generator(seed: int, c: int) -> torch.Generator:
 
 def default_chunk(specs: Sequence[LayerSpec]) -> int:
     return max(1, min(256, (1 << 22) // sum(s.numel for s in specs)))  # ~16 MB of weights
+
+
+def to_module(batch: Batch, pruned: Sequence[torch.Tensor], i: int) -> nn.Sequential:
+    """Network i of `batch` as a float64 Linear/Conv chain with ReLU between and prunebound
+    masks (the pruned weights' zeros): the form `theory.certify` reads."""
+    mods: list[nn.Module] = []
+    for j, (spec, w, wp, b) in enumerate(
+        zip(batch.specs, batch.weights, pruned, batch.biases, strict=True)
+    ):
+        layer: nn.Linear | nn.Conv1d | nn.Conv2d
+        if spec.kind == "linear":
+            if j and batch.specs[j - 1].kind != "linear":
+                mods.append(nn.Flatten())
+            layer = nn.Linear(spec.shape[1], spec.shape[0], bias=b is not None)
+        else:
+            conv: Any = nn.Conv1d if spec.kind == "conv1d" else nn.Conv2d
+            layer = conv(
+                spec.shape[1], spec.shape[0], spec.shape[2:], spec.stride, spec.padding,
+                spec.dilation, bias=b is not None,
+            )  # fmt: skip
+        layer = layer.double()
+        with torch.no_grad():
+            layer.weight.copy_(w[i])
+            if b is not None and layer.bias is not None:
+                layer.bias.copy_(b[i])
+        set_mask(layer, wp[i] != 0)
+        mods += [layer, nn.ReLU()]
+    return nn.Sequential(*mods[:-1]).eval()

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import stats
-from torch import nn
 
 from prunebound._batched import (
     Batch,
@@ -33,9 +32,9 @@ from prunebound._batched import (
     prune_batch,
     sample_batch,
     sphere,
+    to_module,
     worst_gap,
 )
-from prunebound.masks import set_mask
 from prunebound.theory.certify import certify
 from prunebound.theory.datacert import clopper_pearson_upper
 from prunebound.theory.types import Plan
@@ -137,29 +136,7 @@ def _amounts(plan: Plan, fractions: Sequence[float] | None) -> tuple[list[float]
 
 def _certificate(batch: Batch, pruned: Sequence[torch.Tensor], i: int, radius: float) -> float:
     """`theory.certify` of network i, rebuilt as an nn.Sequential with prunebound masks."""
-    mods: list[nn.Module] = []
-    for j, (spec, w, wp, b) in enumerate(
-        zip(batch.specs, batch.weights, pruned, batch.biases, strict=True)
-    ):
-        layer: nn.Linear | nn.Conv1d | nn.Conv2d
-        if spec.kind == "linear":
-            if j and batch.specs[j - 1].kind != "linear":
-                mods.append(nn.Flatten())
-            layer = nn.Linear(spec.shape[1], spec.shape[0], bias=b is not None)
-        else:
-            conv: Any = nn.Conv1d if spec.kind == "conv1d" else nn.Conv2d
-            layer = conv(
-                spec.shape[1], spec.shape[0], spec.shape[2:], spec.stride, spec.padding,
-                spec.dilation, bias=b is not None,
-            )  # fmt: skip
-        layer = layer.double()
-        with torch.no_grad():
-            layer.weight.copy_(w[i])
-            if b is not None and layer.bias is not None:
-                layer.bias.copy_(b[i])
-        set_mask(layer, wp[i] != 0)
-        mods += [layer, nn.ReLU()]
-    model = nn.Sequential(*mods[:-1]).eval()
+    model = to_module(batch, pruned, i)
     gen = torch.Generator().manual_seed(0)
     cert = certify(model, radius=radius, input_shape=batch.specs[0].in_shape, generator=gen)
     return cert.bound

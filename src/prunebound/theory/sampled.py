@@ -31,10 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from prunebound._batched import Batch, check_chain, prune_batch, sample_batch
-from prunebound.masks import set_mask
+from prunebound._batched import check_chain, prune_batch, sample_batch, to_module
 from prunebound.theory.certify import certify
 from prunebound.theory.datacert import clopper_pearson_upper
 from prunebound.theory.types import LayerPlan, Plan
@@ -95,34 +93,6 @@ def default_n_cert(alpha: float, delta: float, attempts: int) -> int:
     return math.ceil(math.log(alpha / attempts) / math.log1p(-delta))
 
 
-def _model(batch: Batch, pruned: Sequence[torch.Tensor]) -> nn.Sequential:
-    """Network 0 of `batch` as a float64 Linear/Conv chain with ReLU between and prunebound
-    masks (the pruned weights' zeros), the form `theory.certify` reads."""
-    mods: list[nn.Module] = []
-    for j, (spec, w, wp, b) in enumerate(
-        zip(batch.specs, batch.weights, pruned, batch.biases, strict=True)
-    ):
-        layer: nn.Linear | nn.Conv1d | nn.Conv2d
-        if spec.kind == "linear":
-            if j and batch.specs[j - 1].kind != "linear":
-                mods.append(nn.Flatten())
-            layer = nn.Linear(spec.shape[1], spec.shape[0], bias=b is not None)
-        else:
-            conv: Any = nn.Conv1d if spec.kind == "conv1d" else nn.Conv2d
-            layer = conv(
-                spec.shape[1], spec.shape[0], spec.shape[2:], spec.stride, spec.padding,
-                spec.dilation, bias=b is not None,
-            )  # fmt: skip
-        layer = layer.double()
-        with torch.no_grad():
-            layer.weight.copy_(w[0])
-            if b is not None and layer.bias is not None:
-                layer.bias.copy_(b[0])
-        set_mask(layer, wp[0] != 0)
-        mods += [layer, nn.ReLU()]
-    return nn.Sequential(*mods[:-1]).eval()
-
-
 class _Sample:
     """n networks of one stream, drawn once and certified at any counts (cached)."""
 
@@ -136,7 +106,7 @@ class _Sample:
         """(certificate, its Lanczos failure probability) of network i pruned by counts."""
         if (i, counts) not in self.cache:
             b = self.batches[i]
-            model = _model(b, prune_batch(b, [float(c) for c in counts]))
+            model = to_module(b, prune_batch(b, [float(c) for c in counts]), 0)
             c = certify(
                 model,
                 radius=self.template.radius,
