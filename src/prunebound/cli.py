@@ -255,7 +255,7 @@ def run_run(args: argparse.Namespace) -> int:
             on_round = None if exp.quiet or not ctx.is_main else _print_round
             d = run(exp, on_round=on_round, resume=args.resume, dist=ctx).to_dict()
         if not ctx.is_main:
-            return 0
+            pbd.exit_process(0)  # this process is torchrun's rank: done, skip finalization
     else:
         res = run(exp, on_round=None if exp.quiet else _print_round, resume=args.resume)
         d = res.to_dict()
@@ -274,6 +274,8 @@ def run_run(args: argparse.Namespace) -> int:
             f"dense), {ex['speedup']:.2f}x faster at batch 1 than dense (measured)"
         )
     print(f"results: {exp.out_dir} (config hash {exp.hash()})")
+    if ranks is not None and ranks.world_size > 1:
+        pbd.exit_process(0)  # rank 0 under torchrun: as above
     return 0
 
 
