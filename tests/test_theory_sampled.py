@@ -62,7 +62,10 @@ def test_rejected_everywhere_gives_an_empty_plan() -> None:
 def test_sampled_prunes_more_than_theorem_when_theorem_is_tiny(random_sp: object) -> None:
     th = _theorem("random")
     assert th.total_pruned == 0  # Theorem R' prunes nothing here
-    assert random_sp.plan.total_pruned >= 20  # measured: 35 of 336 at seed 3
+    assert random_sp.plan.total_pruned >= 250  # measured: 320 of 336 at seed 3
+    # the slope decomposition (default) is what buys it: Lemma A variants alone allow 35
+    lemma_a = sampled_plan(th, n_search=8, seed=3, relax=False).plan
+    assert 0 < lemma_a.total_pruned <= 50
 
 
 def test_verify_finds_no_violation_of_a_sampled_plan(random_sp: object) -> None:

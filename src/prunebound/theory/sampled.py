@@ -170,7 +170,7 @@ def sampled_plan(
     search_allowed: int = 0,
     search_z: float = 3.0,
     iters: int = 8,
-    relax: bool = False,
+    relax: bool = True,
 ) -> SampledPlan:
     """Plan by search-then-certify on sampled networks (docs/theory.md §6b).
 
@@ -192,8 +192,9 @@ def sampled_plan(
             (0 failures in n_cert) passes with high probability; a heuristic: validity rests
             on the certification sample only.
         iters: bisection steps of the search, >= 1.
-        relax: add the slope-decomposition candidate to each certificate (~2x tighter on
-            784-300-100-10, ~100x slower); False: Lemma A variants with exact norms only.
+        relax: include the slope-decomposition candidate in each certificate (about 2.4x tighter
+            on 784-300-100-10 and 2.4x slower: 0.11 s vs 0.045 s per certificate, 2 cores);
+            False: Lemma A variants with exact norms only.
 
     Raises:
         ValueError: a bad argument, a law without weights to sample, sampling other than
