@@ -87,7 +87,9 @@ def test_verify_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_plan_sampled_bound_matches_the_library(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["plan", "--widths", "16,12,8,4", "--eps", "0.4", "--method", "random", "--json"]
     assert main([*args, "--bound", "sampled"]) == 0
-    got = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    got = json.loads(out.out)  # stdout holds the JSON alone; the search is shown on stderr
+    assert "sampled plan: search on 32 networks" in out.err
     ref = plan([16, 12, 8, 4], 0.4, 0.05, method="random", bound="sampled")
     assert got["counts"] == ref.counts and got["split"] == "sampled"
     assert ref.total_pruned > plan([16, 12, 8, 4], 0.4, 0.05, method="random").total_pruned

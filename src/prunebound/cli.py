@@ -475,6 +475,9 @@ def _make_plan(args: argparse.Namespace) -> Any:
         if not args.rel_eps > 0:
             raise ValueError(f"--rel-eps must be > 0, got {args.rel_eps}")
         eps = args.rel_eps * plan(target, 1.0, args.delta, **kw).output_scale
+    if args.bound == "sampled":  # minutes for wide layers: show the search as it goes
+        print("sampled plan: search on 32 networks, then certify on fresh ones", file=sys.stderr)
+        logging.getLogger("prunebound.theory.sampled").setLevel(logging.INFO)
     return plan(target, eps, args.delta, bound=args.bound, **kw)
 
 
