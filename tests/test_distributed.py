@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 import prunebound as pb
@@ -251,3 +252,28 @@ def test_env_ranks_reads_torchrun_variables() -> None:
         env_ranks({"RANK": "4", "WORLD_SIZE": "4"})
     with pytest.raises(ValueError, match="must be ints"):
         env_ranks({"RANK": "a", "WORLD_SIZE": "4"})
+
+
+def _abort_in_teardown(ctx: DistContext, out: str) -> None:
+    """Write this rank's result; on rank 1 make the group's teardown abort (SIGABRT), as gloo's
+    C++ threads occasionally do after the last collective."""
+    Path(out, f"result{ctx.rank}").write_text(str(ctx.rank))
+    if ctx.rank == 1:
+        tdist.destroy_process_group = os.abort
+
+
+def _abort_in_work(ctx: DistContext, out: str) -> None:
+    if ctx.rank == 1:
+        os.abort()
+
+
+def test_a_rank_that_aborts_after_finishing_does_not_fail_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="prunebound.distributed"):
+        launch(_abort_in_teardown, 2, (str(tmp_path),), timeout=30)
+    assert [(tmp_path / f"result{r}").read_text() for r in range(2)] == ["0", "1"]
+    assert "rank 1 finished its work, then ended with signal 6 in teardown" in caplog.text
+    # the same abort before the work is done is a failure
+    with pytest.raises(RuntimeError, match="rank 1 of 2 was killed by signal 6"):
+        launch(_abort_in_work, 2, (str(tmp_path),), timeout=30)

@@ -303,6 +303,7 @@ def _worker(
             timeout=timeout,
         ) as ctx:
             fn(ctx, *args)
+            Path(error_dir, f"rank{rank}.done").touch()  # the work is done and written
     except BaseException as e:
         msg = str(e).strip().splitlines()
         Path(error_dir, f"rank{rank}.txt").write_text(
@@ -373,7 +374,7 @@ def launch(
         for p in procs:
             p.start()
         try:
-            failed = _watch(procs)
+            failed = _watch(procs, tmpdir)
         finally:
             for p in procs:
                 if p.is_alive():
@@ -384,9 +385,24 @@ def launch(
             raise RuntimeError(_failure_message(failed, procs, tmpdir))
 
 
-def _watch(procs: list[Any]) -> list[int]:
+def _finished(rank: int, proc: Any, done_dir: str) -> bool:
+    """Whether a rank that exited non-zero had finished its work (its `.done` marker exists).
+
+    Such a rank died in teardown (gloo's C++ threads can abort after the last collective), after
+    everything it computed was written: the run succeeded, so this is logged, not raised.
+    """
+    if not Path(done_dir, f"rank{rank}.done").is_file():
+        return False
+    code = proc.exitcode
+    how = f"exit code {code}" if code >= 0 else f"signal {-code}"
+    logger.warning("rank %d finished its work, then ended with %s in teardown", rank, how)
+    return True
+
+
+def _watch(procs: list[Any], done_dir: str) -> list[int]:
     """Wait for all processes; returns failed ranks in the order they exited (empty: success).
 
+    A rank counts as failed if it exited non-zero before finishing `fn` (see `_finished`).
     After the first failure the others get `_GRACE_S` seconds before the caller stops them.
     """
     pending = {p.sentinel: r for r, p in enumerate(procs)}
@@ -400,7 +416,7 @@ def _watch(procs: list[Any]) -> list[int]:
         for s in ready:
             r = pending.pop(s)
             procs[r].join()
-            if procs[r].exitcode != 0:
+            if procs[r].exitcode != 0 and not _finished(r, procs[r], done_dir):
                 failed.append(r)
         if failed and deadline is None:
             deadline = time.monotonic() + _GRACE_S
