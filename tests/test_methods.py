@@ -122,6 +122,50 @@ def test_structured_neuron_l1_vs_l2_and_rows() -> None:
     b = pb.prune(_copy(lin), "neuron", 0.25)
     assert (~pb.masks(a)[""]).all(1).tolist() == [False, True, False, False]
     assert (~pb.masks(b)[""]).all(1).tolist() == [True, False, False, False]
+    # the same through the `norm` argument and the registry keys
+    for m in (
+        pb.prune(_copy(lin), "neuron", 0.25, norm=1),
+        pb.prune(_copy(lin), "neuron_l1", 0.25),
+    ):
+        assert torch.equal(pb.masks(m)[""], pb.masks(a)[""])
+    assert torch.equal(pb.masks(pb.prune(_copy(lin), "neuron", 0.25, norm=2))[""], pb.masks(b)[""])
+    before = _copy(lin)
+    with pytest.raises(ValueError, match="norm applies to the structured methods"):
+        pb.prune(before, "magnitude", 0.25, norm=1)
+    with pytest.raises(ValueError, match="norm must be 1 or 2, got 3"):
+        pb.prune(before, "neuron", 0.25, norm=3)
+    assert pb.masks(before) == {}
+
+
+def test_filter_l1_prunes_the_filter_of_smallest_l1_norm() -> None:
+    conv = nn.Conv2d(1, 3, 2, bias=False)
+    with torch.no_grad():
+        # filters: L1 norms 4, 3.5, 8 ; L2 norms 2, 3.5, 4
+        conv.weight.copy_(
+            torch.tensor([[1.0, 1, 1, 1], [3.5, 0, 0, 0], [2, 2, 2, 2]]).view(3, 1, 2, 2)
+        )
+    c1, c2 = nn.Conv2d(1, 3, 2, bias=False), nn.Conv2d(1, 3, 2, bias=False)
+    c1.load_state_dict(conv.state_dict())
+    c2.load_state_dict(conv.state_dict())
+    pruned_l1 = (~pb.masks(pb.prune(c1, "filter", 1 / 3, norm=1))[""]).flatten(1).all(1)
+    pruned_l2 = (~pb.masks(pb.prune(c2, "filter", 1 / 3))[""]).flatten(1).all(1)
+    assert pruned_l1.tolist() == [False, True, False]
+    assert pruned_l2.tolist() == [True, False, False]
+
+
+def test_score_function_of_the_weight_alone() -> None:
+    lin = nn.Linear(4, 2)
+    pb.prune(lin, Method("neg_abs", scores=lambda w: -w.abs()), 0.25)  # largest |w| first
+    top = lin.parametrizations.weight.original.detach().abs().flatten().topk(2).indices
+    assert sorted((~pb.masks(lin)[""]).flatten().nonzero().flatten().tolist()) == sorted(
+        top.tolist()
+    )
+    with pytest.raises(
+        TypeError, match=r"expected scores\(weight\[, generator\]\), got a function taking 3"
+    ):
+        Method("bad", scores=lambda w, g, x: w)
+    with pytest.raises(TypeError, match=r"expected mask\(weight, amount, generator\)"):
+        Method("bad", mask=lambda w: w > 0)
 
 
 def _copy(lin: nn.Linear) -> nn.Linear:

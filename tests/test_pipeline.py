@@ -130,6 +130,47 @@ def test_lottery_rewind_to_epoch_k(digits: pb.data.Dataset) -> None:
     assert not torch.equal(pb.original_weight(pb.prunable_layers(model)[first]), final)
 
 
+def test_lottery_rewind_to_iteration_k(digits: pb.data.Dataset) -> None:
+    """rewind_step=k restores the weights after k optimizer steps of the dense run, mid-epoch."""
+    seen: dict[str, torch.Tensor] = {}
+    k = 7  # mid-epoch 1 (the digits fixture has more than 7 batches of 64 per epoch)
+
+    def grab(step: int, m: torch.nn.Module) -> None:
+        if step == k:
+            seen.update(pb.snapshot(m))
+
+    cfg = TrainConfig(epochs=2)
+    ref = _lenet(seed=2)
+    train(ref, digits, cfg, generator=torch.Generator().manual_seed(5), on_step=grab)
+    after_epoch_1: dict[str, torch.Tensor] = {}
+    train(
+        _lenet(seed=2),
+        digits,
+        TrainConfig(epochs=1),
+        generator=torch.Generator().manual_seed(5),
+        callback=lambda e, m: after_epoch_1.update(pb.snapshot(m)),
+    )
+    model = _lenet(seed=2)
+    sched = Schedule(kind="lottery", steps=(0.5,), retrain_epochs=0, rewind_step=k)
+    run_schedule(model, digits, cfg, sched, generator=torch.Generator().manual_seed(5))
+    for name, m in pb.prunable_layers(model).items():
+        assert torch.equal(pb.original_weight(m), seen[f"{name}.weight"])
+        assert not torch.equal(seen[f"{name}.weight"], after_epoch_1[f"{name}.weight"])
+    steps = 2 * -(-digits.x_train.shape[0] // cfg.batch_size)
+    with pytest.raises(
+        ValueError, match=f"rewind_step={steps + 1} exceeds the dense run's {steps}"
+    ):
+        run_schedule(
+            _lenet(seed=2),
+            digits,
+            cfg,
+            Schedule(kind="lottery", rounds=1, rewind_step=steps + 1),
+            generator=torch.Generator(),
+        )
+    with pytest.raises(ValueError, match="rewind_epoch or rewind_step, not both"):
+        Schedule(kind="lottery", rewind_epoch=1, rewind_step=3)
+
+
 def test_lottery_rewind_epoch_beyond_training_is_refused_before_training(
     digits: pb.data.Dataset,
 ) -> None:
@@ -283,6 +324,7 @@ def test_train_config_validation(kwargs: dict[str, object], match: str) -> None:
         ({"last_layer_scale": 2.0}, r"schedule\.last_layer_scale"),
         ({"retrain_lr": "warm"}, r"schedule\.retrain_lr"),
         ({"rewind_epoch": -1}, r"schedule\.rewind_epoch"),
+        ({"rewind_step": -2}, r"schedule\.rewind_step"),
         (
             {"retrain_lr_scale": 0.0},
             r"schedule\.retrain_lr_scale must be a finite float > 0, got 0\.0",

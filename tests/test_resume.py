@@ -60,8 +60,14 @@ def _assert_same(a: RunResult, b: RunResult) -> None:
         {},  # random pruning (draws from the generator), SGD momentum buffers
         {"kind": "lottery", "method": "magnitude", "rewind_epoch": 1, "retrain_lr": "restart"},
         {"kind": "lottery", "method": "random", "rewind_epoch": 0, "scope": "global"},
+        {"kind": "lottery", "method": "magnitude", "rewind_step": 3},
     ],
-    ids=["iterative-random-sgd", "lottery-rewind1-adam", "lottery-rewind0-global-adam"],
+    ids=[
+        "iterative-random-sgd",
+        "lottery-rewind1-adam",
+        "lottery-rewind0-global-adam",
+        "lottery-step3-adam",
+    ],
 )
 def test_resume_at_every_boundary_matches_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, schedule: dict[str, Any]

@@ -14,6 +14,7 @@ Adding a method is one function and one line::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -92,6 +93,40 @@ class Method:
             )
         if self.mask is not None and self.unit != "weight":
             raise ValueError(f"method {self.name!r}: mask functions work on single weights only")
+        if self.scores is not None and _positional(self.scores) == (1, 1):
+            # `scores(weight)`: a deterministic score needs no generator
+            object.__setattr__(self, "scores", _ignore_generator(self.scores))
+        for fn, want, kind in (
+            (self.scores, 2, "scores(weight[, generator])"),
+            (self.mask, 3, "mask(weight, amount, generator)"),
+        ):
+            arity = _positional(fn) if fn is not None else None
+            if arity is not None and not arity[0] <= want <= arity[1]:
+                raise TypeError(
+                    f"method {self.name!r}: expected {kind}, got a function taking "
+                    f"{arity[0]} to {arity[1]} positional arguments"
+                )
+
+
+def _positional(fn: Callable[..., object]) -> tuple[int, int] | None:
+    """(required, total) positional parameters of `fn`; None if unknown (builtins) or *args."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    pos = [p for p in params if p.kind in kinds]
+    return sum(p.default is inspect.Parameter.empty for p in pos), len(pos)
+
+
+def _ignore_generator(fn: Callable[[torch.Tensor], torch.Tensor]) -> ScoreFn:
+    def scores(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return fn(weight)
+
+    scores.__name__ = getattr(fn, "__name__", "scores")
+    return scores
 
 
 def magnitude_scores(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -143,7 +178,9 @@ METHODS: dict[str, Method] = {
     "random": Method("random", scores=random_scores, blockwise=True),
     "bernoulli": Method("bernoulli", mask=bernoulli_mask),
     "neuron": neuron(2),
+    "neuron_l1": neuron(1),
     "filter": filter_(2),
+    "filter_l1": filter_(1),
 }
 
 
@@ -155,8 +192,20 @@ def register_method(method: Method, *, overwrite: bool = False) -> Method:
     return method
 
 
-def get_method(method: str | Method) -> Method:
-    """Resolve a registry key or pass a `Method` through."""
+def get_method(method: str | Method, norm: int | None = None) -> Method:
+    """Resolve a registry key or pass a `Method` through.
+
+    `norm` (1 or 2) picks the row norm of the structured methods: ("neuron", 1) is "neuron_l1".
+    """
+    if norm is not None:
+        if isinstance(norm, bool) or norm not in (1, 2):
+            raise ValueError(f"norm must be 1 or 2, got {norm!r}")
+        base = method.name if isinstance(method, Method) else method
+        if base not in ("neuron", "filter", "neuron_l1", "filter_l1"):
+            raise ValueError(
+                f"norm applies to the structured methods 'neuron' and 'filter', not {base!r}"
+            )
+        return neuron(norm) if base.startswith("neuron") else filter_(norm)
     if isinstance(method, Method):
         return method
     if not isinstance(method, str) or method not in METHODS:

@@ -182,6 +182,7 @@ def train(
     generator: torch.Generator | None = None,
     progress: bool = False,
     callback: Callable[[int, nn.Module], None] | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
     start: TrainState | None = None,
     on_epoch: Callable[[TrainState], None] | None = None,
     dist: DistContext | None = None,
@@ -201,6 +202,9 @@ def train(
         progress: a tqdm bar over epochs, shown only if stderr is a terminal.
         callback: `callback(epoch, model)` after each epoch (1-based), e.g. to snapshot weights
             for lottery-ticket rewinding.
+        on_step: `on_step(step, model)` after each optimizer step; `step` counts from 1 over
+            the whole run (epoch e's steps follow the e - 1 full epochs before it), e.g. to
+            snapshot the weights at iteration k.
         start: continue an interrupted call from its `TrainState` (the model must hold the
             weights and masks of that moment, the generator its state then): the optimizer
             and LR schedule resume where they were, and the result covers all epochs.
@@ -223,6 +227,7 @@ def train(
     net = model if dist is None else dist.wrap(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: _lr_factor(config, e))
     n = data.x_train.shape[0]
+    per_epoch = -(-n // config.batch_size)  # optimizer steps per epoch
     losses: list[float] = []
     accs: list[float] = []
     lrs: list[float] = []
@@ -258,6 +263,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
+            if on_step is not None:
+                on_step(epoch * per_epoch + step, model)
             total_loss += loss.item() * idx.numel()
             correct += int((out.argmax(1) == y).sum())
         for name, p in model.named_parameters():  # the last step may have broken a weight

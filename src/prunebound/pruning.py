@@ -258,6 +258,7 @@ def prune(
     counts: Mapping[str, int] | None = None,
     plan: PlanLike | None = None,
     seed: int | torch.Generator | None = None,
+    norm: int | None = None,
 ) -> nn.Module:
     """Prune the Linear/Conv weights of `model` in place and return it.
 
@@ -279,6 +280,8 @@ def prune(
         counts: exact number of surviving units to prune per layer, instead of `amount`.
         plan: a `prunebound.theory.Plan`; applies its method and per-layer counts.
         seed: int or `torch.Generator` for random methods (global RNG state is never used).
+        norm: 1 or 2, the row norm of "neuron" / "filter" (default 2: L2; "neuron_l1" and
+            "filter_l1" are the same as norm=1).
 
     Masks compose: pruning a pruned layer prunes among its survivors and never revives a weight
     (use `reset` for that). On invalid input nothing is changed and a ValueError/TypeError names
@@ -297,7 +300,9 @@ def prune(
         raise ValueError("give exactly one of amount, counts or plan")
     if plan is not None:
         method, counts = plan.method, dict(plan.counts)
-    meth = get_method(method)
+        if seed is None:  # a data plan certifies the mask of its recorded seed
+            seed = getattr(plan, "seed", None)
+    meth = get_method(method, norm)
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     if counts is not None and scope == "global":

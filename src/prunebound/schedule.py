@@ -65,6 +65,9 @@ class Schedule:
             other layers are pruned a little more to compensate, so the overall sparsity still
             meets each round's target.
         rewind_epoch: lottery only: 0 rewinds to the initial weights, k to those after epoch k.
+        rewind_step: lottery only, instead of `rewind_epoch`: rewind to the weights after k
+            optimizer steps (iterations) of the dense run (0: the initial weights), as in
+            Frankle et al. 2020 ("Linear mode connectivity and the lottery ticket hypothesis").
         retrain_lr: learning rate while retraining k epochs after a dense run of T epochs:
             "rewind" replays the dense schedule's last k epochs (learning-rate rewinding, Renda
             et al. 2020; if k > T the whole schedule is stretched over k); "restart" runs the
@@ -84,6 +87,7 @@ class Schedule:
     scope: Literal["layer", "global"] = "layer"
     last_layer_scale: float = 1.0
     rewind_epoch: int = 0
+    rewind_step: int | None = None
     retrain_lr: RetrainLR = "rewind"
     retrain_lr_scale: float = 1.0
 
@@ -125,6 +129,11 @@ class Schedule:
             raise ValueError(
                 f"schedule.rewind_epoch must be an int >= 0, got {self.rewind_epoch!r}"
             )
+        k = self.rewind_step
+        if k is not None and (not _is_int(k) or k < 0):
+            raise ValueError(f"schedule.rewind_step must be an int >= 0 or None, got {k!r}")
+        if k is not None and self.rewind_epoch != 0:
+            raise ValueError("schedule: give rewind_epoch or rewind_step, not both")
         if self.retrain_lr not in ("rewind", "restart", "constant"):
             raise ValueError(
                 f"schedule.retrain_lr must be rewind, restart or constant, got {self.retrain_lr!r}"
@@ -360,6 +369,14 @@ def run_schedule(
         raise ValueError(
             f"schedule.rewind_epoch={schedule.rewind_epoch} exceeds train.epochs={dense.epochs}"
         )
+    if schedule.kind == "lottery" and schedule.rewind_step is not None:
+        n_steps = dense.epochs * math.ceil(data.x_train.shape[0] / dense.batch_size)
+        if schedule.rewind_step > n_steps:
+            raise ValueError(
+                f"schedule.rewind_step={schedule.rewind_step} exceeds the dense run's {n_steps} "
+                f"steps ({dense.epochs} epochs of {data.x_train.shape[0]} examples in batches "
+                f"of {dense.batch_size})"
+            )
     if schedule.kind == "lottery" and not train_dense:
         raise ValueError("train_dense=False: lottery schedules rewind into the dense run")
     rounds: list[Round] = []
@@ -375,9 +392,16 @@ def run_schedule(
     retrain = retrain_config(dense, schedule)
     lottery = schedule.kind == "lottery"
 
+    rewind_at = 0 if schedule.rewind_step is None else schedule.rewind_step
+
     def keep(epoch: int, m: nn.Module) -> None:
         nonlocal rewind_to
-        if epoch == schedule.rewind_epoch:
+        if schedule.rewind_step is None and epoch == schedule.rewind_epoch:
+            rewind_to = snapshot(m)
+
+    def keep_step(step: int, m: nn.Module) -> None:
+        nonlocal rewind_to
+        if step == rewind_at:
             rewind_to = snapshot(m)
 
     def save(r: int, t0: float, epochs: int, state: TrainState | None) -> None:
@@ -393,9 +417,11 @@ def run_schedule(
         on_epoch = functools.partial(save, r, t0, epochs)
         try:
             if r == 0 and train_dense:
-                if lottery and schedule.rewind_epoch == 0 and start is None:
+                from_init = schedule.rewind_epoch == 0 and rewind_at == 0
+                if lottery and from_init and start is None:
                     rewind_to = snapshot(model)
                 cb = keep if lottery else None
+                step_cb = keep_step if lottery and rewind_at > 0 else None
                 train(
                     model,
                     data,
@@ -403,6 +429,7 @@ def run_schedule(
                     generator=generator,
                     progress=progress,
                     callback=cb,
+                    on_step=step_cb,
                     start=start,
                     on_epoch=on_epoch,
                     dist=dist,
