@@ -85,9 +85,12 @@ def test_help_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         main(["prune", "x", "--model", "mlp", "--amount", "1.5", "--out", "y"])
     assert e.value.code == 2
     assert "expected a number in [0, 1], got '1.5'" in capsys.readouterr().err
-    assert main(["demo", "--sparsity", "1.0", "--out", str(tmp_path / "z"), "--quiet"]) == 1
+    with pytest.raises(SystemExit) as e:  # a bad value is a usage error: exit 2, not 1
+        main(["demo", "--sparsity", "1.0", "--out", str(tmp_path / "z"), "--quiet"])
+    assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--sparsity must be in [0, 1), got 1.0" in err
+    assert "argument --sparsity: expected a number in [0, 1), got '1.0'" in err
+    assert not (tmp_path / "z").exists()
     assert (
         main(
             [
@@ -143,3 +146,88 @@ def test_run_fashion_config_subsampled(tmp_path: Path) -> None:
     assert d["rounds"][0]["accuracy"] > 0.6 and d["rounds"][-1]["sparsity"] == pytest.approx(
         0.8, abs=1e-3
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prune", "c", "--method", "bogus", "--amount", "0.5"], "method must be one of"),
+        (["prune", "c", "--model", "nope", "--amount", "0.5"], "unknown model 'nope'"),
+        (["demo", "--sparsity", "1.0"], "argument --sparsity: expected a number in [0, 1)"),
+        (["demo", "--sparsity", "-0.1"], "argument --sparsity"),
+        (["demo", "--rounds", "0"], "argument --rounds: expected an int >= 1, got '0'"),
+        (["demo", "--epochs", "-1"], "argument --epochs: expected an int >= 0"),
+        (["demo", "--seed", "-1"], "argument --seed: expected an int >= 0"),
+        (["run", "c.toml", "--nproc", "0"], "argument --nproc: expected an int >= 1"),
+        (
+            ["run", "c.toml", "--dist-timeout", "0"],
+            "argument --dist-timeout: expected a number > 0",
+        ),
+        (["--threads", "0", "demo"], "argument --threads: expected an int >= 1"),
+        (["export", "c", "--batch-size", "0"], "argument --batch-size: expected an int >= 1"),
+        (["export", "c", "--model", "nope"], "unknown model 'nope'"),
+        (["certify", "c", "--model", "nope"], "unknown model 'nope'"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: prunebound") and message in err, err
+
+
+def test_prune_infers_model_and_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ckpt = pb.save(
+        pb.models.build_model("lenet_300_100", seed=0, in_features=64),
+        run_dir / "model.safetensors",
+    )
+    config = {"model": {"name": "lenet_300_100", "args": {"in_features": 64}}}
+    (run_dir / "results.json").write_text(json.dumps({"config": config}))
+    before = ckpt.read_bytes()
+    assert main(["prune", str(ckpt), "--method", "magnitude", "--amount", "0.5"]) == 0
+    out = run_dir / "model.pruned.safetensors"
+    assert f"saved {out}" in capsys.readouterr().out
+    assert ckpt.read_bytes() == before  # the input is never overwritten
+    fresh = pb.load(pb.models.lenet_300_100(in_features=64), out)
+    assert pb.sparsity(fresh).sparsity == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(SystemExit) as e:  # --out naming the input is refused
+        main(["prune", str(ckpt), "--amount", "0.5", "--out", str(ckpt)])
+    assert e.value.code == 2 and "is the input checkpoint" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+    (run_dir / "results.json").unlink()
+    with pytest.raises(SystemExit) as e:  # nothing to infer the model from
+        main(["prune", str(ckpt), "--amount", "0.5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no results.json next to" in err and "pass --model" in err
+    (run_dir / "results.json").write_text(json.dumps({"rounds": []}))
+    with pytest.raises(SystemExit) as e:  # a results.json without config.model
+        main(["prune", str(ckpt), "--amount", "0.5"])
+    assert e.value.code == 2 and "pass --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "key"),
+    [
+        ('{"config": {}}', "'config.schedule'"),
+        ("{}", "'config'"),
+        ('{"config": {"schedule": {"kind": "oneshot"}}}', "'config.schedule.method'"),
+        ('{"config": {"schedule": {"kind": "oneshot", "method": "m"}}}', "'rounds'"),
+        ('{"config": {"schedule": {"kind": "o", "method": "m"}}, "rounds": [{}]}', "rounds[0]"),
+        ("[1, 2]", "not a JSON object"),
+        ("not json", "invalid JSON"),
+    ],
+)
+def test_report_on_a_malformed_results_file_exits_1(
+    tmp_path: Path, content: str, key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "results.json").write_text(content)
+    assert main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "is not a prunebound results file" in err and key in err, err

@@ -115,6 +115,19 @@ def test_toml_numbers_and_arrays(tmp_path: Path) -> None:
         ("model = 3\n", "model must be a table"),
         ("[data]\nmax_train = 0\n", r"data\.max_train must be an int >= 1 or None, got 0"),
         ("seed = -2\n", "seed must be an int >= 0, got -2"),
+        # model.args are checked against the builder when parsing, not when the run starts
+        (
+            '[model]\nargs = { in_features = "x" }\n',
+            r"model\.args\.in_features has the wrong type or value: 'x'",
+        ),
+        ("[model]\nargs = { in_featurez = 64 }\n", r"unknown key 'model\.args\.in_featurez'"),
+        ("[model]\nargs = { in_features = 0 }\n", r"model\.args\.in_features: widths must be"),
+        ('[model]\nname = "mlp"\n', r"model\.args\.widths is required"),
+        ('[model]\nname = "mlp"\nargs = { widths = [64, "a"] }\n', r"model\.args\.widths has"),
+        ('[model]\nname = "vgg_small"\nargs = { image_size = 4 }\n', r"model\.args\.image_size"),
+        ('[model]\nname = "vgg_small"\nargs = { batch_norm = 1 }\n', r"model\.args\.batch_norm"),
+        ('[model]\nname = "lenet"\n', r"model\.name: unknown model 'lenet'"),
+        ('[data]\nname = "cifar10"\n', r"data\.name must be one of .*got 'cifar10'"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, patch: str, match: str) -> None:
@@ -135,3 +148,15 @@ def test_missing_and_invalid_toml(tmp_path: Path) -> None:
 def test_shipped_configs_parse() -> None:
     for cfg in Path(__file__).parents[1].glob("configs/*.toml"):
         Experiment.from_toml(cfg)
+
+
+def test_model_args_check_is_cheap_and_leaves_rng_alone(tmp_path: Path) -> None:
+    """The parse-time build happens on the meta device: a huge model costs no memory."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\nname = "mlp"\nargs = { widths = [200000, 200000, 10] }\n')
+    state = torch.get_rng_state()
+    exp = Experiment.from_toml(cfg)
+    assert exp.model.args == {"widths": [200000, 200000, 10]}
+    assert torch.equal(torch.get_rng_state(), state)
+    cfg.write_text('[data]\nname = "fashion_mnist"\n[model]\nname = "lenet5"\n')
+    assert Experiment.from_toml(cfg).data.name == "fashion_mnist"  # as load_dataset spells it

@@ -80,3 +80,35 @@ def test_rounds_and_layers_tables() -> None:
 def test_load_results_round_trip(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text(json.dumps(RES))
     assert report.load_results(tmp_path) == RES
+
+
+@pytest.mark.parametrize(
+    ("results", "match"),
+    [
+        ({"config": {}}, r"key 'config\.schedule' is missing"),
+        ({"config": {"schedule": {"kind": "oneshot"}}}, r"key 'config\.schedule\.method'"),
+        ({**RES, "rounds": []}, "key 'rounds' is empty"),
+        ({**RES, "rounds": "x"}, "key 'rounds' is not a list"),
+        ({**RES, "rounds": [{"round": 0}]}, r"key 'rounds\[0\]\.sparsity' is missing"),
+        (
+            {**RES, "final_sparsity": {"layers": [{"name": "a"}]}},
+            r"key 'final_sparsity\.layers\[0\]\.shape'",
+        ),
+        ({**RES, "final_sparsity": {"layers": []}}, None),
+    ],
+)
+def test_load_results_names_what_is_missing(
+    tmp_path: Path, results: dict[str, object], match: str | None
+) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    if match is None:
+        assert report.load_results(tmp_path) == results
+        return
+    with pytest.raises(ValueError, match="is not a prunebound results file: " + match):
+        report.load_results(tmp_path)
+
+
+def test_load_results_invalid_json(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text("{")
+    with pytest.raises(ValueError, match="not a prunebound results file: invalid JSON"):
+        report.load_results(tmp_path)

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 Handler = Callable[[argparse.Namespace], int]
 
 
+class UsageError(Exception):
+    """A bad combination of arguments found by a handler: exit 2 with the command's usage."""
+
+
 def _fraction(text: str) -> float:
     try:
         v = float(text)
@@ -57,14 +61,67 @@ def _ints(text: str) -> tuple[int, ...]:
     return v
 
 
-def _positive_int(text: str) -> int:
+def _sparsity(text: str) -> float:
+    """A target sparsity: [0, 1) (1.0 would prune every weight)."""
     try:
-        v = int(text)
+        v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+        v = float("nan")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return v
+
+
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse type: an int >= lo."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an int >= {lo}, got {text!r}")
+        return v
+
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+_nonneg_int = _int_at_least(0)
+_pos_int = _int_at_least(1)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def _method(text: str) -> str:
+    """A key of prunebound.METHODS (checked when parsing, so registered methods count)."""
+    from prunebound.methods import get_method
+
+    try:
+        get_method(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _model_name(text: str) -> str:
+    """A key of prunebound.models.MODELS."""
+    from prunebound.models import MODELS
+
+    if text not in MODELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown model {text!r}; valid names: {', '.join(sorted(MODELS))}"
+        )
+    return text
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, default: str | None = "digits") -> None:
@@ -93,11 +150,13 @@ def add_demo_parser(sub: Any) -> None:
         "and compare.",
     )
     p.add_argument("--out", default="runs/demo", help="results directory (default runs/demo)")
-    p.add_argument("--seed", type=int, default=0, help="seeds init, shuffling, random masks")
-    p.add_argument("--sparsity", type=_fraction, default=0.9, help="target (default 0.9)")
-    p.add_argument("--rounds", type=_positive_int, default=5, help="pruning rounds (default 5)")
-    p.add_argument("--epochs", type=_positive_int, default=20, help="dense epochs (default 20)")
-    p.add_argument("--retrain-epochs", type=_positive_int, default=4, help="per round (def. 4)")
+    p.add_argument(
+        "--seed", type=_nonneg_int, default=0, help="seeds init, shuffling, random masks"
+    )
+    p.add_argument("--sparsity", type=_sparsity, default=0.9, help="target in [0, 1) (def. 0.9)")
+    p.add_argument("--rounds", type=_pos_int, default=5, help="pruning rounds (default 5)")
+    p.add_argument("--epochs", type=_nonneg_int, default=20, help="dense epochs (default 20)")
+    p.add_argument("--retrain-epochs", type=_nonneg_int, default=4, help="per round (def. 4)")
     p.add_argument(
         "--quick", action="store_true", help="smoke test: 3 dense epochs, 2 rounds of 1 epoch"
     )
@@ -107,14 +166,10 @@ def add_demo_parser(sub: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.sparsity >= 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     out = Path(args.out)
     epochs, rounds, retrain = args.epochs, args.rounds, args.retrain_epochs
     if args.quick:
         epochs, rounds, retrain = 3, 2, 1
-    if rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {rounds}")
     in_features = 64 if args.dataset == "digits" else 784
     summary = []
     for method in ("magnitude", "random"):
@@ -187,7 +242,7 @@ def add_run_parser(sub: Any) -> None:
     d = p.add_argument_group("distributed (DDP; see docs/distributed.md)")
     d.add_argument(
         "--nproc",
-        type=_positive_int,
+        type=_pos_int,
         default=1,
         help="processes to launch on this machine (default 1); train.batch_size is the global "
         "batch and must be a multiple; leave at 1 under torchrun",
@@ -200,7 +255,7 @@ def add_run_parser(sub: Any) -> None:
     )
     d.add_argument(
         "--dist-timeout",
-        type=float,
+        type=_positive_float,
         default=300.0,
         metavar="SECONDS",
         help="how long a rank waits for the others before the run fails (default 300)",
@@ -222,8 +277,6 @@ def run_run(args: argparse.Namespace) -> int:
 
     ranks = pbd.env_ranks(os.environ)  # set by torchrun
     if args.nproc != 1:
-        if args.nproc < 1:
-            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
         if ranks is not None:
             raise ValueError("--nproc launches its own processes: leave it at 1 under torchrun")
         pbd.check_world_size(exp.train.batch_size, args.nproc)  # before anything starts
@@ -292,25 +345,42 @@ def _run_rank(ctx: DistContext, exp: Experiment, resume: bool, log_level: int) -
 def add_prune_parser(sub: Any) -> None:
     p = sub.add_parser("prune", help="prune a checkpoint and save it")
     p.add_argument("checkpoint", help="safetensors checkpoint written by prunebound")
-    p.add_argument("--model", required=True, help="model name (prunebound.models.MODELS)")
+    p.add_argument(
+        "--model",
+        type=_model_name,
+        help="model name (prunebound.models.MODELS); default: the model of the results.json "
+        "next to the checkpoint",
+    )
     p.add_argument("--model-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--method", default="magnitude", help="a key of prunebound.METHODS")
+    p.add_argument(
+        "--method", type=_method, default="magnitude", help="a key of prunebound.METHODS"
+    )
     p.add_argument(
         "--amount", type=_fraction, required=True, help="fraction of survivors to prune, [0, 1]"
     )
     p.add_argument("--scope", choices=["layer", "global"], default="layer")
     p.add_argument("--seed", type=int, default=0, help="for random methods")
-    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument(
+        "--out", help="output checkpoint (default: CHECKPOINT stem + .pruned.safetensors)"
+    )
     p.set_defaults(handler=run_prune)
 
 
 def run_prune(args: argparse.Namespace) -> int:
     import prunebound as pb
 
-    model = pb.models.build_model(args.model, **dict(args.model_arg))
-    pb.load(model, args.checkpoint)
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.stem}.pruned.safetensors")
+    if out.resolve() == ckpt.resolve():
+        raise UsageError(f"--out {out} is the input checkpoint: choose another path")
+    try:
+        name, model_args = _model_spec(ckpt, args.model, dict(args.model_arg))
+    except ModelNotInferredError as e:
+        raise UsageError(f"{e}; pass --model NAME (and --model-arg KEY=VALUE as needed)") from None
+    model = pb.models.build_model(name, **model_args)
+    pb.load(model, ckpt)
     pb.prune(model, args.method, args.amount, scope=args.scope, seed=args.seed)
-    pb.save(model, args.out)
+    pb.save(model, out)
     sp = pb.sparsity(model)
     rows = [
         {"layer": r.name, "total": r.total, "zeros": r.zeros, "sparsity": r.sparsity}
@@ -318,11 +388,40 @@ def run_prune(args: argparse.Namespace) -> int:
     ]
     rows.append({"layer": "all", "total": sp.total, "zeros": sp.zeros, "sparsity": sp.sparsity})
     print(report.format_table(rows))
-    print(f"compression {sp.compression:.2f}x; saved {args.out}")
+    print(f"compression {sp.compression:.2f}x; saved {out}")
     return 0
 
 
 # --- export ---------------------------------------------------------------------------------
+
+
+class ModelNotInferredError(ValueError):
+    """No --model, and no usable results.json next to the checkpoint to take it from."""
+
+
+def _model_spec(
+    ckpt: Path, name: str | None, model_args: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The model (name, args) of a checkpoint: `name` if given, else the results.json's beside it.
+
+    `model_args` (from --model-arg) override the inferred args. Raises ModelNotInferredError.
+    """
+    if name is not None:
+        return name, model_args
+    results = ckpt.parent / "results.json"
+    if not results.is_file():
+        raise ModelNotInferredError(f"--model is required: no results.json next to {ckpt}")
+    try:
+        spec = json.loads(results.read_text())["config"]["model"]
+        name, inferred = spec["name"], spec.get("args", {})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ModelNotInferredError(
+            f"--model is required: {results} has no config.model.name (not a prunebound "
+            "results file?)"
+        ) from None
+    if not isinstance(name, str) or not isinstance(inferred, dict):
+        raise ModelNotInferredError(f"--model is required: {results} has a malformed config.model")
+    return name, {**inferred, **model_args}
 
 
 def add_export_parser(sub: Any) -> None:
@@ -330,12 +429,13 @@ def add_export_parser(sub: Any) -> None:
     p.add_argument("checkpoint", help="safetensors checkpoint written by prunebound")
     p.add_argument(
         "--model",
+        type=_model_name,
         help="model name (prunebound.models.MODELS); default: the model of the results.json "
         "next to the checkpoint",
     )
     p.add_argument("--model-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--format", choices=["csr", "dense"], default="csr")
-    p.add_argument("--batch-size", type=int, default=1, help="batch to measure at (default 1)")
+    p.add_argument("--batch-size", type=_pos_int, default=1, help="batch to measure at (default 1)")
     p.add_argument(
         "--input-shape", type=_ints, help="one sample's shape, e.g. 1,28,28 (measures convs)"
     )
@@ -355,13 +455,7 @@ def run_export(args: argparse.Namespace) -> int:
     import prunebound as pb
 
     ckpt = Path(args.checkpoint)
-    name, model_args = args.model, dict(args.model_arg)
-    if name is None:
-        results = ckpt.parent / "results.json"
-        if not results.is_file():
-            raise ValueError(f"--model is required: no results.json next to {ckpt}")
-        spec = json.loads(results.read_text())["config"]["model"]
-        name, model_args = spec["name"], {**spec.get("args", {}), **model_args}
+    name, model_args = _model_spec(ckpt, args.model, dict(args.model_arg))
     model = pb.models.build_model(name, **model_args)
     pb.load(model, ckpt)
     exported = pb.export(
@@ -522,7 +616,12 @@ def run_plan(args: argparse.Namespace) -> int:
 def add_certify_parser(sub: Any) -> None:
     p = sub.add_parser("certify", help="deterministic bound on a pruned checkpoint's output gap")
     p.add_argument("checkpoint", help="safetensors checkpoint written by prunebound (pruned)")
-    p.add_argument("--model", default="lenet_300_100", help="model name (default lenet_300_100)")
+    p.add_argument(
+        "--model",
+        type=_model_name,
+        default="lenet_300_100",
+        help="model name (default lenet_300_100)",
+    )
     p.add_argument("--model-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--radius", type=float, default=1.0, help="input ball radius R (default 1)")
     p.add_argument("--input-shape", type=_ints, help="one sample's shape (needed for conv)")
@@ -644,12 +743,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"prunebound {__version__}")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads", type=_pos_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    for p in sub.choices.values():  # for UsageError: the command's own usage line
+        p.set_defaults(command_parser=p)
     return parser
 
 
@@ -664,12 +765,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
             import torch
 
             torch.set_num_threads(args.threads)
         return handler(args)
+    except UsageError as e:  # argparse-style: usage, "prog cmd: error: ...", exit 2
+        command_parser: argparse.ArgumentParser = args.command_parser
+        command_parser.error(str(e))
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"prunebound {args.command}: error: {msg}", file=sys.stderr)

@@ -8,8 +8,10 @@ Results directory: `results.json` (config, versions, config hash, every round's 
 
 from __future__ import annotations
 
+import collections.abc
 import csv
 import hashlib
+import inspect
 import json
 import logging
 import platform
@@ -26,10 +28,10 @@ import numpy as np
 import torch
 
 from prunebound.checkpoint import save
-from prunebound.data import Dataset, load_dataset
+from prunebound.data import DATASETS, Dataset, load_dataset
 from prunebound.masks import sparsity
 from prunebound.methods import CONV
-from prunebound.models import build_model
+from prunebound.models import MODELS, build_model
 from prunebound.pipeline import NonFiniteError, TrainConfig
 from prunebound.resume import CHECKPOINT as CHECKPOINT  # re-exported: the run's file name
 from prunebound.resume import read_checkpoint, write_checkpoint
@@ -63,6 +65,8 @@ class DataSpec:
     max_test: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or self.name.lower().replace("_", "-") not in DATASETS:
+            raise ValueError(f"data.name must be one of {', '.join(DATASETS)}, got {self.name!r}")
         for key in ("max_train", "max_test"):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -103,8 +107,14 @@ class Experiment:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Experiment:
-        """Build from nested dicts; unknown keys and wrong types are refused, naming the key."""
+        """Build from nested dicts; unknown keys and wrong types are refused, naming the key.
+
+        `model.args` are checked against the model builder's signature and by building the
+        model once on the meta device (no memory, no RNG use), so a bad value fails here rather
+        than when the run starts.
+        """
         exp: Experiment = _build(cls, d, "")
+        check_model_spec(exp.model)
         return exp
 
     @classmethod
@@ -142,7 +152,7 @@ def _type_ok(value: Any, hint: Any, *, ints: bool = True) -> bool:
         return isinstance(value, float) or (ints and _is_plain_int(value))
     if hint is int:
         return _is_plain_int(value)
-    if origin is tuple:  # TOML arrays arrive as lists
+    if origin in (tuple, collections.abc.Sequence, list):  # TOML arrays arrive as lists
         args = typing.get_args(hint)
         return isinstance(value, list | tuple) and all(_type_ok(v, args[0]) for v in value)
     if origin is not None:
@@ -179,6 +189,57 @@ def _build(cls: Any, d: Mapping[str, Any], prefix: str) -> Any:
             value = tuple(float(v) if isinstance(v, int) else v for v in value)
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def check_model_spec(spec: ModelSpec) -> None:
+    """Refuse, naming the key, a model name or `model.args` its builder would not accept.
+
+    Unknown and missing keys are found from the builder's signature, wrong types from its
+    annotations; then the model is built once on the meta device (parameters without storage,
+    so even a large model costs nothing), which catches values the builder itself refuses.
+    """
+    if spec.name not in MODELS:
+        raise ValueError(
+            f"config: model.name: unknown model {spec.name!r}; valid names: "
+            f"{', '.join(sorted(MODELS))}"
+        )
+    builder = MODELS[spec.name]
+    params = inspect.signature(builder).parameters
+    named = {
+        n: p
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    any_key = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # unresolvable annotations of a user's builder: skip the type check
+        hints = {}
+    args = dict(spec.args)
+    for key, value in args.items():
+        if key not in named and not any_key:
+            raise ValueError(
+                f"config: unknown key 'model.args.{key}' for model {spec.name!r}; "
+                f"allowed: {sorted(named)}"
+            )
+        hint = hints.get(key)
+        if hint is not None and not _type_ok(value, hint):
+            raise ValueError(
+                f"config: model.args.{key} has the wrong type or value: {value!r} (expected {hint})"
+            )
+    for key, p in named.items():
+        if p.default is inspect.Parameter.empty and key not in args:
+            raise ValueError(f"config: model.args.{key} is required for model {spec.name!r}")
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            builder(**args)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        culprit = next((k for k in args if k in msg), None) or (
+            next(iter(args)) if len(args) == 1 else None
+        )
+        where = f"model.args.{culprit}" if culprit else "model.args"
+        raise ValueError(f"config: {where}: {msg} (model {spec.name!r})") from None
 
 
 @dataclass(frozen=True)

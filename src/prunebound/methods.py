@@ -121,7 +121,7 @@ def _positional(fn: Callable[..., object]) -> tuple[int, int] | None:
     return sum(p.default is inspect.Parameter.empty for p in pos), len(pos)
 
 
-def _ignore_generator(fn: Callable[[torch.Tensor], torch.Tensor]) -> ScoreFn:
+def _ignore_generator(fn: Callable[..., torch.Tensor]) -> ScoreFn:
     def scores(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return fn(weight)
 

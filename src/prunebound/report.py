@@ -12,14 +12,76 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+ROUND_KEYS = ("round", "sparsity", "compression", "accuracy", "loss", "sparse_flops", "layers")
+FINAL_KEYS = ("total", "zeros", "sparsity")
+FINAL_LAYER_KEYS = ("name", "shape", "total", "zeros", "sparsity")
+
 
 def load_results(directory: str | Path) -> dict[str, Any]:
-    """Read `results.json` from a run directory (FileNotFoundError if absent)."""
+    """Read and check `results.json` from a run directory.
+
+    Raises FileNotFoundError if absent, ValueError (one line, naming the first missing or
+    malformed key) if it is not a prunebound results file that `rounds_table`, `layers_table`
+    and `plot_run` can use.
+    """
     path = Path(directory) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {directory} a prunebound results directory?")
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = str(e).splitlines()[0]
+        raise ValueError(f"{path} is not a prunebound results file: invalid JSON ({msg})") from None
+    check_results(data, source=str(path))
+    checked: dict[str, Any] = data
+    return checked
+
+
+def check_results(results: Any, *, source: str = "results") -> None:
+    """Raise ValueError naming the first key a results dict lacks (or has of the wrong kind)."""
+
+    def bad(key: str, problem: str = "is missing") -> ValueError:
+        return ValueError(f"{source} is not a prunebound results file: key {key!r} {problem}")
+
+    if not isinstance(results, Mapping):
+        raise ValueError(f"{source} is not a prunebound results file: not a JSON object")
+    config = results.get("config")
+    if not isinstance(config, Mapping):
+        raise bad("config", "is missing" if config is None else "is not an object")
+    schedule = config.get("schedule")
+    if not isinstance(schedule, Mapping):
+        raise bad("config.schedule", "is missing" if schedule is None else "is not an object")
+    for key in ("kind", "method"):
+        if key not in schedule:
+            raise bad(f"config.schedule.{key}")
+    rounds = results.get("rounds")
+    if not isinstance(rounds, list):
+        raise bad("rounds", "is missing" if rounds is None else "is not a list")
+    if not rounds:
+        raise bad("rounds", "is empty")
+    for i, r in enumerate(rounds):
+        if not isinstance(r, Mapping):
+            raise bad(f"rounds[{i}]", "is not an object")
+        for key in ROUND_KEYS:
+            if key not in r:
+                raise bad(f"rounds[{i}].{key}")
+        if not isinstance(r["layers"], Mapping):
+            raise bad(f"rounds[{i}].layers", "is not an object")
+    final = results.get("final_sparsity")
+    if not final:
+        return
+    if not isinstance(final, Mapping):
+        raise bad("final_sparsity", "is not an object")
+    layers = final.get("layers", [])
+    if not isinstance(layers, list):
+        raise bad("final_sparsity.layers", "is not a list")
+    for i, ls in enumerate(layers):
+        for key in FINAL_LAYER_KEYS:
+            if not isinstance(ls, Mapping) or key not in ls:
+                raise bad(f"final_sparsity.layers[{i}].{key}")
+    for key in FINAL_KEYS if layers else ():
+        if key not in final:
+            raise bad(f"final_sparsity.{key}")
 
 
 PERCENT_WORDS = ("sparsity", "acc", "rate", "fraction")
