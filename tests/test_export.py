@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -257,6 +258,142 @@ def test_wide_layers_keep_16_bit_indices_exact(tmp_path: Path) -> None:
     loaded = pb.load_export(pb.save_export(exported, tmp_path / "w.safetensors"))
     assert torch.equal(loaded[0].col_indices, exported[0].col_indices)
     assert int(loaded[0].col_indices.max()) == 39999
+
+
+def _gpt2(n_embd: int, vocab: int, positions: int) -> tuple[nn.Module, Any]:
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (pip install 'prunebound[hf]')"
+    )
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=n_embd,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=positions,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)  # transformers initialises from the global RNG
+    return transformers.GPT2LMHeadModel(cfg).eval(), cfg
+
+
+def _tied_file_bytes(model: nn.Module, path: Path) -> int:
+    """Size of the dense safetensors file (a tied weight once, as safetensors' save_model)."""
+    safetensors.torch.save_model(model, str(path))
+    return path.stat().st_size
+
+
+@pytest.mark.parametrize("tied_pruned", [False, True])
+def test_gpt2_conv1d_export_is_compact_exact_and_keeps_ties(
+    tmp_path: Path, tied_pruned: bool
+) -> None:
+    # Conv1D weights have shape (in, out); they are stored as CSR like any pruned weight.
+    # Config with small embeddings: the 95%-pruned Conv1D layers dominate the dense file.
+    model, cfg = _gpt2(128, 16, 8)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    pb.prune(model, "magnitude", 0.95)  # the 8 Conv1D layers (embeddings and ties left alone)
+    if tied_pruned:  # the tied head/embedding too: its one copy is stored compactly
+        pb.prune(model, "magnitude", 0.95, layers=["transformer.wte", "lm_head"])
+    exported = pb.export(model)
+    path = pb.save_export(exported, tmp_path / "g.safetensors")
+    dense = _tied_file_bytes(pb.remove(copy.deepcopy(model)), tmp_path / "d.safetensors")
+    assert path.stat().st_size <= 0.10 * dense, f"export {path.stat().st_size} vs dense {dense}"
+    with safetensors.safe_open(str(path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "transformer.h.0.attn.c_attn.weight.values" in keys
+    assert "transformer.h.0.attn.c_attn.weight" not in keys
+    assert not any(k.startswith("lm_head.") for k in keys)  # the tied weight is stored once
+    wte = "transformer.wte.weight" + (".values" if tied_pruned else "")
+    assert wte in keys
+    assert json.loads(meta["aliases"]) == {"lm_head.weight": "transformer.wte.weight"}
+    template, _ = _gpt2(128, 16, 8)  # another instance: its own weights are not used
+    loaded = pb.load_export(path, model=template)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = pb.remove(copy.deepcopy(model))(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+    for key, t in pb.remove(copy.deepcopy(model)).state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], t), key  # restored exactly
+
+
+def test_gpt2_issue_config_conv1d_part_is_a_tenth(tmp_path: Path) -> None:
+    # with the larger embeddings of this config, the unpruned tensors alone are ~9% of the
+    # dense file; what the 95%-pruned Conv1D layers add must be <= 10% of their dense bytes
+    model, _ = _gpt2(64, 100, 32)
+    pb.prune(model, "magnitude", 0.95)
+    path = pb.save_export(pb.export(model), tmp_path / "g.safetensors")
+    dense_model = pb.remove(copy.deepcopy(model))
+    conv = {k for k in dense_model.state_dict() if k.endswith("weight") and ".h." in k}
+    conv -= {k for k in conv if ".ln_" in k}
+    assert len(conv) == 8
+    state = dense_model.state_dict()
+    rest = {k: t for k, t in state.items() if k not in conv and k != "lm_head.weight"}
+    conv_bytes = sum(state[k].numel() * 4 for k in conv)
+    rest_bytes = sum(t.numel() * t.element_size() for t in rest.values())
+    dense = _tied_file_bytes(dense_model, tmp_path / "d.safetensors")
+    assert path.stat().st_size < dense / 5  # it was larger than the dense file
+    assert path.stat().st_size - rest_bytes <= 0.10 * conv_bytes
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv3d])
+def test_conv1d_conv3d_export_is_compact_and_exact(tmp_path: Path, conv: Any) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(16, 96, 3), nn.ReLU(), conv(96, 96, 3), nn.ReLU(), nn.Flatten())
+    pb.prune(model, "magnitude", 0.95)
+    exported = pb.export(model)
+    path = pb.save_export(exported, tmp_path / "c.safetensors")
+    dense = file_bytes(pb.remove(copy.deepcopy(model)), tmp_path / "d.safetensors")
+    assert path.stat().st_size <= 0.10 * dense, f"export {path.stat().st_size} vs dense {dense}"
+    with safetensors.safe_open(str(path), "pt") as f:
+        assert "2.values" in set(f.keys()) and "2.weight" not in set(f.keys())
+    loaded = pb.load_export(path)  # a flat Sequential of Conv layers: no class needed
+    assert type(loaded[2]) is conv and loaded[2].weight.shape == model[2].weight.shape
+    spatial = (7,) * (3 if conv is nn.Conv3d else 1)
+    x = torch.randn((2, 16, *spatial), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(x), dense_out(model, x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(loaded[2].weight, pb.remove(copy.deepcopy(model))[2].weight)
+
+
+def test_version_1_files_still_load(tmp_path: Path) -> None:
+    # version 1: 32-bit row pointers, no `tensors` / `aliases` metadata
+    exported = pb.export(pruned_mlp(), layers={"0": "scipy_csr", "2": "dense", "4": "dense"})
+    path = pb.save_export(exported, tmp_path / "m.st")
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert json.loads(meta.pop("tensors")) == {} and json.loads(meta.pop("aliases")) == {}
+    for k in [k for k in tensors if k.endswith("crow_indices")]:
+        tensors[k] = tensors[k].to(torch.int32)
+    for k in [k for k in tensors if k.endswith("col_indices")]:
+        tensors[k] = tensors[k].to(torch.int16)
+    meta.update(version="1", digest=_digest(tensors))
+    safetensors.torch.save_file(tensors, tmp_path / "v1.st", metadata=meta)
+    loaded = pb.load_export(tmp_path / "v1.st")
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(x), exported(x), rtol=0, atol=0)
+
+
+def test_save_export_is_atomic_and_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exported = pb.export(pruned_mlp(), layers={"*": "scipy_csr"})
+    path = pb.save_export(exported, tmp_path / "m.st")
+    before = safetensors.torch.load_file(path)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    pb.save_export(exported, path)
+    assert synced and safetensors.torch.load_file(path).keys() == before.keys()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.st"]  # no temporary file left
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        pb.save_export(pb.export(pruned_mlp(0.5), layers={"*": "scipy_csr"}), path)
+    after = safetensors.torch.load_file(path)  # the previous file, intact
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.st"]
 
 
 def test_models_without_graph_need_their_class(tmp_path: Path) -> None:

@@ -546,3 +546,18 @@ def test_large_layer_path_bounds_exact_norms(
     monkeypatch.setattr(cmod, "_EXACT_MAX", 1024)
     exact_cert = certify(net, radius=1.0, relax=False)
     assert cert.bound >= exact_cert.bound * (1 - 1e-9)
+
+
+def test_nested_train_mode_layers_are_named() -> None:
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.Sequential(nn.ReLU(), nn.Dropout(0.5)), nn.Linear(16, 4)
+    ).eval()
+    model[1][1].train()  # type: ignore[index]
+    with pytest.raises(ValueError, match=r"'1\.1' \(Dropout\) with training=True"):
+        certify(model)
+    bn = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.BatchNorm1d(3))).eval()
+    bn[1][0].train()  # type: ignore[index]
+    with pytest.raises(ValueError, match=r"'1\.0' \(BatchNorm1d\) with training=True"):
+        certify(bn)
+    model.eval()
+    assert certify(model).bound == 0.0

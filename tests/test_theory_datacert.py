@@ -204,3 +204,64 @@ def test_check_law_bad_input() -> None:
         check_law(w, "uniform", scale=-1.0)
     with pytest.raises(ValueError, match="alpha must be"):
         check_law(w, "uniform", alpha=0.0)
+
+
+# ------------------------------------------------------------- data plans (pb.theory.plan law=data)
+
+
+def test_random_data_plan_prunes_the_certified_mask() -> None:
+    from prunebound.theory.datacert import _pruned_copy, _reference
+
+    net = _net(3)
+    xs = torch.randn(300, 8, generator=_gen(0))
+    xc = torch.randn(300, 8, generator=_gen(1))
+    eps, delta, alpha = 0.3, 0.05, 0.3
+    p = pb.theory.plan(
+        net, eps, delta, law="data", method="random", data=(xs, xc), alpha=alpha, seed=7
+    )
+    assert p.seed == 7 and p.to_dict()["seed"] == 7 and p.total_pruned > 0
+    certified = pb.masks(_pruned_copy(_reference(net), p.counts, "random", 7))
+    applied = pb.masks(pb.prune(copy.deepcopy(net), plan=p))
+    assert applied.keys() == certified.keys()
+    assert all(torch.equal(applied[k], certified[k]) for k in certified)
+    # the certificate in the notes is that of the pruned model
+    cert = data_certificate(pb.prune(copy.deepcopy(net), plan=p), xc, eps, delta)
+    assert f"<= {cert.exceed_upper:.4g}" in p.notes[0]
+    # an explicit seed still wins; magnitude plans record none
+    other = pb.masks(pb.prune(copy.deepcopy(net), plan=p, seed=8))
+    assert any(not torch.equal(other[k], certified[k]) for k in certified if p.counts[k])
+    pm = pb.theory.plan(net, eps, delta, law="data", data=(xs, xc), alpha=alpha)
+    assert pm.seed is None
+
+
+def test_data_plan_failing_certification_prunes_nothing() -> None:
+    net = _net(4)
+    xs = 1e-3 * torch.randn(300, 8, generator=_gen(0))  # tiny inputs: every pruning passes
+    xc = 1e3 * torch.randn(300, 8, generator=_gen(1))  # huge ones: the searched pruning fails
+    eps, delta, alpha = 0.1, 0.05, 0.2
+    counts, cert = search_data_plan(net, xs, xc, eps, delta, alpha)
+    assert sum(counts.values()) > 0 and cert.exceed_upper > alpha  # the scenario
+    p = pb.theory.plan(net, eps, delta, law="data", data=(xs, xc), alpha=alpha)
+    assert p.total_pruned == 0
+    assert "FAILED" in p.notes[0] and f"{cert.exceed_upper:.4g}" in p.notes[0]
+    assert f"alpha = {alpha:.4g}" in p.notes[0]
+    pruned = pb.prune(copy.deepcopy(net), plan=p)
+    assert data_certificate(pruned, xc, eps, delta).exceed == 0
+
+
+def test_data_plan_refuses_inputs_labels_and_overlapping_splits() -> None:
+    net = _net(5)
+    x = torch.randn(100, 8, generator=_gen(0))
+    y = torch.randint(0, 4, (100,), generator=_gen(1))
+    with pytest.raises(ValueError, match=r"looks like data=\(inputs, labels\)"):
+        pb.theory.plan(net, 0.1, 0.05, law="data", data=(x, y), alpha=0.2)
+    with pytest.raises(ValueError, match="differ in sample shape"):
+        pb.theory.plan(net, 0.1, 0.05, law="data", data=(x, torch.randn(100)), alpha=0.2)
+    with pytest.raises(ValueError, match="disjoint"):
+        pb.theory.plan(net, 0.1, 0.05, law="data", data=(x[:60], x[40:]), alpha=0.2)
+    with pytest.raises(ValueError, match="disjoint"):
+        search_data_plan(net, (x[:60], y[:60]), (x[40:], y[40:]), 0.1, 0.05, 0.2)
+    # the supported forms: disjoint views of one tensor, with or without labels
+    for data in [(x[:50], x[50:]), ((x[:50], y[:50]), (x[50:], y[50:])), (x[::2], x[1::2])]:
+        p = pb.theory.plan(net, 0.1, 0.05, law="data", data=data, alpha=0.3)
+        assert p.law == "data"

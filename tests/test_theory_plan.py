@@ -342,3 +342,39 @@ def test_gaussian_magnitude_plan_is_finite_without_warnings() -> None:
     p = plan([50, 40, 30], 0.5, 0.1, law="gaussian")
     assert p.total_pruned > 0
     assert all(lp.threshold is None or math.isfinite(lp.threshold) for lp in p.layers)
+
+
+# --- layers before the first prunable layer (audit bug 1) ---------------------------------------
+
+
+def _worst_gap(pruned: nn.Module, ref: nn.Module, d: int, n: int = 20000) -> float:
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
+    x = x / x.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        return float((pruned(x) - ref(x)).norm(dim=1).max())
+
+
+def test_plan_and_bound_account_for_a_leading_batchnorm() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[0].running_var.fill_(0.01)  # type: ignore[operator]
+    model.eval()
+    p = plan(model, eps=0.5, delta=0.05, law="trained")
+    pruned = pb.prune(copy.deepcopy(model), plan=p)
+    assert _worst_gap(pruned, model, 8) <= 0.5
+    # bound sees the 10x gain of the BatchNorm: the same counts without it certify less
+    b = bound(model, p.counts, 0.05, law="trained")
+    b_plain = bound(copy.deepcopy(model)[1:], p.counts, 0.05, law="trained")
+    assert b.eps <= 0.5 + 1e-9
+    assert b.eps > 5 * b_plain.eps
+    assert _worst_gap(pruned, model, 8) <= b.eps
+
+
+def test_leading_relu_and_dropout_map_the_ball_into_itself() -> None:
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Identity(), *body).eval()
+    counts = {"3": 40, "5": 10}
+    b = bound(model, counts, 0.05, law="trained")
+    b_body = bound(body, {"0": 40, "2": 10}, 0.05, law="trained")
+    assert b.eps == pytest.approx(b_body.eps)

@@ -124,18 +124,24 @@ def save(
     for k, t in (extra or {}).items():
         tensors[STATE_PREFIX + k] = t.detach().contiguous()
     meta = {"format": "prunebound", **(metadata or {}), _DIGEST: _digest(tensors)}
+    write_atomic(tensors, path, meta)
+    return path
+
+
+def write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically: a temporary file in the same folder, fsync'd, then
+    renamed over `path` (`os.replace`); a killed writer leaves the previous file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:  # data on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def read_file(

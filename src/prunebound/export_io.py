@@ -1,21 +1,33 @@
 """Exported models on disk: safetensors holding only the nonzero weights and their indices.
 
-File layout (`save_export`):
+File layout (`save_export`, format version 2):
 
-- each Linear/Conv weight whose compressed form is smaller than the dense one (sparse layers
-  always, dense-kernel layers with enough zeros) as three tensors `L.values`, `L.col_indices`,
-  `L.crow_indices` (compressed sparse rows of the weight flattened to (out, in*kh*kw)); column
-  indices are stored in 16 bits when the layer has <= 65536 columns, and widened on load;
-- every other parameter and buffer under its `state_dict` key;
+- each Linear/Conv1d/Conv2d/Conv3d weight whose compressed form is smaller than the dense one
+  (sparse layers always, dense-kernel layers with enough zeros) as three tensors `L.values`,
+  `L.col_indices`, `L.crow_indices` (compressed sparse rows of the weight flattened to
+  (out, in*kernel)); column indices are stored in 8 bits when the layer has <= 256 columns, in
+  16 bits when it has <= 65536, row pointers in 16 bits when there are < 65536 values (both
+  widened on load);
+- every other floating tensor of >= 2 dimensions (transformers' GPT-2 `Conv1D` weights, of
+  shape (in, out), embeddings, custom layers) likewise as `K.values`, `K.col_indices`,
+  `K.crow_indices` (CSR of the tensor flattened to (shape[0], rest)) when that is smaller,
+  listed with its shape in `tensors`;
+- every other parameter and buffer under its `state_dict` key; a tensor held under several
+  keys (tied weights: a language model's output head and its input embedding) is stored once,
+  under its first key, and `aliases` maps each other key to it;
 - JSON metadata: `format` ("prunebound-export"), `version`, `layers` (per layer: type, shape,
-  kernel, storage, conv hyper-parameters), `graph` (below), `report` and a SHA-256 `digest` of
-  the tensors, so a corrupt file is refused rather than loaded.
+  kernel, storage, conv hyper-parameters), `tensors` ({key: {"shape"}}), `aliases` ({key:
+  stored key}), `graph` (below), `report` and a SHA-256 `digest` of the tensors, so a corrupt
+  file is refused rather than loaded.
 
-`graph` describes a flat `nn.Sequential` whose children are Linear, Conv2d, their sparse forms,
-or one of `GRAPH_TYPES` (activations, Flatten, pooling, Dropout, BatchNorm1d/2d, Softmax):
+Version 1 files (no `tensors` or `aliases`; only Linear/Conv2d layers compressed) still load.
+
+`graph` describes a flat `nn.Sequential` whose children are Linear, Conv1d/2d/3d, the sparse
+forms, or one of `GRAPH_TYPES` (activations, Flatten, pooling, Dropout, BatchNorm1d/2d, Softmax):
 `load_export(path)` rebuilds such a model without its original class. Any other model (nested
 blocks, custom modules) is saved with `graph` null and loads with `load_export(path, model=m)`,
-where `m` is an instance of the original architecture (its weights are not used).
+where `m` is an instance of the original architecture (its weights are not used). Tied weights
+are tied again on load (the alias keys get the stored key's very tensor).
 """
 
 from __future__ import annotations
@@ -23,7 +35,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -35,7 +46,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from prunebound.checkpoint import _digest, read_file
+from prunebound.checkpoint import _digest, read_file, write_atomic
 from prunebound.export import (
     ExportReport,
     attach_report,
@@ -49,7 +60,8 @@ from prunebound.sparse import SparseConv2d, SparseLinear, check_csr, csr_tensor,
 __all__ = ["GRAPH_TYPES", "export_summary", "load_export", "save_export"]
 
 FORMAT = "prunebound-export"
-VERSION = "1"
+VERSION = "2"
+_READABLE = ("1", VERSION)
 _SPARSE_KEYS = ("values", "col_indices", "crow_indices")
 
 # type name -> (class, constructor arguments read back from the instance's attributes)
@@ -73,10 +85,16 @@ GRAPH_TYPES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine")),
 }
 _CONV_ARGS = ("stride", "padding", "dilation", "groups", "padding_mode")
+_DENSE_LAYERS: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+}
 
 
 def _layer_meta(m: nn.Module) -> dict[str, Any] | None:
-    """Metadata of a Linear/Conv2d (dense or sparse) layer; None for other modules."""
+    """Metadata of a Linear/Conv1d/2d/3d (dense or sparse) layer; None for other modules."""
     if isinstance(m, SparseLinear | SparseConv2d):
         meta: dict[str, Any] = {
             "type": "Linear" if isinstance(m, SparseLinear) else "Conv2d",
@@ -88,14 +106,14 @@ def _layer_meta(m: nn.Module) -> dict[str, Any] | None:
             conv = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation}
             meta["conv"] = {**conv, "groups": 1, "padding_mode": "zeros"}
         return meta
-    if isinstance(m, nn.Linear | nn.Conv2d):
+    if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
         meta = {
             "type": type(m).__name__,
             "shape": list(m.weight.shape),
             "kernel": "dense",
             "bias": m.bias is not None,
         }
-        if isinstance(m, nn.Conv2d):
+        if not isinstance(m, nn.Linear):
             meta["conv"] = {k: getattr(m, k) for k in _CONV_ARGS}
         return meta
     return None
@@ -108,7 +126,9 @@ def _graph(model: nn.Module, layer_names: set[str]) -> list[dict[str, Any]] | No
     graph: list[dict[str, Any]] = []
     for name, child in model.named_children():
         kind = type(child).__name__
-        if name in layer_names:
+        if name in layer_names and (
+            isinstance(child, SparseLinear | SparseConv2d) or _DENSE_LAYERS.get(kind) is type(child)
+        ):
             graph.append({"name": name, "type": "layer"})
         elif kind in GRAPH_TYPES and type(child) is GRAPH_TYPES[kind][0]:
             args = {a: getattr(child, a) for a in GRAPH_TYPES[kind][1]}
@@ -124,11 +144,17 @@ def _encode(
     """File tensors of a CSR weight if smaller than the dense weight, else None."""
     crow, col, values = csr
     cols = math.prod(shape[1:])
-    col = col.to(torch.int16) if cols <= 2**16 else col  # 16-bit pattern, widened on load
-    size = values.numel() * (values.element_size() + col.element_size()) + crow.numel() * 4
+    # the narrowest index type that holds the indices; 16-bit patterns are widened on load
+    if cols <= 2**8:
+        col = col.to(torch.uint8)
+    elif cols <= 2**16:
+        col = col.to(torch.int16)
+    crow = crow.to(torch.int16 if values.numel() < 2**16 else torch.int32)
+    size = values.numel() * (values.element_size() + col.element_size())
+    size += crow.numel() * crow.element_size()
     if size >= math.prod(shape) * values.element_size():
         return None
-    return {"values": values, "col_indices": col, "crow_indices": crow.to(torch.int32)}
+    return {"values": values, "col_indices": col, "crow_indices": crow}
 
 
 def _dense(
@@ -138,62 +164,94 @@ def _dense(
     return csr_tensor(crow, col, values, size).to_dense().reshape(tuple(shape))
 
 
+def _aliases(live: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{key: first key} for each state_dict key whose tensor is an earlier key's (tied weights:
+    the same tensor, or one with the same memory and layout)."""
+    first: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    for key, t in live.items():
+        if t.numel() == 0:
+            continue
+        ident = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+        if ident in first:
+            aliases[key] = first[ident]
+        else:
+            first[ident] = key
+    return aliases
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors`, contiguous, with a copy of each one overlapping an earlier one's memory
+    (safetensors refuses tensors sharing memory)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        t = t.detach().contiguous()
+        out[key] = t.clone() if t.numel() and t.untyped_storage().data_ptr() in seen else t
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+    return out
+
+
 def save_export(model: nn.Module, path: str | Path) -> Path:
     """Write an exported model (from `export`) to safetensors; see the module doc for the layout.
 
-    The write is atomic (temporary file, then rename). Returns the path. Raises ValueError for a
-    model that still has masks (export it first).
+    The write is atomic (temporary file, fsync, then rename). Tied weights are stored once.
+    Returns the path. Raises ValueError for a model that still has masks (export it first).
     """
     path = Path(path)
     if is_pruned(model):
         raise ValueError("save_export: the model still has masks; save pb.export(model) instead")
+    live = model.state_dict(keep_vars=True)
+    aliases = _aliases(live)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
+    done: set[str] = set(aliases)  # state_dict keys written (or, for aliases, not to write)
     for name, m in model.named_modules():
         meta = _layer_meta(m)
         if meta is None:
             continue
         prefix = f"{name}." if name else ""
+        enc = None
         if isinstance(m, SparseLinear | SparseConv2d):
             csr = (m.crow_indices, m.col_indices, m.values)
             enc = _encode(csr, meta["shape"])
             if enc is None:
                 tensors[prefix + "weight"] = _dense(*csr, meta["shape"])
-        else:
+            done.update(prefix + k for k in _SPARSE_KEYS)
+        elif prefix + "weight" not in aliases:  # a tied weight is written under its first key
             enc = _encode(to_csr(m.weight), meta["shape"])
+            if enc is not None:
+                done.add(prefix + "weight")
         if enc is not None:
             tensors.update({prefix + k: t.contiguous() for k, t in enc.items()})
         meta["storage"] = "sparse" if enc is not None else "dense"
         layers[name] = meta
-    seen: set[int] = set()
-    for key, t in model.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in layers and (
-            leaf in _SPARSE_KEYS or (leaf == "weight" and layers[owner]["storage"] == "sparse")
-        ):
-            continue  # written above
-        t = t.detach().contiguous()
-        # safetensors refuses tensors sharing memory (tied weights): store a copy
-        tensors[key] = t.clone() if t.data_ptr() in seen else t
-        seen.add(t.data_ptr())
+    compact: dict[str, dict[str, Any]] = {}
+    for key, t in live.items():
+        if key in done:
+            continue
+        t = t.detach()
+        if t.is_floating_point() and t.dim() >= 2 and t.numel():
+            enc = _encode(to_csr(t), t.shape)
+            if enc is not None:  # a pruned weight of any other layer type, stored compactly
+                tensors.update({f"{key}.{k}": v.contiguous() for k, v in enc.items()})
+                compact[key] = {"shape": list(t.shape)}
+                continue
+        tensors[key] = t
+    tensors = _unshared(tensors)
     report = getattr(model, "_prunebound_export", None)
     meta_json = {
         "format": FORMAT,
         "version": VERSION,
         "layers": json.dumps(layers),
+        "tensors": json.dumps(compact),
+        "aliases": json.dumps(aliases),
         "graph": json.dumps(_graph(model, set(layers))),
         "report": json.dumps(report.to_dict() if isinstance(report, ExportReport) else None),
         "digest": _digest(tensors),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=meta_json)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(tensors, path, meta_json)
     return path
 
 
@@ -202,12 +260,13 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, raw = read_file(path, "export file")
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path}: not a prunebound export (format {raw.get('format')!r})")
-    if raw.get("version") != VERSION:
+    if raw.get("version") not in _READABLE:
         raise ValueError(f"{path}: unsupported export version {raw.get('version')!r}")
     if raw.get("digest") != _digest(tensors):
         raise ValueError(f"{path}: corrupt export file (tensors do not match their SHA-256)")
     try:
         meta = {k: json.loads(raw[k]) for k in ("layers", "graph", "report")}
+        meta.update({k: json.loads(raw.get(k, "{}")) for k in ("tensors", "aliases")})
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupt export metadata ({e})") from None
     return tensors, meta
@@ -224,7 +283,8 @@ def _placeholder(meta: dict[str, Any]) -> nn.Module:
         return nn.Linear(shape[1], shape[0], bias=bias, device="meta")
     c = {k: _tuple(v) for k, v in meta["conv"].items()}
     c_in = shape[1] * c["groups"]
-    return nn.Conv2d(c_in, shape[0], tuple(shape[2:]), **c, bias=bias, device="meta")
+    conv = _DENSE_LAYERS[meta["type"]]
+    return conv(c_in, shape[0], tuple(shape[2:]), **c, bias=bias, device="meta")
 
 
 def _from_graph(graph: list[dict[str, Any]], layers: dict[str, Any]) -> nn.Sequential:
@@ -238,6 +298,30 @@ def _from_graph(graph: list[dict[str, Any]], layers: dict[str, Any]) -> nn.Seque
     return seq
 
 
+def _csr_parts(
+    state: dict[str, torch.Tensor], prefix: str, shape: Sequence[int], what: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pop and check the CSR tensors stored under `prefix` (16-bit columns widened)."""
+    crow, col, values = (state.pop(prefix + k, None) for k in _SPARSE_KEYS[::-1])
+    if crow is None or col is None or values is None:
+        raise ValueError(f"{what} lacks values or indices")
+    col, crow = (t.to(torch.int32) & 0xFFFF if t.dtype == torch.int16 else t for t in (col, crow))
+    if col.dtype == torch.uint8:
+        col = col.to(torch.int32)
+    crow = crow.to(col.dtype)
+    check_csr(crow, col, values, (shape[0], math.prod(shape[1:])), what)
+    return crow, col, values
+
+
+def _retie(out: nn.Module, aliases: dict[str, str]) -> None:
+    """Make each alias key hold the very tensor of its stored key again (tied weights)."""
+    for alias, key in aliases.items():
+        owner, _, leaf = key.rpartition(".")
+        tensor = getattr(out.get_submodule(owner), leaf)
+        owner, _, leaf = alias.rpartition(".")
+        setattr(out.get_submodule(owner), leaf, tensor)
+
+
 def _install(
     out: nn.Module, name: str, lm: dict[str, Any], state: dict[str, torch.Tensor], path: Path
 ) -> None:
@@ -246,14 +330,7 @@ def _install(
     prefix = f"{name}." if name else ""
     shape = tuple(lm["shape"])
     if lm["storage"] == "sparse":
-        parts = [state.pop(prefix + k, None) for k in ("crow_indices", "col_indices", "values")]
-        crow, col, values = parts
-        if crow is None or col is None or values is None:
-            raise ValueError(f"{path}: sparse layer {name!r} lacks values or indices")
-        if col.dtype == torch.int16:
-            col = col.to(torch.int32) & 0xFFFF
-        crow = crow.to(col.dtype)
-        check_csr(crow, col, values, (shape[0], math.prod(shape[1:])), f"{path}: layer {name!r}")
+        crow, col, values = _csr_parts(state, prefix, shape, f"{path}: layer {name!r}")
         if lm["kernel"] == "dense":
             state[prefix + "weight"] = _dense(crow, col, values, shape)
             return
@@ -301,7 +378,17 @@ def load_export(path: str | Path, *, model: nn.Module | None = None) -> nn.Modul
         state = dict(tensors)
         for name, lm in layers.items():
             _install(out, name, lm, state, path)
+        for key, tm in meta["tensors"].items():
+            shape = tuple(tm["shape"])
+            parts = _csr_parts(state, f"{key}.", shape, f"{path}: tensor {key!r}")
+            state[key] = _dense(*parts, shape)
+        aliases: dict[str, str] = meta["aliases"]
+        for alias, key in aliases.items():
+            if key not in state:
+                raise ValueError(f"{path}: {alias!r} is tied to {key!r}, which is not in the file")
+            state[alias] = state[key]
         out.load_state_dict(state, strict=True, assign=True)
+        _retie(out, aliases)
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: export does not fit the model ({e})") from None
     if meta["report"] is not None:
@@ -333,8 +420,10 @@ def export_summary(
         target = Path(path) if path is not None else Path(tmp) / "export.safetensors"
         save_export(exported, target)
         dense_file = Path(tmp) / "dense.safetensors"
+        live = dense.state_dict(keep_vars=True)
+        tied = _aliases(live)  # stored once, as in the export
         safetensors.torch.save_file(
-            {k: t.detach().contiguous() for k, t in dense.state_dict().items()}, dense_file
+            _unshared({k: t for k, t in live.items() if k not in tied}), dense_file
         )
         size, dense_size = target.stat().st_size, dense_file.stat().st_size
     p = next(dense.parameters())

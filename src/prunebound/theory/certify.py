@@ -102,10 +102,17 @@ def _check(model: nn.Module, radius: float) -> None:
     for name, p in model.named_parameters():
         if not _finite(p.detach()):
             raise ValueError(f"parameter {name!r} must be finite, got NaN or Inf")
-    if any(isinstance(m, nn.Dropout) for m in model.modules()) and model.training:
-        raise ValueError(
-            "model must be in eval mode (Dropout is the identity only in eval), got training=True"
-        )
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, _MODE_DEPENDENT):
+            raise ValueError(
+                f"model must be in eval mode (Dropout is the identity and BatchNorm uses running "
+                f"stats only in eval), got layer {name or '<model>'!r} ({type(m).__name__}) with "
+                "training=True; call model.eval()"
+            )
+
+
+# modules whose forward depends on `training` (Dropout variants, BatchNorm/InstanceNorm)
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
 
 
 _EXACT_MAX = 1024  # norm_bound's default: exact Gram eigenvalue up to this min dimension

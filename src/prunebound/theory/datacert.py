@@ -166,10 +166,41 @@ def data_certificate(
 
 
 def _pruned_copy(base: nn.Module, counts: dict[str, int], method: str, seed: int) -> nn.Module:
+    """`base` pruned with every layer's count (zeros included), the exact call
+    `prune(model, plan=p)` makes: same layers, same order, so a random method consumes the
+    generator seeded with `seed` identically and draws the same masks."""
     work = copy.deepcopy(base)
-    if any(counts.values()):
-        prune(work, method, counts={k: v for k, v in counts.items() if v > 0}, seed=seed)
+    prune(work, method, counts=dict(counts), seed=seed)
     return work
+
+
+def _interval(t: torch.Tensor) -> tuple[int, int]:
+    """First and last storage index a tensor (non-negative strides) touches."""
+    lo = int(t.storage_offset())
+    return lo, lo + sum(int(s - 1) * int(st) for s, st in zip(t.shape, t.stride(), strict=True))
+
+
+def _storage_indices(t: torch.Tensor) -> torch.Tensor:
+    return torch.arange(_interval(t)[1] + 1).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def overlapping(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do two tensors share any element of memory (views of one storage, e.g. x[:60], x[40:])?
+
+    Views of one storage that do not overlap (x[:50], x[50:]; x[::2], x[1::2]) are disjoint.
+    """
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if min(a.stride(), default=1) < 0 or min(b.stride(), default=1) < 0:
+        return True  # not expected from torch; be conservative
+    (lo_a, hi_a), (lo_b, hi_b) = _interval(a), _interval(b)
+    if hi_a < lo_b or hi_b < lo_a:
+        return False
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    return bool(torch.isin(_storage_indices(a).flatten(), _storage_indices(b).flatten()).any())
 
 
 def search_data_plan(
@@ -211,8 +242,17 @@ def search_data_plan(
         raise ValueError(f"grid must hold fractions in [0, 1], got {list(grid)}")
     xs, _ = _split(search_data)
     xc, _ = _split(certify_data)
-    if xs.data_ptr() == xc.data_ptr() and xs.shape == xc.shape:
-        raise ValueError("search_data and certify_data must be disjoint samples, got the same")
+    if xs.shape[1:] != xc.shape[1:] or xs.dtype != xc.dtype:
+        raise ValueError(
+            "search_data and certify_data must be inputs of one shape and dtype (each a tensor "
+            f"or (inputs, labels)), got {tuple(xs.shape)} {xs.dtype} and "
+            f"{tuple(xc.shape)} {xc.dtype}"
+        )
+    if overlapping(xs, xc):
+        raise ValueError(
+            "search_data and certify_data must be disjoint samples, got views sharing inputs "
+            "(same storage, overlapping)"
+        )
     base = _reference(model)
     ref_out = _outputs(base, xs, batch_size).double()
     sizes = {name: int(original_weight(m).numel()) for name, m in prunable_layers(base).items()}

@@ -122,14 +122,15 @@ def _oracles(
 def _propagate(
     orcs: Sequence[Oracle], counts: Sequence[int], radius: float, tgt: Target
 ) -> Propagation:
-    """Lemma A with the oracles' bounds; non-prunable offsets folded into the biases."""
+    """Lemma A with the oracles' bounds; non-prunable offsets folded into the biases, and the
+    input ball mapped through the steps before the first prunable layer (`Target.radius_in`)."""
     more = tgt.extra_bias if tgt.extra_bias is not None else [0.0] * len(orcs)
     return propagate(
         [o.norm_w() for o in orcs],
         [o.norm_kept(m) for o, m in zip(orcs, counts, strict=True)],
         [o.norm_delta(m) for o, m in zip(orcs, counts, strict=True)],
         [o.norm_b() + c for o, c in zip(orcs, more, strict=True)],
-        radius,
+        tgt.radius_in(radius),  # steps before the first prunable layer grow the ball
         tgt.lipschitz,
     )
 
@@ -178,6 +179,11 @@ def plan(
             gaussian: search on `n_search` sampled networks, certify on `n_cert` fresh ones
             with Clopper-Pearson at confidence 1 - alpha, alpha default 0.05; `seed` fixes
             the draws; a statistical guarantee, docs §6b, `theory.sampled.sampled_plan`).
+        data: law='data' only: (search_data, certify_data), two disjoint i.i.d. samples, each a
+            float tensor of inputs or (inputs, labels). A single (inputs, labels) pair is
+            refused (split it yourself); views sharing inputs are refused.
+        seed: law='data' with method='random': the seed of the mask searched and certified,
+            recorded as `Plan.seed`, which `prune(model, plan=p)` uses when given no seed.
 
     Returns:
         A `Plan`: per-layer counts, fractions, thresholds (magnitude: the high-probability upper
@@ -208,6 +214,7 @@ def plan(
             data=data,
             alpha=alpha,
             input_shape=input_shape,
+            seed=seed,
         )
     if bound == "sampled":
         theorem = plan(
@@ -435,6 +442,7 @@ def _data_plan(
     data: object,
     alpha: float | None,
     input_shape: tuple[int, ...] | None,
+    seed: int = 0,
 ) -> Plan:
     """law='data': T1's `search_data_plan` on (search, certify) splits, wrapped as a Plan (§5).
 
@@ -443,12 +451,29 @@ def _data_plan(
     """
     if not isinstance(target, torch.nn.Module):
         raise ValueError(f"law='data' needs an nn.Module target, got {type(target).__name__}")
-    if not (isinstance(data, tuple | list) and len(data) == 2):
-        raise ValueError(f"law='data' needs data=(search_data, certify_data), got {data!r:.60}")
+    search, certify_split = _data_splits(data)
     if alpha is None or not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1) for law='data', got {alpha!r}")
-    counts, cert = search_data_plan(target, data[0], data[1], eps, delta, alpha, method=method)
+    counts, cert = search_data_plan(
+        target, search, certify_split, eps, delta, alpha, method=method, seed=seed
+    )
     tgt = resolve(target, input_shape)
+    note = (
+        f"data plan: P_x(||f(x) - F(x)|| > {eps:.4g}) <= {cert.exceed_upper:.4g} "
+        f"(Clopper-Pearson, confidence {1 - delta:.4g}) on {cert.n} held-out inputs; "
+        "not a sup over the ball"
+    )
+    if cert.exceed_upper > alpha:
+        # the certify split rejects the searched pruning; trying smaller ones on the same split
+        # would select on it (no longer a valid test), so fall back to pruning nothing (gap 0)
+        note = (
+            f"data plan: certification FAILED: the Clopper-Pearson upper limit "
+            f"{cert.exceed_upper:.4g} of P_x(||f(x) - F(x)|| > {eps:.4g}) on {cert.n} held-out "
+            f"inputs exceeds alpha = {alpha:.4g} for the searched counts "
+            f"{ {k: v for k, v in counts.items() if v} }; this plan prunes nothing"
+        )
+        logger.warning(note)
+        counts = dict.fromkeys(counts, 0)
     layers = tuple(
         LayerPlan(
             name=s.name,
@@ -459,11 +484,6 @@ def _data_plan(
             delta_share=0.0,
         )
         for s in tgt.specs
-    )
-    note = (
-        f"data plan: P_x(||f(x) - F(x)|| > {eps:.4g}) <= {cert.exceed_upper:.4g} "
-        f"(Clopper-Pearson, confidence {1 - delta:.4g}) on {cert.n} held-out inputs; "
-        "not a sup over the ball"
     )
     return Plan(
         method=cast(Method, method),
@@ -476,4 +496,39 @@ def _data_plan(
         output_scale=0.0,
         split="data",
         notes=(note,),
+        seed=seed if method == "random" else None,  # prune(plan=p) redraws this exact mask
+        activation="relu" if tgt.relu_chain else "other",
+    )
+
+
+def _data_splits(data: object) -> tuple[Any, Any]:
+    """data=(search_data, certify_data), each inputs or (inputs, labels); refuse (x, y)."""
+    form = (
+        "law='data' needs data=(search_data, certify_data): two disjoint i.i.d. samples, each "
+        "a float tensor of inputs or a pair (inputs, labels), e.g. "
+        "data=((x[:n], y[:n]), (x[n:], y[n:]))"
+    )
+    if not (isinstance(data, tuple | list) and len(data) == 2):
+        raise ValueError(f"{form}; got {data!r:.60}")
+    parts = []
+    for which, part in zip(("search_data", "certify_data"), data, strict=True):
+        x = part[0] if isinstance(part, tuple | list) and len(part) == 2 else part
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{form}; {which} is a {type(part).__name__}")
+        if not (x.is_floating_point() or x.is_complex()):
+            hint = (
+                " (this looks like data=(inputs, labels): split it into two samples)"
+                if which == "certify_data"
+                else ""
+            )
+            raise ValueError(f"{form}; {which} inputs have dtype {x.dtype}{hint}")
+        parts.append(x)
+    if parts[0].shape[1:] != parts[1].shape[1:]:
+        raise ValueError(
+            f"{form}; search and certify inputs differ in sample shape: "
+            f"{tuple(parts[0].shape[1:])} vs {tuple(parts[1].shape[1:])} "
+            "(data=(inputs, targets)? split it into two samples)"
+        )
+    return (tuple(data[0]) if isinstance(data[0], list) else data[0]), (
+        tuple(data[1]) if isinstance(data[1], list) else data[1]
     )

@@ -28,6 +28,13 @@ class Target:
     extra_bias: tuple[float, ...] | None = None
     nonneg_input: tuple[bool, ...] | None = None  # layer l reads a ReLU output (h >= 0)
     relu_chain: bool = True  # ReLU alone between layers (widths and LayerSpec targets are)
+    # steps before the first prunable layer: ||phi(x)|| <= prefix_lipschitz ||x|| + prefix_offset
+    prefix_lipschitz: float = 1.0
+    prefix_offset: float = 0.0
+
+    def radius_in(self, radius: float) -> float:
+        """Radius of a ball holding the first prunable layer's input when ||x|| <= radius."""
+        return self.prefix_lipschitz * float(radius) + self.prefix_offset
 
 
 def resolve(target: object, input_shape: tuple[int, ...] | None) -> Target:
@@ -52,6 +59,7 @@ def _from_module(model: nn.Module, input_shape: tuple[int, ...] | None) -> Targe
     net = extract(model, input_shape)
     specs = tuple(net.specs)
     lips = tuple(net.lipschitz)
+    pre_lip, pre_off = _prefix(net)
     return Target(
         specs=specs,
         lipschitz=lips,
@@ -59,7 +67,20 @@ def _from_module(model: nn.Module, input_shape: tuple[int, ...] | None) -> Targe
         extra_bias=_extra_bias(net),
         nonneg_input=_nonneg_inputs(net),
         relu_chain=_relu_chain(net),
+        prefix_lipschitz=pre_lip,
+        prefix_offset=pre_off,
     )
+
+
+def _prefix(net: Any) -> tuple[float, float]:
+    """(L, c) with ||phi(x)|| <= L ||x|| + c for the steps phi before the first prunable layer
+    (BatchNorm, Sigmoid, pooling, ...): the first layer then reads a ball of radius L R + c."""
+    lip, off = 1.0, 0.0
+    for step in net.steps:
+        if step.spec is not None:
+            break
+        lip, off = step.lipschitz * lip, step.lipschitz * off + step.offset
+    return lip, off
 
 
 _KEEPS_NONNEG = (

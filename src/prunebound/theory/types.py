@@ -97,6 +97,9 @@ class Plan:
     # the network between the layers: "relu" (ReLU alone between layers, nothing after the
     # last: widths targets, LayerSpec lists, such modules) or "other" (verify cannot rebuild it)
     activation: Literal["relu", "other"] = "relu"
+    # the seed whose random mask the guarantee is about (law="data", method="random"): the plan
+    # certifies that one mask, and `prunebound.prune(model, plan=plan)` uses it when given no seed
+    seed: int | None = None
 
     @property
     def counts(self) -> dict[str, int]:
