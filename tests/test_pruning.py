@@ -211,3 +211,27 @@ def test_amount_zero_installs_empty_masks_and_amount_one_prunes_all(mlp: nn.Sequ
     assert all(v.all() for v in pb.masks(mlp).values())
     pb.prune(mlp, "magnitude", 1.0, scope="global")
     assert pb.sparsity(mlp).sparsity == 1.0
+
+
+@pytest.mark.parametrize("name", ["magnitude", "random"])
+def test_elementwise_sampling_selects_the_same_mask(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Global selection brackets its threshold from a strided sample of the weights for
+    elementwise methods; the same method without the flag scores every block: same masks."""
+    import prunebound.pruning as pruning
+
+    monkeypatch.setattr(pruning, "_SAMPLE", 64)  # small sample: many strides, tight brackets
+    monkeypatch.setattr(pruning, "_BLOCK", 128)
+    fast = pb.METHODS[name]
+    slow = pb.methods.Method(f"{name}_blocks", scores=fast.scores, blockwise=True)
+    a, b = make_mlp(), make_mlp()
+    b.load_state_dict(a.state_dict())
+    for amount, seed in ((0.3, 1), (0.6, 2)):  # the second call composes with the first mask
+        pb.prune(a, fast, amount, scope="global", seed=seed)
+        pb.prune(b, slow, amount, scope="global", seed=seed)
+        ma, mb = pb.masks(a), pb.masks(b)
+        assert ma.keys() == mb.keys()
+        assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    with pytest.raises(ValueError, match="elementwise needs per-weight scores"):
+        pb.methods.Method("rows", scores=fast.scores, unit="row", elementwise=True)

@@ -75,6 +75,10 @@ class Method:
             routine may score a large layer in blocks (keeps global pruning of 100M-parameter
             models lean). True for every built-in method; leave False for custom scores that need
             the whole tensor.
+        elementwise: the score of each weight depends only on that weight (and the generator),
+            so any subset of weights can be scored alone: global selection then brackets its
+            threshold from a strided sample without scoring every weight an extra time. True
+            for "magnitude" and "random".
     """
 
     name: str
@@ -83,6 +87,7 @@ class Method:
     unit: Literal["weight", "row"] = "weight"
     layer_types: tuple[type[nn.Module], ...] = PRUNABLE + OPT_IN
     blockwise: bool = False
+    elementwise: bool = False
 
     def __post_init__(self) -> None:
         if (self.scores is None) == (self.mask is None):
@@ -93,6 +98,8 @@ class Method:
             )
         if self.mask is not None and self.unit != "weight":
             raise ValueError(f"method {self.name!r}: mask functions work on single weights only")
+        if self.elementwise and (self.unit != "weight" or self.scores is None):
+            raise ValueError(f"method {self.name!r}: elementwise needs per-weight scores")
         if self.scores is not None and _positional(self.scores) == (1, 1):
             # `scores(weight)`: a deterministic score needs no generator
             object.__setattr__(self, "scores", _ignore_generator(self.scores))
@@ -174,8 +181,8 @@ def filter_(norm: int = 2) -> Method:
 
 
 METHODS: dict[str, Method] = {
-    "magnitude": Method("magnitude", scores=magnitude_scores, blockwise=True),
-    "random": Method("random", scores=random_scores, blockwise=True),
+    "magnitude": Method("magnitude", scores=magnitude_scores, blockwise=True, elementwise=True),
+    "random": Method("random", scores=random_scores, blockwise=True, elementwise=True),
     "bernoulli": Method("bernoulli", mask=bernoulli_mask),
     "neuron": neuron(2),
     "neuron_l1": neuron(1),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal, Protocol
@@ -31,17 +32,21 @@ _BLOCK = 1 << 21  # elements scored at once (8 MB of float32 scores)
 _SAMPLE = 1 << 18  # scores sampled to bracket the k-th smallest
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")  # runs ldconfig: look it up once
+    return ctypes.CDLL(name) if name else None
+
+
 def _libc_trim() -> None:
     """Hand freed heap pages back to the OS (glibc only; a no-op elsewhere).
 
     Streaming over blocks frees the same few MB again and again; glibc keeps such chunks in the
     heap, so without this the resident size grows by hundreds of MB on a 100M-weight model.
     """
-    name = ctypes.util.find_library("c")
-    if name:
-        libc = ctypes.CDLL(name)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class PlanLike(Protocol):
@@ -177,6 +182,20 @@ def _scored_blocks(
         _libc_trim()
 
 
+def _sampled_scores(
+    module: nn.Module, method: Method, g: torch.Generator, stride: int
+) -> torch.Tensor:
+    """Scores of every `stride`-th weight of `module` (flat order), pruned ones set to +inf."""
+    assert method.scores is not None
+    w = original_weight(module).detach().reshape(-1)[::stride]
+    mm = mask_module(module)
+    keep = mm.mask.reshape(-1)[::stride] if mm is not None else None
+    if keep is not None:
+        w = w * keep  # score the effective weight
+    s = method.scores(w, g).detach().float()
+    return s if keep is None else s.masked_fill(~keep, math.inf)
+
+
 def _kth_smallest(
     layers: list[nn.Module], method: Method, g: torch.Generator, k: int, n: int
 ) -> tuple[float, int]:
@@ -187,9 +206,12 @@ def _kth_smallest(
     """
     state = g.get_state()
     stride = max(1, n // _SAMPLE)
-    parts = [
-        s[::stride].clone() for _, _, s in _scored_blocks(layers, method, g)
-    ]  # no views: they pin blocks
+    if method.elementwise:  # score only the sampled weights
+        parts = [_sampled_scores(m, method, g, stride) for m in layers]
+    else:
+        parts = [
+            s[::stride].clone() for _, _, s in _scored_blocks(layers, method, g)
+        ]  # no views: they pin blocks
     sample = torch.cat(parts)
     sample = sample[torch.isfinite(sample)].sort().values
     m = sample.numel()
@@ -201,7 +223,7 @@ def _kth_smallest(
         g.set_state(state)
         below, cands = 0, []
         for _, _, s in _scored_blocks(layers, method, g):
-            below += int((s < lo).sum())
+            below += int(torch.count_nonzero(s < lo))
             cands.append(s[(s >= lo) & (s <= hi)])
         c = torch.cat(cands)
         if below < k <= below + c.numel():
