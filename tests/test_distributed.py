@@ -82,6 +82,11 @@ def _worker(ctx: DistContext, out: str, data: Dataset) -> None:
         mm.mask[0, :3] = ~mm.mask[0, :3]
     changed = ctx.broadcast_masks(copy)
     Path(out, f"rank{ctx.rank}.changed").write_text(str(changed))
+    # iterative random pruning: the ranks' generators stay in step, rank 0's masks broadcast
+    rand = _model()
+    it = Schedule(kind="iterative", method="random", steps=(0.3, 0.6), retrain_epochs=1)
+    run_schedule(rand, data, DENSE, it, generator=torch.Generator().manual_seed(1), dist=ctx)
+    pb.save(rand, Path(out) / f"iterative{ctx.rank}.safetensors")
     # BatchNorm: running statistics averaged at epoch ends keep the ranks identical
     bn = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
     pb.prune(bn, "magnitude", 0.5)
@@ -125,6 +130,15 @@ def test_ranks_hold_identical_masks_and_weights(two_ranks: tuple[Path, str, floa
     r1 = json.loads((out / "rank1.json").read_text())
     assert _without_seconds(r0) == _without_seconds(r1)
     assert [(out / f"rank{r}.changed").read_text() for r in range(2)] == ["0", "3"]
+    i0, im0 = read(out / "iterative0.safetensors")
+    i1, im1 = read(out / "iterative1.safetensors")
+    assert sorted(im0) == ["1", "3"]
+    assert all(torch.equal(im0[k], im1[k]) for k in im0), "iterative random masks differ"
+    assert all(torch.equal(i0[k], i1[k]) for k in i0), "iterative weights differ"
+    single = _model()
+    it = Schedule(kind="iterative", method="random", steps=(0.3, 0.6), retrain_epochs=1)
+    run_schedule(single, _data(), DENSE, it, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(pb.masks(single)[k], im0[k]) for k in im0)  # = one process
     b0, _ = read(out / "bn0.safetensors")
     b1, _ = read(out / "bn1.safetensors")
     assert "1.running_mean" in b0
@@ -183,6 +197,13 @@ def test_cli_nproc_2_writes_results_once_and_reproduces_the_library_run(
     assert "distributed: 2 ranks (gloo), largest difference between the ranks' final" in printed
     d = json.loads((tmp_path / "ddp" / "results.json").read_text())
     assert d["distributed"] == {"world_size": 2, "backend": "gloo", "max_rank_divergence": 0.0}
+    # the export line, measured by the launcher once the ranks are gone
+    assert d["export"]["bytes"] > 0 and d["export"]["speedup"] > 0
+    assert "export (csr): " in printed
+    # written once, by rank 0: one checkpoint, one model, no temporary or per-rank files
+    files = sorted(p.name for p in (tmp_path / "ddp").iterdir())
+    assert [f for f in files if "checkpoint" in f] == ["checkpoint.safetensors"]
+    assert not [f for f in files if f.endswith(".tmp") or "rank" in f]
     assert d["config_hash"] == exp.hash()  # the same config as a 1-process run
     # bit for bit the run of the library test (which matches one process within tolerance)
     library = json.loads((two_ranks[0] / "rank0.json").read_text())

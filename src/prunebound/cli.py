@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prunebound import report
-from prunebound.experiment import CHECKPOINT, DataSpec, Experiment, ModelSpec, run
+from prunebound.experiment import (
+    CHECKPOINT,
+    DataSpec,
+    Experiment,
+    ModelSpec,
+    add_export_summary,
+    run,
+)
 from prunebound.pipeline import TrainConfig
 from prunebound.schedule import Round, Schedule
 
@@ -295,7 +302,7 @@ def run_run(args: argparse.Namespace) -> int:
             if not ckpt.is_file():
                 raise
             raise RuntimeError(f"{e}. Checkpoint {ckpt} is intact: rerun with --resume") from None
-        d = report.load_results(exp.out_dir)
+        d = add_export_summary(exp)  # the ranks are gone: measure here
     elif ranks is not None and ranks.world_size > 1:
         pbd.check_world_size(exp.train.batch_size, ranks.world_size)
         with pbd.process_group(
@@ -309,6 +316,7 @@ def run_run(args: argparse.Namespace) -> int:
             d = run(exp, on_round=on_round, resume=args.resume, dist=ctx).to_dict()
         if not ctx.is_main:
             pbd.exit_process(0)  # this process is torchrun's rank: done, skip finalization
+        d = add_export_summary(exp)  # rank 0, the group closed: nobody waits on it now
     else:
         res = run(exp, on_round=None if exp.quiet else _print_round, resume=args.resume)
         d = res.to_dict()

@@ -389,6 +389,33 @@ def run(
     return result
 
 
+def add_export_summary(exp: Experiment) -> dict[str, Any]:
+    """After a distributed run, once its process group is closed: the export summary (file
+    size, measured speed-up) that rank 0 left out, added to `results.json`; returns the results.
+
+    Rank 0 cannot measure inside the run (the other ranks would wait at the group's teardown
+    while it times kernels), so the launcher (or rank 0 after the group is gone) does it here
+    from the run's own `model.safetensors`.
+    """
+    from prunebound.checkpoint import load
+    from prunebound.export_io import export_summary
+
+    out = Path(exp.out_dir)
+    d: dict[str, Any] = json.loads((out / "results.json").read_text())
+    if not any(r["sparsity"] > 0 for r in d["rounds"]):
+        return d
+    model = build_model(exp.model.name, seed=exp.seed, **dict(exp.model.args))
+    load(model, out / "model.safetensors")
+    convolutional = any(isinstance(m, CONV) for m in model.modules())
+    data = load_data(exp.data, exp.seed)
+    data = data.image() if convolutional else data.flat()
+    d["export"] = export_summary(model, data.input_shape, path=out / "model.export.safetensors")
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(d, indent=2))
+    tmp.replace(out / "results.json")
+    return d
+
+
 def write_results(result: RunResult, model: torch.nn.Module) -> None:
     """results.json, rounds.csv and model.safetensors into `result.out_dir`."""
     out = result.out_dir
