@@ -607,3 +607,21 @@ def test_exported_model_runs_with_grad_mode_on(
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.is_grad_enabled()
     torch.testing.assert_close(exported(x), dense_out(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("choice", ["sparse", "dense"])
+def test_a_model_that_is_one_layer_exports_and_loads_without_its_class(
+    tmp_path: Path, choice: str
+) -> None:
+    layer = nn.Linear(64, 32)
+    pb.prune(layer, "magnitude", 0.9)
+    exported = pb.export(layer, "csr", layers={"": choice})
+    want = pb.SparseLinear if choice == "sparse" else nn.Linear
+    assert type(exported) is want  # the model itself is replaced, not given an attribute ""
+    assert pb.export_report(exported).layers[0].kernel != "dense" or choice == "dense"
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), layer.eval()(x))
+        back = pb.load_export(pb.save_export(exported, tmp_path / "one.st"))
+        assert type(back) is want
+        torch.testing.assert_close(back(x), layer(x))

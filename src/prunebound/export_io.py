@@ -120,7 +120,13 @@ def _layer_meta(m: nn.Module) -> dict[str, Any] | None:
 
 
 def _graph(model: nn.Module, layer_names: set[str]) -> list[dict[str, Any]] | None:
-    """The layer graph of a flat Sequential of supported modules, else None."""
+    """The layer graph of a flat Sequential of supported modules (or of one supported layer,
+    the model itself: name ""), else None."""
+    if "" in layer_names:
+        ok = isinstance(model, SparseLinear | SparseConv2d) or (
+            _DENSE_LAYERS.get(type(model).__name__) is type(model)
+        )
+        return [{"name": "", "type": "layer"}] if ok else None
     if type(model) is not nn.Sequential:
         return None
     graph: list[dict[str, Any]] = []
@@ -287,7 +293,9 @@ def _placeholder(meta: dict[str, Any]) -> nn.Module:
     return conv(c_in, shape[0], tuple(shape[2:]), **c, bias=bias, device="meta")
 
 
-def _from_graph(graph: list[dict[str, Any]], layers: dict[str, Any]) -> nn.Sequential:
+def _from_graph(graph: list[dict[str, Any]], layers: dict[str, Any]) -> nn.Module:
+    if [n["name"] for n in graph] == [""]:  # the model is one layer
+        return _placeholder(layers[""])
     seq = nn.Sequential()
     for node in graph:
         if node["type"] == "layer":
@@ -324,18 +332,19 @@ def _retie(out: nn.Module, aliases: dict[str, str]) -> None:
 
 def _install(
     out: nn.Module, name: str, lm: dict[str, Any], state: dict[str, torch.Tensor], path: Path
-) -> None:
-    """Put layer `name` into `out` as the file describes; `state` keeps what load_state_dict
-    should still load (a dense weight, or the new sparse layer's buffers)."""
+) -> nn.Module:
+    """Put layer `name` into `out` as the file describes and return `out` (the new layer if
+    `name` is "", the model itself); `state` keeps what load_state_dict should still load (a
+    dense weight, or the new sparse layer's buffers)."""
     prefix = f"{name}." if name else ""
     shape = tuple(lm["shape"])
     if lm["storage"] == "sparse":
         crow, col, values = _csr_parts(state, prefix, shape, f"{path}: layer {name!r}")
         if lm["kernel"] == "dense":
             state[prefix + "weight"] = _dense(crow, col, values, shape)
-            return
+            return out
     elif lm["kernel"] == "dense":
-        return
+        return out
     else:
         crow, col, values = to_csr(state.pop(prefix + "weight"))
     bias = state.pop(prefix + "bias", None)
@@ -345,9 +354,12 @@ def _install(
     else:
         conv = {k: tuple(lm["conv"][k]) for k in ("stride", "padding", "dilation")}
         new = SparseConv2d(crow, col, values, shape, bias, lm["kernel"], **conv)
+    state.update({prefix + k: t for k, t in new.state_dict().items()})
+    if not name:
+        return new
     parent, _, leaf = name.rpartition(".")
     setattr(out.get_submodule(parent), leaf, new)
-    state.update({prefix + k: t for k, t in new.state_dict().items()})
+    return out
 
 
 def load_export(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
@@ -377,7 +389,7 @@ def load_export(path: str | Path, *, model: nn.Module | None = None) -> nn.Modul
             )
         state = dict(tensors)
         for name, lm in layers.items():
-            _install(out, name, lm, state, path)
+            out = _install(out, name, lm, state, path)
         for key, tm in meta["tensors"].items():
             shape = tuple(tm["shape"])
             parts = _csr_parts(state, f"{key}.", shape, f"{path}: tensor {key!r}")
