@@ -543,13 +543,30 @@ def test_numba_kernel_float64_and_wide_layers(dtype: torch.dtype, in_features: i
         torch.testing.assert_close(exported(x), dense_out(model, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif("numba_csr" not in KERNELS, reason="numba is not installed")
+@pytest.mark.parametrize("kernel", ["numba_csr", "numba_csr_1t"])
+def test_numba_kernels_on_long_rows_short_rows_and_empty_rows(kernel: str) -> None:
+    # rows of 0 .. 300 nonzeros: the unrolled main loop (8 per step) and every tail length
+    lin = nn.Linear(300, 40)
+    with torch.no_grad():
+        keep = torch.arange(300)[None, :] < (torch.arange(40) * 7.7).long()[:, None]
+        lin.weight.mul_(keep)
+    exported = pb.export(nn.Sequential(lin), layers={"*": kernel})
+    assert pb.export_report(exported).layers[0].kernel == kernel
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 3):
+        x = torch.randn(batch, 300, generator=g)
+        torch.testing.assert_close(exported(x), lin(x).detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_numba_kernel_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a)
     )
     kernels = sparse_module._kernels()
-    assert "numba_csr" not in kernels and "scipy_csr" in kernels
+    assert "numba_csr" not in kernels and "numba_csr_1t" not in kernels
+    assert "scipy_csr" in kernels
 
 
 def test_in_model_check_reverts_a_layer_that_is_slower_inside_the_model(

@@ -10,7 +10,9 @@
   thread, run on a small thread pool (scipy releases the GIL);
 - `numba_csr` (only where numba is installed): parallel numba CSR kernels with 16-bit column
   indices (`prunebound._numba_kernels`); its (out, N) output, seen transposed by the next
-  SparseLinear, is already the contiguous (in, N) input that kernel wants.
+  SparseLinear, is already the contiguous (in, N) input that kernel wants;
+- `numba_csr_1t`: the same kernels on one thread (at batch 1 the hand-off to a second thread
+  can cost as much as it saves).
 
 Which one is fastest depends on the shape, the density, the batch and the machine, so `export`
 measures them per layer. These layers are for inference only: outputs carry no gradient.
@@ -18,6 +20,7 @@ measures them per layer. These layers are for inference only: outputs carry no g
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import warnings
@@ -132,7 +135,12 @@ class _NumbaCSR:
     thread pool (the compiled kernels release the GIL)."""
 
     def __init__(
-        self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+        self,
+        crow: torch.Tensor,
+        col: torch.Tensor,
+        values: torch.Tensor,
+        shape: tuple[int, int],
+        threads: int | None = None,
     ) -> None:
         from prunebound import _numba_kernels  # lazily: compiles or loads the cached kernels
 
@@ -143,7 +151,7 @@ class _NumbaCSR:
         self.indices = cols.astype(np.uint16) if narrow else cols.astype(np.int32, copy=False)
         self.data = values.numpy()
         self.rows = shape[0]
-        threads = max(1, torch.get_num_threads())
+        threads = max(1, torch.get_num_threads()) if threads is None else threads
         targets = np.linspace(0, int(self.indptr[-1]), threads + 1)[1:-1]
         cuts = [0, *np.searchsorted(self.indptr, targets).tolist(), shape[0]]
         self.bounds = [(int(a), int(b)) for a, b in itertools.pairwise(cuts) if b > a]
@@ -185,6 +193,10 @@ def _kernels() -> dict[str, Kernel]:
     ]
     if importlib.util.find_spec("numba") is not None:  # optional: unavailable without numba
         kernels.append(Kernel("numba_csr", _NumbaCSR, _numba_matmul))
+        # one thread: no hand-off to a second thread, which at batch 1 can cost what it saves
+        kernels.append(
+            Kernel("numba_csr_1t", functools.partial(_NumbaCSR, threads=1), _numba_matmul)
+        )
     return {k.name: k for k in kernels}
 
 
