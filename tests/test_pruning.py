@@ -235,3 +235,19 @@ def test_elementwise_sampling_selects_the_same_mask(
         assert all(torch.equal(ma[k], mb[k]) for k in ma)
     with pytest.raises(ValueError, match="elementwise needs per-weight scores"):
         pb.methods.Method("rows", scores=fast.scores, unit="row", elementwise=True)
+
+
+def test_numpy_float_amounts_count_like_python_floats() -> None:
+    import numpy as np
+
+    for amount in (np.float32(0.25), np.float64(0.25), np.float16(0.25)):
+        lin = nn.Linear(8, 4)
+        pb.prune(lin, "magnitude", amount)
+        assert int((~pb.masks(lin)[""]).sum()) == 8
+    lin = nn.Linear(8, 4)
+    for bad in (np.int64(1), torch.tensor(0.5), 1):
+        with pytest.raises(TypeError, match="amount must be a float fraction"):
+            pb.prune(lin, "magnitude", bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="amount must be in"):
+        pb.prune(lin, "magnitude", np.float32("nan"))
+    assert pb.masks(lin) == {}

@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,14 +61,16 @@ class PlanLike(Protocol):
 
 
 def _check_amount(amount: object) -> float:
-    if isinstance(amount, bool) or not isinstance(amount, float):
+    """A float (Python or numpy, any width) in [0, 1]; ints are refused (no count meaning)."""
+    if isinstance(amount, bool) or not isinstance(amount, float | np.floating):
         raise TypeError(
             f"amount must be a float fraction in [0, 1], got {amount!r} ({type(amount).__name__}); "
             "for exact numbers of weights pass counts={layer: n}"
         )
-    if not 0.0 <= amount <= 1.0:  # also rejects NaN
+    value = float(amount)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"amount must be in [0, 1], got {amount!r}")
-    return amount
+    return value
 
 
 def _generator(seed: int | torch.Generator | None) -> torch.Generator:
