@@ -510,7 +510,9 @@ def test_cli_export_from_a_results_directory(
     torch.testing.assert_close(loaded(x), dense_out(model, x), rtol=1e-5, atol=1e-5)
     # without results.json the architecture must be named, as for `prunebound prune`
     (tmp_path / "results.json").unlink()
-    assert main(["export", str(tmp_path / "model.safetensors")]) == 1
+    with pytest.raises(SystemExit) as e:  # a usage error, as for `prunebound prune`
+        main(["export", str(tmp_path / "model.safetensors")])
+    assert e.value.code == 2
     assert "--model is required" in capsys.readouterr().err
     pb.save(pb.models.build_model("mlp", widths=[12, 16, 8, 3]), tmp_path / "dense.safetensors")
     argv = [

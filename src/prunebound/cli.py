@@ -29,6 +29,8 @@ from prunebound.pipeline import TrainConfig
 from prunebound.schedule import Round, Schedule
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from prunebound.distributed import DistContext
 
 Handler = Callable[[argparse.Namespace], int]
@@ -350,8 +352,8 @@ def _run_rank(ctx: DistContext, exp: Experiment, resume: bool, log_level: int) -
 # --- prune ----------------------------------------------------------------------------------
 
 
-def add_prune_parser(sub: Any) -> None:
-    p = sub.add_parser("prune", help="prune a checkpoint and save it")
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """CHECKPOINT, --model (inferred from the results.json beside it) and --model-arg."""
     p.add_argument("checkpoint", help="safetensors checkpoint written by prunebound")
     p.add_argument(
         "--model",
@@ -360,6 +362,25 @@ def add_prune_parser(sub: Any) -> None:
         "next to the checkpoint",
     )
     p.add_argument("--model-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+
+
+def _load_checkpoint(args: argparse.Namespace) -> nn.Module:
+    """The model named by --model (or inferred) with the checkpoint's weights and masks."""
+    import prunebound as pb
+
+    ckpt = Path(args.checkpoint)
+    try:
+        name, model_args = _model_spec(ckpt, args.model, dict(args.model_arg))
+    except ModelNotInferredError as e:
+        raise UsageError(f"{e}; pass --model NAME (and --model-arg KEY=VALUE as needed)") from None
+    model = pb.models.build_model(name, **model_args)
+    pb.load(model, ckpt)
+    return model
+
+
+def add_prune_parser(sub: Any) -> None:
+    p = sub.add_parser("prune", help="prune a checkpoint and save it")
+    _add_checkpoint_args(p)
     p.add_argument(
         "--method", type=_method, default="magnitude", help="a key of prunebound.METHODS"
     )
@@ -381,12 +402,7 @@ def run_prune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.stem}.pruned.safetensors")
     if out.resolve() == ckpt.resolve():
         raise UsageError(f"--out {out} is the input checkpoint: choose another path")
-    try:
-        name, model_args = _model_spec(ckpt, args.model, dict(args.model_arg))
-    except ModelNotInferredError as e:
-        raise UsageError(f"{e}; pass --model NAME (and --model-arg KEY=VALUE as needed)") from None
-    model = pb.models.build_model(name, **model_args)
-    pb.load(model, ckpt)
+    model = _load_checkpoint(args)
     pb.prune(model, args.method, args.amount, scope=args.scope, seed=args.seed)
     pb.save(model, out)
     sp = pb.sparsity(model)
@@ -434,14 +450,7 @@ def _model_spec(
 
 def add_export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="export a pruned checkpoint for sparse inference")
-    p.add_argument("checkpoint", help="safetensors checkpoint written by prunebound")
-    p.add_argument(
-        "--model",
-        type=_model_name,
-        help="model name (prunebound.models.MODELS); default: the model of the results.json "
-        "next to the checkpoint",
-    )
-    p.add_argument("--model-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    _add_checkpoint_args(p)
     p.add_argument("--format", choices=["csr", "dense"], default="csr")
     p.add_argument("--batch-size", type=_pos_int, default=1, help="batch to measure at (default 1)")
     p.add_argument(
@@ -463,9 +472,7 @@ def run_export(args: argparse.Namespace) -> int:
     import prunebound as pb
 
     ckpt = Path(args.checkpoint)
-    name, model_args = _model_spec(ckpt, args.model, dict(args.model_arg))
-    model = pb.models.build_model(name, **model_args)
-    pb.load(model, ckpt)
+    model = _load_checkpoint(args)
     exported = pb.export(
         model,
         args.format,
