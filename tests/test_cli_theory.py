@@ -39,8 +39,10 @@ def test_plan_relative_eps_and_conv(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_plan_bad_input_exits_nonzero(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", "--widths", "64,32,10", "--eps", "0.3", "--delta", "1.5"]) == 1
-    assert "delta must be in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a bad value is a usage error
+        main(["plan", "--widths", "64,32,10", "--eps", "0.3", "--delta", "1.5"])
+    assert e.value.code == 2
+    assert "expected a number in (0, 1), got '1.5'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plan", "--widths", "64,x", "--eps", "0.3"])
     with pytest.raises(SystemExit):
@@ -52,7 +54,7 @@ def test_certify_a_pruned_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtu
     pb.prune(model, "magnitude", 0.5)
     path = tmp_path / "lenet.safetensors"
     pb.save(model, path)
-    common = ["certify", str(path), "--model-arg", "in_features=64"]
+    common = ["certify", str(path), "--model", "lenet_300_100", "--model-arg", "in_features=64"]
     assert main([*common, "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     ref = pb.theory.certify(model.eval(), radius=1.0)
@@ -67,6 +69,9 @@ def test_certify_a_pruned_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([*common, "--radius", "2"]) == 0
     out = capsys.readouterr().out
     assert "||Delta||" in out and "sup_{||x||<=2}" in out
+    with pytest.raises(SystemExit) as e:  # no --model and no results.json beside it
+        main(["certify", str(path)])
+    assert e.value.code == 2 and "pass --model" in capsys.readouterr().err
 
 
 def test_verify_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

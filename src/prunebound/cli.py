@@ -111,6 +111,17 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _open_unit(text: str) -> float:
+    """A probability in the open interval (0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return v
+
+
 def _method(text: str) -> str:
     """A key of prunebound.METHODS (checked when parsing, so registered methods count)."""
     from prunebound.methods import get_method
@@ -545,7 +556,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     e = p.add_mutually_exclusive_group(required=True)
     e.add_argument("--eps", type=float, help="allowed sup_{||x||<=R} ||f(x) - F(x)||, absolute")
     e.add_argument("--rel-eps", type=float, help="eps relative to the output scale r_L")
-    p.add_argument("--delta", type=float, default=0.05, help="failure probability (def. 0.05)")
+    p.add_argument(
+        "--delta", type=_open_unit, default=0.05, help="failure probability in (0, 1) (def. 0.05)"
+    )
     p.add_argument("--method", choices=["magnitude", "random"], default="magnitude")
     p.add_argument("--law", choices=["uniform", "gaussian"], default="uniform")
     p.add_argument("--split", choices=["optimized", "equal", "params"], default="optimized")
@@ -630,15 +643,10 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def add_certify_parser(sub: Any) -> None:
     p = sub.add_parser("certify", help="deterministic bound on a pruned checkpoint's output gap")
-    p.add_argument("checkpoint", help="safetensors checkpoint written by prunebound (pruned)")
+    _add_checkpoint_args(p)
     p.add_argument(
-        "--model",
-        type=_model_name,
-        default="lenet_300_100",
-        help="model name (default lenet_300_100)",
+        "--radius", type=_positive_float, default=1.0, help="input ball radius R (default 1)"
     )
-    p.add_argument("--model-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--radius", type=float, default=1.0, help="input ball radius R (default 1)")
     p.add_argument("--input-shape", type=_ints, help="one sample's shape (needed for conv)")
     p.add_argument("--json", action="store_true", help="print the certificate as JSON")
     p.set_defaults(handler=run_certify)
@@ -647,8 +655,7 @@ def add_certify_parser(sub: Any) -> None:
 def run_certify(args: argparse.Namespace) -> int:
     import prunebound as pb
 
-    model = pb.models.build_model(args.model, **dict(args.model_arg))
-    pb.load(model, args.checkpoint)
+    model = _load_checkpoint(args)
     cert = pb.theory.certify(model.eval(), radius=args.radius, input_shape=args.input_shape)
     if args.json:
         print(json.dumps(cert.to_dict(), indent=1))
