@@ -98,3 +98,17 @@ def test_plan_sampled_bound_matches_the_library(capsys: pytest.CaptureFixture[st
     ref = plan([16, 12, 8, 4], 0.4, 0.05, method="random", bound="sampled")
     assert got["counts"] == ref.counts and got["split"] == "sampled"
     assert ref.total_pruned > plan([16, 12, 8, 4], 0.4, 0.05, method="random").total_pruned
+
+
+def test_plan_largest_prints_planned_vs_empirical(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--widths", "64,32,10", "--rel-eps", "0.2", "--largest", "12"]
+    assert main([*args, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    lf = d["largest_fraction"]
+    planned = [lp["fraction"] for lp in d["layers"]]
+    assert lf["planned"] == pytest.approx(planned)
+    for e, p, r in zip(lf["empirical"], lf["planned"], lf["ratio"], strict=True):
+        assert 0 <= e <= 1 and (r is None if p == 0 else r == pytest.approx(e / p))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "empirically largest fractions along the plan" in out and "ratio" in out
