@@ -184,3 +184,17 @@ def test_half_precision_models_certify_in_float64(dtype: torch.dtype) -> None:
         w = pb.original_weight(layer).detach().double()
         exact = float(torch.linalg.matrix_norm(w, 2))
         assert exact <= term.norm_w <= exact * (1 + 1e-9)
+
+
+def test_masks_follow_the_model_to_another_device() -> None:
+    """No GPU here: the meta device stands in for one (a device move, no data). Masks are
+    buffers of the parametrization, so `.to(device)` moves them with the weights."""
+    net = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4))
+    pb.prune(net, "magnitude", 0.6)
+    net.to("meta")
+    for name, keep in pb.masks(net).items():
+        layer = net.get_submodule(name)
+        assert keep.device.type == "meta" and keep.dtype == torch.bool
+        assert layer.weight.device.type == "meta"
+    out = net(torch.empty(2, 10, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 4)
