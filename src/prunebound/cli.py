@@ -40,14 +40,26 @@ class UsageError(Exception):
     """A bad combination of arguments found by a handler: exit 2 with the command's usage."""
 
 
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
+def _float_where(ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """An argparse type: a float with `ok(value)` (NaN never passes), else "expected ..."."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not ok(v):  # comparisons with NaN are False: refused too
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return v
+
+    parse.__name__ = expected
+    return parse
+
+
+_fraction = _float_where(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+_sparsity = _float_where(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")  # 1 prunes everything
+_open_unit = _float_where(lambda v: 0.0 < v < 1.0, "a number in (0, 1)")  # a probability
+_positive_float = _float_where(lambda v: v > 0.0, "a number > 0")
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -70,17 +82,6 @@ def _ints(text: str) -> tuple[int, ...]:
     return v
 
 
-def _sparsity(text: str) -> float:
-    """A target sparsity: [0, 1) (1.0 would prune every weight)."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return v
-
-
 def _int_at_least(lo: int) -> Callable[[str], int]:
     """An argparse type: an int >= lo."""
 
@@ -99,27 +100,6 @@ def _int_at_least(lo: int) -> Callable[[str], int]:
 
 _nonneg_int = _int_at_least(0)
 _pos_int = _int_at_least(1)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not v > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
-
-
-def _open_unit(text: str) -> float:
-    """A probability in the open interval (0, 1)."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return v
 
 
 def _method(text: str) -> str:
