@@ -174,6 +174,11 @@ def _lr_factor(config: TrainConfig, epoch: int) -> float:
     return 1.0
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of `n` examples (the last batch may be shorter)."""
+    return -(-n // batch_size)
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -227,7 +232,7 @@ def train(
     net = model if dist is None else dist.wrap(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: _lr_factor(config, e))
     n = data.x_train.shape[0]
-    per_epoch = -(-n // config.batch_size)  # optimizer steps per epoch
+    per_epoch = steps_per_epoch(n, config.batch_size)
     losses: list[float] = []
     accs: list[float] = []
     lrs: list[float] = []

@@ -25,7 +25,14 @@ from prunebound.checkpoint import rewind, snapshot
 from prunebound.data import Dataset
 from prunebound.masks import mask_module, original_weight, prunable_layers, sparsity
 from prunebound.methods import METHODS
-from prunebound.pipeline import NonFiniteError, TrainConfig, TrainState, evaluate, train
+from prunebound.pipeline import (
+    NonFiniteError,
+    TrainConfig,
+    TrainState,
+    evaluate,
+    steps_per_epoch,
+    train,
+)
 from prunebound.pruning import prune
 
 if TYPE_CHECKING:
@@ -370,7 +377,7 @@ def run_schedule(
             f"schedule.rewind_epoch={schedule.rewind_epoch} exceeds train.epochs={dense.epochs}"
         )
     if schedule.kind == "lottery" and schedule.rewind_step is not None:
-        n_steps = dense.epochs * math.ceil(data.x_train.shape[0] / dense.batch_size)
+        n_steps = dense.epochs * steps_per_epoch(data.x_train.shape[0], dense.batch_size)
         if schedule.rewind_step > n_steps:
             raise ValueError(
                 f"schedule.rewind_step={schedule.rewind_step} exceeds the dense run's {n_steps} "
@@ -396,7 +403,7 @@ def run_schedule(
 
     def keep(epoch: int, m: nn.Module) -> None:
         nonlocal rewind_to
-        if schedule.rewind_step is None and epoch == schedule.rewind_epoch:
+        if epoch == schedule.rewind_epoch:  # never with rewind_step (rewind_epoch is 0)
             rewind_to = snapshot(m)
 
     def keep_step(step: int, m: nn.Module) -> None:
