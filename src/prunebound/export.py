@@ -440,13 +440,15 @@ def export(
             in_shape = (batch_size, m.in_features)
         row = _decide(row, m, overrides.get(name), in_shape, (min_sparsity, candidates), cache)
         rows.append(row)
-        if row.kernel != "dense" and name == "":  # the model is this one layer
-            out = _sparse_module(m, row.kernel)  # measured alone = measured as the model
-        elif row.kernel != "dense":
-            parent, _, leaf = name.rpartition(".")
-            setattr(out.get_submodule(parent), leaf, _sparse_module(m, row.kernel))
-            if overrides.get(name) is None:
-                auto[name] = m
+        if row.kernel == "dense":
+            continue
+        if not name:  # the model is this one layer: measured alone = measured as the model
+            out = _sparse_module(m, row.kernel)
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(out.get_submodule(parent), leaf, _sparse_module(m, row.kernel))
+        if overrides.get(name) is None:
+            auto[name] = m
     if example is not None and auto:
         rows = _check_in_model(out, rows, auto, example)
         rows = _check_whole_model(out, rows, auto, example)

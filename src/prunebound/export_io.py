@@ -119,22 +119,25 @@ def _layer_meta(m: nn.Module) -> dict[str, Any] | None:
     return None
 
 
+def _rebuildable(m: nn.Module) -> bool:
+    """A layer `_placeholder` can rebuild from its metadata: a sparse layer or a plain
+    Linear/Conv1d/2d/3d (not a subclass, whose class the file does not record)."""
+    return isinstance(m, SparseLinear | SparseConv2d) or _DENSE_LAYERS.get(
+        type(m).__name__
+    ) is type(m)
+
+
 def _graph(model: nn.Module, layer_names: set[str]) -> list[dict[str, Any]] | None:
     """The layer graph of a flat Sequential of supported modules (or of one supported layer,
     the model itself: name ""), else None."""
     if "" in layer_names:
-        ok = isinstance(model, SparseLinear | SparseConv2d) or (
-            _DENSE_LAYERS.get(type(model).__name__) is type(model)
-        )
-        return [{"name": "", "type": "layer"}] if ok else None
+        return [{"name": "", "type": "layer"}] if _rebuildable(model) else None
     if type(model) is not nn.Sequential:
         return None
     graph: list[dict[str, Any]] = []
     for name, child in model.named_children():
         kind = type(child).__name__
-        if name in layer_names and (
-            isinstance(child, SparseLinear | SparseConv2d) or _DENSE_LAYERS.get(kind) is type(child)
-        ):
+        if name in layer_names and _rebuildable(child):
             graph.append({"name": name, "type": "layer"})
         elif kind in GRAPH_TYPES and type(child) is GRAPH_TYPES[kind][0]:
             args = {a: getattr(child, a) for a in GRAPH_TYPES[kind][1]}
