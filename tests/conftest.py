@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -57,3 +58,19 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def gpt2_config(*, n_embd: int, vocab: int, positions: int) -> Any:
+    """A 2-layer, 2-head GPT-2 config (no download); skips the test without transformers."""
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (pip install 'prunebound[hf]')"
+    )
+    return transformers.GPT2Config(
+        n_layer=2,
+        n_embd=n_embd,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=positions,
+        bos_token_id=0,
+        eos_token_id=0,
+    )

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_cnn, make_mlp
+from conftest import gpt2_config, make_cnn, make_mlp
 from torch import nn
 
 import prunebound as pb
@@ -261,18 +261,9 @@ def test_wide_layers_keep_16_bit_indices_exact(tmp_path: Path) -> None:
 
 
 def _gpt2(n_embd: int, vocab: int, positions: int) -> tuple[nn.Module, Any]:
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers is not installed (pip install 'prunebound[hf]')"
-    )
-    cfg = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=n_embd,
-        n_head=2,
-        vocab_size=vocab,
-        n_positions=positions,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    cfg = gpt2_config(n_embd=n_embd, vocab=vocab, positions=positions)  # skips without it
+    import transformers
+
     torch.manual_seed(0)  # transformers initialises from the global RNG
     return transformers.GPT2LMHeadModel(cfg).eval(), cfg
 

@@ -18,6 +18,8 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'prunebound[hf]')"
 )
 
+from conftest import gpt2_config  # noqa: E402
+
 import prunebound as pb  # noqa: E402
 from prunebound.hf import block_layers  # noqa: E402
 from prunebound.methods import output_axis  # noqa: E402
@@ -36,15 +38,7 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
 
 
 def gpt2(seed: int = 0, lm_head: bool = True) -> nn.Module:
-    cfg = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=EMBD,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=POS,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    cfg = gpt2_config(n_embd=EMBD, vocab=VOCAB, positions=POS)
     cls = transformers.GPT2LMHeadModel if lm_head else transformers.GPT2Model
     return _init(cls(cfg), seed)
 
