@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from prunebound.masks import effective_weight, mask_module, original_weight
+from prunebound.theory.layers import out_positions
 from prunebound.theory.network import Step, extract
 from prunebound.theory.norms import (
     NormBound,
@@ -81,17 +82,12 @@ class Certificate:
 
 
 def bias_norm(step: Step) -> float:
-    """||b|| as seen in the layer's output (a conv bias repeats at every output position)."""
+    """||b|| as seen in the layer's output (a bias repeats at every output position)."""
     b = getattr(step.module, "bias", None)
     if b is None:
         return 0.0
-    spec = step.spec
-    assert spec is not None
-    reps = 1
-    if spec.kind != "linear":
-        with torch.no_grad():
-            out = step.module(torch.zeros((1, *spec.in_shape), dtype=b.dtype, device=b.device))
-        reps = math.prod(out.shape[2:])
+    assert step.spec is not None
+    reps = out_positions(step.spec)
     return float(torch.linalg.vector_norm(b.detach().double())) * math.sqrt(reps) * (1 + 1e-12)
 
 

@@ -25,9 +25,10 @@ from prunebound.theory.types import Law, LayerSpec
 
 
 def out_positions(spec: LayerSpec) -> int:
-    """Number of output positions of a conv layer (1 for linear), for broadcast bias norms."""
+    """Number of output positions: a conv layer's output pixels, a Linear layer's tokens (the
+    leading dims of its input sample; 1 for a flat input). A bias repeats at every position."""
     if spec.kind == "linear":
-        return 1
+        return math.prod(spec.in_shape[:-1])
     kernel = spec.shape[2:]
     spatial = spec.in_shape[1:]
     n = 1

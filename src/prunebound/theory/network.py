@@ -14,9 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as nnf
 from torch import nn
+from torch.nn.modules import module as torch_module
+from torch.nn.utils import parametrize
 
-from prunebound.masks import effective_weight, original_weight
+from prunebound.masks import Mask, effective_weight, original_weight
 from prunebound.theory.types import Kind, LayerSpec
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -84,11 +87,72 @@ class Network:
         return tuple(s.offset for s in self.steps if s.spec is None)
 
 
+# What a leaf's class may define on top of the torch class the theory models: nothing that
+# changes what it computes (a subclass adding, say, `reset_parameters` is still that class).
+_INERT = frozenset(
+    {
+        "__init__",
+        "reset_parameters",
+        "extra_repr",
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__annotations__",
+        "__dict__",
+        "__weakref__",
+        "__firstlineno__",
+        "__static_attributes__",
+    }
+)
+
+
+def _unmodelled(name: str, m: nn.Module, why: str) -> ValueError:
+    return ValueError(
+        f"layer {name!r} ({type(m).__name__}) {why}; the theory models only the plain forward of "
+        "the torch classes it supports, so it refuses to certify this model"
+    )
+
+
+def _modelled_class(name: str, m: nn.Module, supported: tuple[type[nn.Module], ...]) -> type:
+    """The torch class whose plain forward `m` computes, or ValueError naming what differs.
+
+    Refused: forward hooks or pre-hooks (torch.nn.utils.prune recomputes `weight` in one), an
+    instance-level `forward`, parametrizations other than prunebound's weight mask, and
+    subclasses that define anything but inert methods (`_INERT`) on top of a supported class.
+    """
+    if m._forward_hooks or m._forward_pre_hooks:
+        hint = (
+            "; convert torch.nn.utils.prune masks first with prunebound.import_torch_prune"
+            if hasattr(m, "weight_orig")
+            else ""
+        )
+        raise _unmodelled(name, m, f"has forward hooks or pre-hooks{hint}")
+    if "forward" in vars(m):
+        raise _unmodelled(name, m, "has an instance-level forward")
+    cls: type = type(m)
+    if parametrize.is_parametrized(m):
+        plists = getattr(m, "parametrizations")  # noqa: B009
+        if set(plists) != {"weight"} or not all(isinstance(p, Mask) for p in plists["weight"]):
+            raise _unmodelled(name, m, "has a parametrization other than prunebound's weight mask")
+        cls = cls.__bases__[0]  # the class parametrize derived the module's class from
+    for c in cls.__mro__:
+        if c in supported:
+            return c
+        extra = set(vars(c)) - _INERT
+        if extra:
+            raise _unmodelled(name, m, f"is a subclass defining {sorted(extra)}")
+    raise _unsupported(name, m)
+
+
 def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """(path, module) of every step of the chain, in order, repeated modules included (the
+    chain of `Sequential.forward` calls each entry of `_modules`, even one instance twice)."""
     if isinstance(model, nn.Sequential):
+        _modelled_class(prefix or "<model>", model, (nn.Sequential,))
         out: list[tuple[str, nn.Module]] = []
-        for name, child in model.named_children():
-            out += _leaves(child, f"{prefix}.{name}" if prefix else name)
+        for name, child in model._modules.items():
+            if child is not None:
+                out += _leaves(child, f"{prefix}.{name}" if prefix else name)
         return out
     return [(prefix or "<model>", model)]
 
@@ -129,8 +193,10 @@ def _pool_lipschitz(name: str, m: nn.Module) -> float:
 
 def _lipschitz(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> tuple[float, float]:
     """(Lipschitz constant, ||phi(0)||) of a non-prunable step (docs/theory.md §7.3)."""
+    if isinstance(m, nn.Dropout) and m.training and m.p > 0:
+        raise _unsupported(name, m, " in training mode (call model.eval())")
     if isinstance(m, nn.Flatten | nn.Dropout | nn.Identity):
-        return 1.0, 0.0  # Dropout: identity in eval mode; certify() refuses training mode
+        return 1.0, 0.0  # Dropout: the identity in eval mode
     if isinstance(m, _POOLS):
         return _pool_lipschitz(name, m), 0.0
     if isinstance(m, nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d):
@@ -194,12 +260,27 @@ def extract(model: nn.Module, input_shape: Sequence[int] | None = None) -> Netwo
         ValueError: an unsupported module (named by path and type), no prunable layer, a conv
             model without `input_shape`, or an input_shape the model cannot run on.
     """
+    if _global_hooks():
+        raise ValueError(
+            "global forward hooks are registered (torch.nn.modules.module."
+            "register_module_forward_hook): the model may not compute its plain chain; "
+            "remove them to certify"
+        )
     leaves = _leaves(model)
+    seen: dict[int, str] = {}
     for name, m in leaves:  # refuse before running anything
+        _modelled_class(name, m, _SUPPORTED)
         if isinstance(m, _PRUNABLE):
             _spec(name, m, ())
-        elif not (isinstance(m, (*_POOLS, *_ELEMENTWISE_1)) or type(m) in _KNOWN):
-            raise _unsupported(name, m)
+            if id(m) in seen:
+                raise ValueError(
+                    f"layer {name!r} ({type(m).__name__}) is the same module instance as layer "
+                    f"{seen[id(m)]!r}: a prunable layer applied twice shares one mask, which "
+                    "the theory does not model; use two layers"
+                )
+            seen[id(m)] = name
+        if isinstance(m, nn.MaxPool1d | nn.MaxPool2d) and m.return_indices:
+            raise _unsupported(name, m, " with return_indices=True")
     if not any(isinstance(m, _PRUNABLE) for _, m in leaves):
         raise ValueError("model must contain a Linear/Conv1d/Conv2d layer, got none")
     if input_shape is None:
@@ -227,7 +308,9 @@ def extract(model: nn.Module, input_shape: Sequence[int] | None = None) -> Netwo
             except RuntimeError as err:
                 msg = f"input_shape {shape_in} does not fit layer {name!r}: {err}"
                 raise ValueError(msg) from err
-    return Network(tuple(steps), shape_in)
+    net = Network(tuple(steps), shape_in)
+    _check_chain(model, net)
+    return net
 
 
 _KNOWN = {
@@ -244,6 +327,56 @@ _KNOWN = {
     nn.BatchNorm1d,
     nn.BatchNorm2d,
 }
+
+
+_SUPPORTED: tuple[type[nn.Module], ...] = (*_PRUNABLE, *_POOLS, *_ELEMENTWISE_1, *_KNOWN)
+
+
+def _global_hooks() -> bool:
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+def step_forward(step: Step, x: torch.Tensor) -> torch.Tensor:
+    """The step as the theory models it: the layer's functional form with its effective weight
+    and bias, or the plain forward of its torch class (no hooks, no overrides)."""
+    m = step.module
+    if step.spec is None:
+        cls = next(c for c in type(m).__mro__ if c in _SUPPORTED)
+        out: torch.Tensor = cls.forward(m, x)
+        return out
+    w = effective_weight(m)
+    b = getattr(m, "bias", None)
+    spec = step.spec
+    if spec.kind == "linear":
+        return nnf.linear(x, w, b)
+    conv = nnf.conv1d if spec.kind == "conv1d" else nnf.conv2d
+    return conv(x, w, b, spec.stride, spec.padding, spec.dilation)
+
+
+def _check_chain(model: nn.Module, net: Network) -> None:
+    """Refuse a model whose output differs from the chain the theory models (a last line of
+    defence behind the type and hook checks: anything they missed shows up here)."""
+    p = next(model.parameters())
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn((2, *net.input_shape), generator=g, dtype=torch.float64).to(p)
+    with torch.no_grad():
+        y = model(x)
+        z = x
+        for step in net.steps:
+            z = step_forward(step, z)
+    if not isinstance(y, torch.Tensor) or y.shape != z.shape:
+        raise ValueError(
+            f"model output ({type(y).__name__} {getattr(y, 'shape', '')}) differs from the chain "
+            f"of its layers ({tuple(z.shape)}): the theory refuses to certify it"
+        )
+    tol = 1e-3 if p.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    scale = float(z.abs().max()) + 1.0
+    if not torch.allclose(y, z, rtol=tol, atol=tol * scale):
+        raise ValueError(
+            "model output differs from the chain of its layers as the theory models them "
+            f"(max deviation {float((y - z).abs().max()):.3g}): a custom forward, hook or "
+            "override changes what it computes; the theory refuses to certify it"
+        )
 
 
 def from_widths(widths: Sequence[int], *, bias: bool = True) -> tuple[LayerSpec, ...]:

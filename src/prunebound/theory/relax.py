@@ -118,12 +118,11 @@ def _scale(rep: _Rep, mid: torch.Tensor, rho: dict[str, float]) -> _Rep:
     return _Rep({k: a * mid for k, a in rep.atoms.items()}, rep.const * mid, err)
 
 
-def _map(
-    rep: _Rep, fn: Any, opabs: float, n_terms: int, rho: dict[str, float], const: bool
-) -> _Rep:
-    """Apply a linear map `fn` (rows -> rows); ||op|| <= opabs bounds the abs-matrix norm."""
+def _map(rep: _Rep, fn: Any, opabs: float, n_terms: int, rho: dict[str, float]) -> _Rep:
+    """Apply a linear map `fn` (rows -> rows) to every part, the constant included;
+    ||op|| <= opabs bounds the abs-matrix norm (for the rounding allowance)."""
     atoms = {k: fn(a) for k, a in rep.atoms.items()}
-    c = fn(rep.const[None])[0] if const else torch.zeros_like(fn(rep.const[None])[0])
+    c = fn(rep.const[None])[0]
     err = opabs * rep.err + _gamma(n_terms + 2) * opabs * rep.fro_mass(rho)
     return _Rep(atoms, c, err)
 
@@ -174,15 +173,15 @@ def _layer_fn(step: Step, weight: torch.Tensor) -> Any:
     spec = step.spec
     assert spec is not None
     w = weight.detach().to(torch.float64)
-    if spec.kind == "linear":
-        return lambda a: a @ w.T
-    conv = nnf.conv1d if spec.kind == "conv1d" else nnf.conv2d
     shape = spec.in_shape
 
-    def fn(a: torch.Tensor) -> torch.Tensor:
+    def fn(a: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # rows of `a` are flattened samples (N, prod in_shape) -> (N, prod out_shape)
         x = a.reshape(a.shape[0], *shape)
-        y = conv(x, w, None, spec.stride, spec.padding, spec.dilation)
-        return y.flatten(1)
+        if spec.kind == "linear":  # token-wise on (..., in): the same W at every position
+            return nnf.linear(x, w, bias).flatten(1)
+        conv = nnf.conv1d if spec.kind == "conv1d" else nnf.conv2d
+        return conv(x, w, bias, spec.stride, spec.padding, spec.dilation).flatten(1)
 
     return fn
 
@@ -241,19 +240,21 @@ def relax_bound(
             fw, ft, fd = _layer_fn(step, w), _layer_fn(step, wt), _layer_fn(step, w - wt)
             (ow, n), (ot, _), (od, _) = _opabs(step, w), _opabs(step, wt), _opabs(step, w - wt)
             b = getattr(mod, "bias", None)
-            z = _map(h, fw, ow, n, rho, True)
-            if b is not None:
-                reps = z.const.numel() // b.numel()
-                z.const = z.const + b.detach().double().repeat_interleave(reps)
-            p = _map(d, ft, ot, n, rho, True).plus(_map(h, fd, od, n, rho, True), rho, -1.0)
+            z = _map(h, fw, ow, n, rho)
+            if b is not None:  # the bias in the output's own layout (per pixel / per token)
+                zero = torch.zeros(1, math.prod(step.in_shape), dtype=torch.float64)
+                z.const = z.const + fw(zero, b.detach().double())[0]
+            p = _map(d, ft, ot, n, rho).plus(_map(h, fd, od, n, rho), rho, -1.0)
             h, d = z, p
         elif isinstance(step.module, _AFFINE):
             fn, zero = _affine_fn(step)
             lip = step.lipschitz
             n = math.prod(step.in_shape)
-            h = _map(h, fn, lip, n, rho, True)
+            h = _map(h, fn, lip, n, rho)
             h.const = h.const + zero
-            d = _map(d, fn, lip, n, rho, False)
+            # the difference of two images of one affine map is the linear part applied to the
+            # difference, its constant part included (-Delta h.const from the 2nd layer on)
+            d = _map(d, fn, lip, n, rho)
         else:  # activation: sigma(z) and sigma(z~) - sigma(z)
             rad_h = h.radius(rho)
             mid, hw = _slopes(step, h.const - rad_h, h.const + rad_h)
