@@ -112,7 +112,7 @@ class Case:
     description: str
 
 
-def _scale_biases(model: nn.Module, factor: float) -> None:
+def scale_biases(model: nn.Module, factor: float) -> None:
     with torch.no_grad():
         for m in model.modules():
             b = getattr(m, "bias", None)
@@ -194,7 +194,7 @@ def architectures(draw: st.DrawFn) -> Case:
                     n_flat = model(torch.zeros(1, *input_shape)).shape[1]
                 layers.append(nn.Linear(n_flat, draw(st.integers(1, 4))))
         model = nn.Sequential(*layers).eval()
-    _scale_biases(model, draw(st.sampled_from([1.0, 3.0, 30.0])))
+    scale_biases(model, draw(st.sampled_from([1.0, 3.0, 30.0])))
     method = draw(st.sampled_from(MASKS))
     amount = draw(st.sampled_from([0.01, 0.1, 0.5, 0.9, 0.99]))
     structured = method in ("neuron", "filter")

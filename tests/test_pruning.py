@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import prune as tp
 
 import prunebound as pb
+from prunebound.theory import LayerSpec
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -137,8 +138,13 @@ def test_plan_applies_method_and_counts(mlp: nn.Sequential) -> None:
     class FakePlan:
         method: str
         counts: dict[str, int]
+        specs: tuple[LayerSpec, ...]
 
-    pb.prune(mlp, plan=FakePlan("magnitude", {"0": 30, "2": 40, "4": 0}))
+    specs = tuple(
+        LayerSpec(n, "linear", tuple(mlp[int(n)].weight.shape), (mlp[int(n)].in_features,))
+        for n in ("0", "2", "4")
+    )
+    pb.prune(mlp, plan=FakePlan("magnitude", {"0": 30, "2": 40, "4": 0}, specs))
     assert {k: int((~v).sum()) for k, v in pb.masks(mlp).items()} == {"0": 30, "2": 40, "4": 0}
     w = mlp[0].parametrizations.weight.original.abs()
     keep = pb.masks(mlp)["0"]

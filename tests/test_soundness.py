@@ -4,11 +4,13 @@ with a message naming the module (issue 9). The harness is `tests/soundness.py`.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from soundness import architectures, assert_sound, worst_gap
+from scipy import stats
+from soundness import architectures, assert_sound, scale_biases, worst_gap
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
@@ -193,3 +195,170 @@ def test_max_pool_with_indices_is_a_clear_refusal() -> None:
     model = nn.Sequential(nn.Conv1d(1, 2, 2), nn.MaxPool1d(2, return_indices=True))
     with pytest.raises(ValueError, match=r"layer '1' \(MaxPool1d\).*return_indices"):
         certify(model, radius=1.0, input_shape=(1, 6))
+
+
+def test_a_bound_above_the_output_bound_is_flagged_vacuous() -> None:
+    # defect 6: 194.25 vs r_L 179.56 was reported as a certificate
+    torch.manual_seed(0)
+    model = pb.prune(pb.models.lenet_300_100(in_features=64).eval(), "magnitude", 0.9)
+    cert = certify(model, radius=1.0)
+    assert cert.bound >= cert.output_scale and cert.vacuous
+    assert "VACUOUS" in str(cert) and any(
+        "no better than the trivial bound" in n for n in cert.notes
+    )
+    mild = certify(pb.prune(pb.models.lenet_300_100(in_features=64).eval(), "magnitude", 0.1))
+    assert not mild.vacuous and "VACUOUS" not in str(mild)
+
+
+def test_low_precision_models_say_the_bound_is_for_exact_arithmetic() -> None:
+    # defect 13: fp16 rounding noise reached 0.86x the certificate at 0.1% pruning
+    torch.manual_seed(0)
+    model = pb.prune(
+        nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), "magnitude", 0.001
+    )
+    half = copy.deepcopy(model).half()
+    note = next(n for n in certify(half, radius=1.0).notes if "exact-arithmetic" in n)
+    assert "float16" in note and "not negligible here" in note
+    note32 = next(n for n in certify(model, radius=1.0).notes if "exact-arithmetic" in n)
+    assert "float32" in note32 and "not negligible" not in note32
+
+
+def test_certificate_of_a_retrained_model_says_what_its_reference_is() -> None:
+    torch.manual_seed(0)
+    model = pb.prune(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "magnitude", 0.5)
+    assert not any("trained after pruning" in n for n in certify(model).notes)
+    with torch.no_grad():
+        original_weight(model[0]).add_(0.01)
+    assert any("'0'" in n and "trained after pruning" in n for n in certify(model).notes)
+
+
+def test_a_plan_applies_only_to_the_shapes_it_was_made_for() -> None:
+    # defect 5: a 784-300-100-10 plan was applied to 784-400-100-10 without a word
+    p = pb.theory.plan([784, 300, 100, 10], eps=0.5, delta=0.05)
+    with pytest.raises(
+        ValueError, match=r"plan layer '1' has weight shape \(300, 784\).*\(400, 784\)"
+    ):
+        pb.prune(pb.models.mlp([784, 400, 100, 10]), plan=p)
+    with pytest.raises(ValueError, match=r"plan layer '5' has weight shape \(10, 100\)"):
+        pb.prune(pb.models.mlp([784, 300, 100, 50, 10]), plan=p)
+    four = nn.Sequential(*(nn.Linear(784 if i == 0 else 10, 10) for i in range(4)))
+    with pytest.raises(ValueError, match="plan is for 3 prunable layers"):
+        pb.prune(four, plan=p)
+    # a user's own Sequential names its layers '0', '2', '4': matched by position and shape
+    own = nn.Sequential(
+        nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
+    pb.prune(own, plan=p)
+    assert {n: int((~m).sum()) for n, m in pb.masks(own).items()} == {
+        "0": p.counts["1"],
+        "2": p.counts["3"],
+        "4": p.counts["5"],
+    }
+    untouched = pb.models.mlp([784, 400, 100, 10])
+    with pytest.raises(ValueError):
+        pb.prune(untouched, plan=p)
+    assert not pb.masks(untouched)
+
+
+def _plan_warns(model: nn.Module) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pb.theory.plan(model, eps=0.5, delta=0.05)
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_a_prior_law_plan_of_a_model_off_the_law_warns_and_names_the_alternatives() -> None:
+    # defect 7: the only sign was Plan.notes
+    torch.manual_seed(0)
+    model = pb.models.mlp([64, 32, 16, 10])
+    with torch.no_grad():
+        model[3].weight.mul_(4)  # as training moves weights off their initial law
+    (msg,) = _plan_warns(model)
+    assert "['3']" in msg and "law='trained'" in msg and "data_certificate" in msg
+
+
+def test_the_law_check_holds_its_level_on_fresh_default_init_models() -> None:
+    # defect 7: about 3 in 20 fresh models raised a false alarm (5% per layer, 3 layers)
+    alarms = 0
+    for seed in range(100):
+        torch.manual_seed(seed)
+        alarms += bool(_plan_warns(pb.models.mlp([64, 32, 16, 10])))
+    assert alarms <= 10  # the level is 5%: P(Binomial(100, 0.05) > 10) < 1.2%
+
+
+def _strided_cnn(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)  # the law: PyTorch's default init, U[-1/sqrt(fan_in), 1/sqrt(fan_in)]
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(24, 3),
+    ).eval()
+
+
+CNN_SHAPE = (1, 10, 10)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_tightened_trained_plan_holds_at_attained_points(seed: int) -> None:
+    # defect 12: tighten=True used the constant-dropping slope decomposition (9x eps on seed 0)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(4, 16), nn.ReLU(), nn.Identity(), nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.1),
+        nn.Linear(16, 3),
+    ).eval()  # fmt: skip
+    scale_biases(model, 30.0)
+    p = pb.theory.plan(model, eps=0.1, delta=0.05, law="trained", tighten=True, radius=0.5)
+    assert p.total_pruned > 0
+    pruned = pb.prune(copy.deepcopy(model), plan=p)
+    found = worst_gap(pruned, model, radius=0.5, input_shape=(4,))
+    assert_sound(p.eps, found, "tightened plan eps")
+
+
+def test_tightened_trained_plan_of_a_strided_cnn_holds() -> None:
+    model = _strided_cnn(0)
+    p = pb.theory.plan(
+        model, eps=0.1, delta=0.05, input_shape=CNN_SHAPE, law="trained", tighten=True
+    )
+    pruned = pb.prune(copy.deepcopy(model), plan=p)
+    assert_sound(p.eps, worst_gap(pruned, model, input_shape=CNN_SHAPE), "tightened plan eps")
+
+
+def _violations(p: pb.theory.Plan, build, shape: tuple[int, ...], n: int) -> int:  # type: ignore[no-untyped-def]
+    """Networks drawn from the plan's law (seeds 1000..), pruned by the plan, whose worst gap
+    found exceeds eps."""
+    out = 0
+    for seed in range(1000, 1000 + n):
+        model = build(seed)
+        pruned = pb.prune(copy.deepcopy(model), plan=p)
+        out += worst_gap(pruned, model, input_shape=shape, starts=16, steps=40) > p.eps
+    return out
+
+
+def _allowance(n: int, delta: float) -> int:
+    """Largest violation count a valid plan (rate <= delta) shows with probability >= 0.999."""
+    return int(stats.binom.ppf(0.999, n, delta))
+
+
+def test_sampled_plan_of_a_strided_cnn_is_valid_on_fresh_networks() -> None:
+    p = pb.theory.plan(_strided_cnn(0), eps=0.5, delta=0.2, input_shape=CNN_SHAPE, bound="sampled")
+    assert p.total_pruned > 0
+    assert _violations(p, _strided_cnn, CNN_SHAPE, 25) <= _allowance(25, 0.2)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+@pytest.mark.parametrize(
+    ("widths", "delta"), [([20, 500, 30, 3], 0.01), ([100] * 5 + [10], 0.2)], ids=["wide", "deep"]
+)
+def test_theorem_plans_outside_the_benchmark_grid_are_valid(
+    widths: list[int], delta: float, method: str
+) -> None:
+    p = pb.theory.plan(widths, eps=0.5, delta=delta, method=method)
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return pb.models.mlp(widths).eval()
+
+    assert _violations(p, build, (widths[0],), 12) <= _allowance(12, delta)

@@ -13,7 +13,12 @@ from torch import nn
 
 import prunebound as pb
 from prunebound.theory.assumptions import check_law, check_model
-from prunebound.theory.datacert import clopper_pearson_upper, data_certificate, search_data_plan
+from prunebound.theory.datacert import (
+    clopper_pearson_upper,
+    data_certificate,
+    search_data_plan,
+    shared_samples,
+)
 
 torch.set_num_threads(1)
 
@@ -265,3 +270,34 @@ def test_data_plan_refuses_inputs_labels_and_overlapping_splits() -> None:
     for data in [(x[:50], x[50:]), ((x[:50], y[:50]), (x[50:], y[50:])), (x[::2], x[1::2])]:
         p = pb.theory.plan(net, 0.1, 0.05, law="data", data=data, alpha=0.3)
         assert p.law == "data"
+
+
+def test_splits_are_compared_by_content_not_storage() -> None:
+    # issue 9 defect 10: clones, index copies and the same data twice passed the storage check
+    net = _net(5)
+    x = torch.randn(200, 8, generator=_gen(0))
+    perm = torch.randperm(200, generator=_gen(2))
+    for search, cert, shared in [
+        (x[perm[:120]], x[perm[80:]], 40),  # index copies: new storage, 40 common rows
+        (x[:100], x[:100].clone(), 100),  # a clone
+        (x[:100].clone(), torch.cat([x[150:], x[:1].clone()]), 1),  # one row in common
+    ]:
+        with pytest.raises(ValueError, match=rf"got {shared} of the {cert.shape[0]} certify"):
+            search_data_plan(net, search, cert, 0.1, 0.05, 0.2)
+    assert shared_samples(x[:100], x[100:].clone()) == 0
+
+
+def test_a_model_retrained_after_pruning_needs_its_reference() -> None:
+    # issue 9 defect 8: reset(retrained model) is a model that never existed
+    net = _net(5)
+    dense = copy.deepcopy(net)
+    x = torch.randn(64, 8, generator=_gen(0))
+    pb.prune(net, "magnitude", 0.5)
+    data_certificate(copy.deepcopy(net), x, 0.1, 0.05)  # not retrained: the default is F
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(x).square().mean().backward()
+    opt.step()
+    with pytest.raises(ValueError, match=r"trained after pruning.*pass reference="):
+        data_certificate(net, x, 0.1, 0.05)
+    cert = data_certificate(net, x, 0.1, 0.05, reference=dense)
+    assert cert.n == 64

@@ -23,9 +23,13 @@ LayerSelector = str | type[nn.Module]
 
 
 class Mask(nn.Module):
-    """Parametrization `w -> w * mask` with a bool buffer (as torch.ao's FakeSparsity)."""
+    """Parametrization `w -> w * mask` with a bool buffer (as torch.ao's FakeSparsity).
+
+    `fingerprint` records the underlying weight when the mask was set (see `trained_since_masked`).
+    """
 
     mask: torch.Tensor
+    fingerprint: tuple[float, float] | None = None
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
@@ -68,16 +72,40 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+def _fingerprint(weight: torch.Tensor) -> tuple[float, float]:
+    w = weight.detach().double()
+    return float(w.sum()), float((w * w).sum())
+
+
 def set_mask(module: nn.Module, keep: torch.Tensor) -> None:
     """Install or replace the keep-mask of `module.weight` (no checks: callers validate)."""
     existing = mask_module(module)
-    keep = keep.to(device=original_weight(module).device, dtype=torch.bool)
+    weight = original_weight(module)
+    keep = keep.to(device=weight.device, dtype=torch.bool)
     if existing is not None:
         existing.mask = keep
     else:
         # unsafe=True: Mask keeps shape and dtype, so parametrize's consistency re-check (a full
         # forward of the parametrization) is not needed.
         parametrize.register_parametrization(module, "weight", Mask(keep), unsafe=True)
+        existing = mask_module(module)
+        assert existing is not None
+    existing.fingerprint = _fingerprint(weight)
+
+
+def trained_since_masked(model: nn.Module) -> list[str]:
+    """Names of masked layers whose underlying weight changed after their mask was set.
+
+    After such retraining, `reset(model)` is not the dense model the pruning started from (it
+    is the pruned weights as they drifted, revived), so it must not serve as the reference of a
+    certificate. Detected by a fingerprint (sum, sum of squares in float64) taken by `set_mask`.
+    """
+    out = []
+    for name, m in model.named_modules():
+        mm = mask_module(m)
+        if mm is not None and mm.fingerprint not in (None, _fingerprint(original_weight(m))):
+            out.append(name)
+    return out
 
 
 def is_pruned(model: nn.Module) -> bool:

@@ -13,7 +13,7 @@ import ctypes.util
 import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -58,6 +58,44 @@ class PlanLike(Protocol):
 
     @property
     def counts(self) -> dict[str, int]: ...
+
+    @property
+    def specs(self) -> Sequence[Any]: ...  # LayerSpecs: .name and .shape of each planned layer
+
+
+def plan_counts(model: nn.Module, plan: PlanLike) -> dict[str, int]:
+    """The plan's per-layer counts keyed by `model`'s layer names, after checking that the model
+    has the layers the plan was made for (ValueError otherwise: the guarantee would not apply).
+
+    Layers match by name when every planned name is a prunable layer of `model`; otherwise by
+    position (a plan from widths names its layers "1", "3", ... as `models.mlp` does, a user's
+    own `nn.Sequential(Linear, ReLU, ...)` names them "0", "2", ...). Either way every weight
+    shape must equal the planned one.
+    """
+    layers = prunable_layers(model)
+    specs = list(plan.specs)
+    planned = [(sp.name, tuple(sp.shape)) for sp in specs]
+    if all(name in layers for name, _ in planned):
+        pairs = [(name, name, shape) for name, shape in planned]
+    elif len(layers) == len(planned):
+        pairs = [(mine, name, shape) for mine, (name, shape) in zip(layers, planned, strict=True)]
+    else:
+        raise ValueError(
+            f"plan is for {len(planned)} prunable layers {[n for n, _ in planned]}, but the model "
+            f"has {len(layers)}: {list(layers)}; make a plan for this model"
+        )
+    counts = plan.counts
+    out = {}
+    for mine, name, shape in pairs:
+        have = tuple(original_weight(layers[mine]).shape)
+        if have != shape:
+            raise ValueError(
+                f"plan layer {name!r} has weight shape {shape}, but model layer {mine!r} has "
+                f"{have}: the plan's guarantee is for another architecture; make a plan for "
+                "this model"
+            )
+        out[mine] = counts[name]
+    return out
 
 
 def _check_amount(amount: object) -> float:
@@ -326,7 +364,7 @@ def prune(
     if sum(given) != 1:
         raise ValueError("give exactly one of amount, counts or plan")
     if plan is not None:
-        method, counts = plan.method, dict(plan.counts)
+        method, counts = plan.method, plan_counts(model, plan)
         if seed is None:  # a data plan certifies the mask of its recorded seed
             seed = getattr(plan, "seed", None)
     meth = get_method(method, norm)

@@ -20,7 +20,12 @@ import scipy.sparse as sps
 import torch
 from torch import nn
 
-from prunebound.masks import effective_weight, mask_module, original_weight
+from prunebound.masks import (
+    effective_weight,
+    mask_module,
+    original_weight,
+    trained_since_masked,
+)
 from prunebound.theory.layers import out_positions
 from prunebound.theory.network import Step, extract
 from prunebound.theory.norms import (
@@ -58,8 +63,9 @@ class Certificate:
 
     `output_scale` bounds sup ||F(x)|| over the ball (min of Lemma A's r_L and the slope
     decomposition's); `relative` = bound / output_scale. `candidates` holds every valid bound
-    computed and `method` the one that won (the min). `fail_prob` > 0 only when a Lanczos norm
-    was used: then the bound holds with probability >= 1 - fail_prob over the algorithm's random
+    computed (in exact arithmetic) and `method` the one that won (the min); `bound` is that
+    minimum with the floating-point margin of `float_margin`. `fail_prob` > 0 only when a
+    Lanczos norm was used: then the bound holds with probability >= 1 - fail_prob over the algorithm's random
     start (still for any weights). `notes` says which candidates or refinements were skipped and
     why; `seconds` is the wall time of `certify`.
     """
@@ -75,6 +81,23 @@ class Certificate:
     assumptions: str = "deterministic: valid for any weights (trained or not)"
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    vacuous: bool = False  # bound >= output_scale: no better than the trivial bound
+
+    def __str__(self) -> str:
+        head = (
+            f"Certificate: sup_(||x|| <= {self.radius:g}) ||f(x) - F(x)|| <= {self.bound:.6g} "
+            f"({self.method}; {self.relative:.2%} of sup ||F|| <= {self.output_scale:.6g})"
+        )
+        if self.vacuous:
+            head += "\n  VACUOUS: no better than the trivial bound on the unpruned output"
+        rows = [f"  {'layer':<16} {'pruned':>12} {'||W||':>10} {'||Delta||':>10}"]
+        rows += [
+            f"  {t.name:<16} {f'{t.pruned}/{t.total}':>12} {t.norm_w:>10.4g} {t.norm_delta:>10.4g}"
+            for t in self.layers[:20]
+        ]
+        if len(self.layers) > 20:
+            rows.append(f"  ... {len(self.layers) - 20} more layers")
+        return "\n".join([head, *rows, f"  {self.assumptions}"])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (floats, strings, lists)."""
@@ -89,6 +112,13 @@ def bias_norm(step: Step) -> float:
     assert step.spec is not None
     reps = out_positions(step.spec)
     return float(torch.linalg.vector_norm(b.detach().double())) * math.sqrt(reps) * (1 + 1e-12)
+
+
+def float_margin(bound: float, output_scale: float, radius: float) -> float:
+    """`bound` raised to stay above a gap evaluated in float64 (docs/theory.md §7.3b): relative
+    1e-9 for the rounding of norms and sums, absolute 1e-12 (output_scale + radius) for outputs
+    of that size; 0 stays 0 (nothing pruned: f = F exactly)."""
+    return bound * (1 + 1e-9) + 1e-12 * (output_scale + radius) if bound > 0 else 0.0
 
 
 def _check(model: nn.Module, radius: float) -> None:
@@ -413,8 +443,32 @@ def certify(
                 )
     used_fail = extra_fail + sum(n.nw.fail_prob + n.nt.fail_prob for n in norms.values())
     used_fail += sum(n.nd.fail_prob for n in norms.values() if n.refine is None)
+    # floating-point margin (docs §7.2): every candidate is an upper bound in exact arithmetic
+    # of float64 values; the relative 1e-9 covers the rounding of norms and sums, the absolute
+    # term a gap evaluated in float64 next to outputs of size up to `scale`
+    # (`candidates` keep the exact-arithmetic values; `bound` is the winner with the margin)
     method = min(cands, key=lambda k: cands[k])
-    bound = cands[method]
+    bound = float_margin(cands[method], scale, float(radius))
+    vacuous = bound >= scale
+    if vacuous:
+        notes.append(
+            f"vacuous: the bound {bound:.4g} is no better than the trivial bound on the unpruned "
+            f"output itself (sup ||F(x)|| <= {scale:.4g})"
+        )
+    drifted = trained_since_masked(model)
+    if drifted:
+        notes.append(
+            f"layers {drifted[:5]} were trained after pruning: F is the model with its masks "
+            "removed as it is now, not the dense model the pruning started from"
+        )
+    dtype = next(model.parameters()).dtype
+    unit = torch.finfo(dtype).eps / 2
+    notes.append(
+        f"bound on the exact-arithmetic function of the stored {str(dtype).removeprefix('torch.')}"
+        f" weights; evaluating the model in that precision adds rounding of order "
+        f"u ||F|| = {unit * scale:.3g} (u = {unit:.3g}), not covered"
+        + (" and not negligible here" if unit * scale > 0.01 * bound else "")
+    )
     log.debug("certificate candidates %s; %s wins", cands, method)
     layers = []
     for (i, nm), c, rin in zip(sorted(norms.items()), contribs, r_in, strict=True):
@@ -450,4 +504,5 @@ def certify(
         assumptions=assumptions,
         notes=tuple(notes),
         seconds=time.perf_counter() - t_start,
+        vacuous=vacuous,
     )

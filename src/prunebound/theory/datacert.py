@@ -23,7 +23,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from prunebound.masks import original_weight, prunable_layers, reset
+from prunebound.masks import original_weight, prunable_layers, reset, trained_since_masked
 from prunebound.pruning import prune
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,10 @@ def data_certificate(
             pruning.
         eps: output-gap threshold, >= 0.
         delta: 1 - confidence of each upper limit, in (0, 1).
-        reference: F; default `model` with its masks removed (a deep copy, `prunebound.reset`).
+        reference: F, the model the pruning started from. Default: `model` with its masks
+            removed (a deep copy, `prunebound.reset`), which is F only if the weights did not
+            change after pruning; a model retrained after pruning needs `reference` (refused
+            without it).
         batch_size: forward batch size.
     """
     x, y = _split(data)
@@ -133,6 +136,14 @@ def data_certificate(
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if reference is None:
+        drifted = trained_since_masked(model)
+        if drifted:
+            raise ValueError(
+                f"model was trained after pruning (layers {drifted[:5]} changed since their "
+                "masks were set), so its masks removed are not the model it was pruned from; "
+                "pass reference= the dense model you started from"
+            )
     ref = _reference(model) if reference is None else reference
     out_f = _outputs(model, x, batch_size).double()
     out_r = _outputs(ref, x, batch_size).double()
@@ -174,33 +185,34 @@ def _pruned_copy(base: nn.Module, counts: dict[str, int], method: str, seed: int
     return work
 
 
-def _interval(t: torch.Tensor) -> tuple[int, int]:
-    """First and last storage index a tensor (non-negative strides) touches."""
-    lo = int(t.storage_offset())
-    return lo, lo + sum(int(s - 1) * int(st) for s, st in zip(t.shape, t.stride(), strict=True))
+def shared_samples(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many samples (rows along dim 0) of `b` are byte-for-byte equal to a sample of `a`.
 
-
-def _storage_indices(t: torch.Tensor) -> torch.Tensor:
-    return torch.arange(_interval(t)[1] + 1).as_strided(t.shape, t.stride(), t.storage_offset())
-
-
-def overlapping(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Do two tensors share any element of memory (views of one storage, e.g. x[:60], x[40:])?
-
-    Views of one storage that do not overlap (x[:50], x[50:]; x[::2], x[1::2]) are disjoint.
+    Compares content, not storage: a clone, an index copy (`x[perm[:120]]` and `x[perm[80:]]`)
+    or the same data loaded twice are caught as well as views of one tensor.
     """
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    if min(a.stride(), default=1) < 0 or min(b.stride(), default=1) < 0:
-        return True  # not expected from torch; be conservative
-    (lo_a, hi_a), (lo_b, hi_b) = _interval(a), _interval(b)
-    if hi_a < lo_b or hi_b < lo_a:
-        return False
-    if a.is_contiguous() and b.is_contiguous():
-        return True
-    return bool(torch.isin(_storage_indices(a).flatten(), _storage_indices(b).flatten()).any())
+    if a.numel() == 0 or b.numel() == 0:
+        return 0
+
+    def rows(t: torch.Tensor) -> list[bytes]:
+        flat = t.detach().cpu().contiguous().reshape(t.shape[0], -1)
+        raw = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
+        data = raw.numpy()
+        return [data[i].tobytes() for i in range(data.shape[0])]
+
+    seen = set(rows(a))
+    return sum(r in seen for r in rows(b))
+
+
+def check_disjoint(search: torch.Tensor, certify: torch.Tensor) -> None:
+    """ValueError unless no certify sample also appears in the search split (by content)."""
+    shared = shared_samples(search, certify)
+    if shared:
+        raise ValueError(
+            f"search and certify data must be disjoint samples, got {shared} of the "
+            f"{certify.shape[0]} certify samples also in the search split (compared by content): "
+            "a certificate on samples the search has seen is not valid"
+        )
 
 
 def search_data_plan(
@@ -248,11 +260,7 @@ def search_data_plan(
             f"or (inputs, labels)), got {tuple(xs.shape)} {xs.dtype} and "
             f"{tuple(xc.shape)} {xc.dtype}"
         )
-    if overlapping(xs, xc):
-        raise ValueError(
-            "search_data and certify_data must be disjoint samples, got views sharing inputs "
-            "(same storage, overlapping)"
-        )
+    check_disjoint(xs, xc)
     base = _reference(model)
     ref_out = _outputs(base, xs, batch_size).double()
     sizes = {name: int(original_weight(m).numel()) for name, m in prunable_layers(base).items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -35,6 +36,7 @@ LAWS = ("uniform", "gaussian", "trained", "data")
 SPLITS = ("optimized", "equal", "params")
 SAMPLINGS = ("count", "bernoulli")
 BOUNDS = ("theorem", "sampled")
+LAW_CHECK_LEVEL = 0.05  # false-alarm rate of the law check on a model drawn from the law
 
 
 @dataclass(frozen=True)
@@ -419,16 +421,29 @@ def _law_notes(tgt: Target, law: str, scale: float | None) -> list[str]:
     trained model is planned a priori (`assumptions.check_law`; docs/theory.md §5)."""
     if tgt.model is None or law not in ("uniform", "gaussian"):
         return []
-    notes = []
+    notes, failed = [], []
+    level = LAW_CHECK_LEVEL / len(tgt.specs)  # Bonferroni: the whole model at LAW_CHECK_LEVEL
     for spec in tgt.specs:
         w, _ = _layer_weights(tgt.model, spec.name)
         lw = _law_for(spec, law, scale)
-        chk = check_law(w, lw.name, scale=lw.scale, name=spec.name)
+        chk = check_law(w, lw.name, scale=lw.scale, alpha=level, name=spec.name)
         if not chk.passed:
+            failed.append(spec.name)
             notes.append(
-                f"the probabilistic guarantee does not apply to layer {spec.name}: "
-                f"KS p={chk.p_value:.3g}; the deterministic certificate (certify) still does"
+                f"the probabilistic guarantee does not apply to layer {spec.name}: its weights "
+                f"are not {lw.name} i.i.d. (KS p={chk.p_value:.3g} < {level:.3g}); the "
+                "deterministic certificate (certify) still does"
             )
+    if notes:
+        warnings.warn(
+            f"plan(law={law!r}) assumes i.i.d. {law} weights, but layers "
+            f"{failed} of this model fail the law check (a "
+            "trained model?): the plan's guarantee is void for it. Use law='trained' "
+            "(deterministic, from the actual weights) or theory.data_certificate / "
+            "theory.search_data_plan (held-out data) instead",
+            UserWarning,
+            stacklevel=3,
+        )
     return notes
 
 
