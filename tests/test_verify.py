@@ -305,7 +305,7 @@ def test_bad_input_is_refused() -> None:
 
 def test_plan_from_a_non_relu_module_is_refused() -> None:
     # verify rebuilds ReLU chains; a Tanh network must not be checked as if it were one
-    torch.manual_seed(0)  # default init from the global RNG: a law-check false alarm is test-order luck
+    torch.manual_seed(0)  # default init draws from the global RNG: independent of test order
     tanh = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
     relu = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
     assert pb.theory.plan(relu, 0.5, 0.1).activation == "relu"

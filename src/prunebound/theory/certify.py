@@ -65,9 +65,9 @@ class Certificate:
     decomposition's); `relative` = bound / output_scale. `candidates` holds every valid bound
     computed (in exact arithmetic) and `method` the one that won (the min); `bound` is that
     minimum with the floating-point margin of `float_margin`. `fail_prob` > 0 only when a
-    Lanczos norm was used: then the bound holds with probability >= 1 - fail_prob over the algorithm's random
-    start (still for any weights). `notes` says which candidates or refinements were skipped and
-    why; `seconds` is the wall time of `certify`.
+    Lanczos norm was used: then the bound holds with probability >= 1 - fail_prob over the
+    algorithm's random start (still for any weights). `notes` says which candidates or
+    refinements were skipped and why; `seconds` is the wall time of `certify`.
     """
 
     bound: float
