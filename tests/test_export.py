@@ -21,7 +21,7 @@ from torch import nn
 
 import prunebound as pb
 import prunebound.sparse as sparse_module
-from prunebound.checkpoint import _digest
+from prunebound._files import digest
 from prunebound.cli import main
 from prunebound.export import measure_ms, sparse_path
 from prunebound.export_io import export_summary
@@ -358,7 +358,7 @@ def test_version_1_files_still_load(tmp_path: Path) -> None:
         tensors[k] = tensors[k].to(torch.int32)
     for k in [k for k in tensors if k.endswith("col_indices")]:
         tensors[k] = tensors[k].to(torch.int16)
-    meta.update(version="1", digest=_digest(tensors))
+    meta.update(version="1", digest=digest(tensors))
     safetensors.torch.save_file(tensors, tmp_path / "v1.st", metadata=meta)
     loaded = pb.load_export(tmp_path / "v1.st")
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
@@ -428,7 +428,7 @@ def test_out_of_range_indices_are_refused_even_with_a_valid_digest(tmp_path: Pat
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     tensors["0.col_indices"][3] = 40  # the layer has 40 columns
-    meta["digest"] = _digest(tensors)
+    meta["digest"] = digest(tensors)
     safetensors.torch.save_file(tensors, tmp_path / "bad.st", metadata=meta)
     with pytest.raises(ValueError, match=r"column indices outside \[0, 40\)"):
         pb.load_export(tmp_path / "bad.st")

@@ -20,6 +20,7 @@ import torch
 
 import prunebound as pb
 import prunebound.experiment as ex
+from prunebound._files import flatten_state, unflatten_state
 from prunebound.cli import main
 from prunebound.experiment import DataSpec, Experiment, ModelSpec, RunResult, run
 from prunebound.pipeline import TrainConfig, make_optimizer
@@ -215,11 +216,11 @@ def test_optimizer_state_round_trips_without_pickle(optimizer: str) -> None:
     for _ in range(2):
         step(a, opt_a)
     b.load_state_dict(a.state_dict())
-    skeleton, tensors = pb.checkpoint.flatten_state(opt_a.state_dict(), "opt.")
+    skeleton, tensors = flatten_state(opt_a.state_dict(), "opt.")
     text = json.dumps(skeleton)  # plain JSON: no pickle anywhere
     tensors = safetensors.torch.load(safetensors.torch.save(tensors))
     opt_b = make_optimizer(b, cfg)
-    opt_b.load_state_dict(pb.checkpoint.unflatten_state(json.loads(text), tensors))
+    opt_b.load_state_dict(unflatten_state(json.loads(text), tensors))
     for _ in range(2):
         step(a, opt_a), step(b, opt_b)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
@@ -227,6 +228,6 @@ def test_optimizer_state_round_trips_without_pickle(optimizer: str) -> None:
 
 def test_flatten_state_refuses_objects_that_need_pickle() -> None:
     with pytest.raises(TypeError, match=r"state at 'param_groups\.0\.fn': cannot store function"):
-        pb.checkpoint.flatten_state({"param_groups": [{"fn": lambda: 0}]})
+        flatten_state({"param_groups": [{"fn": lambda: 0}]})
     with pytest.raises(ValueError, match="tensor 'x' is missing"):
-        pb.checkpoint.unflatten_state({"a": {"__tensor__": "x"}}, {})
+        unflatten_state({"a": {"__tensor__": "x"}}, {})

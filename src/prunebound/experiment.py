@@ -29,8 +29,8 @@ import torch
 
 from prunebound.checkpoint import save
 from prunebound.data import DATASETS, Dataset, load_dataset
+from prunebound.layer_types import CONV
 from prunebound.masks import sparsity
-from prunebound.methods import CONV
 from prunebound.models import MODELS, build_model
 from prunebound.pipeline import NonFiniteError, TrainConfig
 from prunebound.resume import CHECKPOINT as CHECKPOINT  # re-exported: the run's file name

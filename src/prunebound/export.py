@@ -32,6 +32,7 @@ from prunebound.sparse import KERNELS, SparseConv2d, SparseLinear
 __all__ = [
     "ExportReport",
     "LayerExport",
+    "attached_report",
     "export",
     "export_report",
     "measure_ms",
@@ -145,10 +146,16 @@ def sparse_path(module: nn.Module) -> str | None:
     return None
 
 
+def attached_report(model: nn.Module) -> ExportReport | None:
+    """The `ExportReport` attached to a model by `export` or `load_export`, or None."""
+    report = getattr(model, _REPORT_ATTR, None)
+    return report if isinstance(report, ExportReport) else None
+
+
 def export_report(model: nn.Module) -> ExportReport:
     """The `ExportReport` attached to a model by `export` or `load_export`."""
-    report = getattr(model, _REPORT_ATTR, None)
-    if not isinstance(report, ExportReport):
+    report = attached_report(model)
+    if report is None:
         raise ValueError("model has no export report (it was not made by pb.export/load_export)")
     return report
 

@@ -46,10 +46,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from prunebound.checkpoint import _digest, read_file, write_atomic
+from prunebound._files import digest, read_file, write_atomic
 from prunebound.export import (
     ExportReport,
     attach_report,
+    attached_report,
     export,
     export_report,
     measure_ms,
@@ -249,7 +250,7 @@ def save_export(model: nn.Module, path: str | Path) -> Path:
                 continue
         tensors[key] = t
     tensors = _unshared(tensors)
-    report = getattr(model, "_prunebound_export", None)
+    report = attached_report(model)
     meta_json = {
         "format": FORMAT,
         "version": VERSION,
@@ -257,8 +258,8 @@ def save_export(model: nn.Module, path: str | Path) -> Path:
         "tensors": json.dumps(compact),
         "aliases": json.dumps(aliases),
         "graph": json.dumps(_graph(model, set(layers))),
-        "report": json.dumps(report.to_dict() if isinstance(report, ExportReport) else None),
-        "digest": _digest(tensors),
+        "report": json.dumps(report.to_dict() if report is not None else None),
+        "digest": digest(tensors),
     }
     write_atomic(tensors, path, meta_json)
     return path
@@ -271,7 +272,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise ValueError(f"{path}: not a prunebound export (format {raw.get('format')!r})")
     if raw.get("version") not in _READABLE:
         raise ValueError(f"{path}: unsupported export version {raw.get('version')!r}")
-    if raw.get("digest") != _digest(tensors):
+    if raw.get("digest") != digest(tensors):
         raise ValueError(f"{path}: corrupt export file (tensors do not match their SHA-256)")
     try:
         meta = {k: json.loads(raw[k]) for k in ("layers", "graph", "report")}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunebound.methods import LINEAR, OPT_IN, PRUNABLE, is_layer, output_axis
+from prunebound.layer_types import LINEAR, OPT_IN, PRUNABLE, is_layer, output_axis
 
 LayerSelector = str | type[nn.Module]
 
@@ -104,7 +104,7 @@ def holders(model: nn.Module) -> dict[int, list[str]]:
     return out
 
 
-def _maskable(model: nn.Module) -> dict[str, nn.Module]:
+def maskable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every layer a mask may sit on: default, opt-in and tied ones (for checkpoint loading)."""
     return {n: m for n, m in model.named_modules() if is_layer(m, PRUNABLE + OPT_IN)}
 
@@ -118,7 +118,7 @@ def prunable_layers(
     """Select layers by name, glob pattern (`"features.*"`) or type; default: every Linear/Conv.
 
     Linear includes transposed linears such as transformers' GPT-2 `Conv1D` (see
-    `prunebound.methods.TRANSPOSED_LINEAR`). Two kinds of layer are left alone unless selected
+    `prunebound.layer_types.TRANSPOSED_LINEAR`). Two kinds of layer are left alone unless selected
     explicitly, by exact name or by type: embeddings (`nn.Embedding`) and layers whose weight is
     tied/shared with another parameter (a language model's output head tied to its input
     embedding). The default and glob patterns skip them, unless they already carry a mask.

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunebound.layer_types import is_layer, output_axis
 from prunebound.masks import (
     LayerSelector,
     holders,
@@ -27,7 +28,7 @@ from prunebound.masks import (
     prunable_layers,
     set_mask,
 )
-from prunebound.methods import Method, get_method, is_layer, output_axis
+from prunebound.methods import Method, get_method
 
 _BLOCK = 1 << 21  # elements scored at once (8 MB of float32 scores)
 _SAMPLE = 1 << 18  # scores sampled to bracket the k-th smallest

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
-from prunebound.checkpoint import flatten_state, load, read_state, save, unflatten_state
+from prunebound._files import flatten_state, unflatten_state
+from prunebound.checkpoint import load, read_state, save
 from prunebound.pipeline import TrainResult, TrainState
 from prunebound.schedule import Progress, Round
 
