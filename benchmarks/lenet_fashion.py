@@ -31,8 +31,8 @@ from torch.nn.utils import prune as tp
 import prunebound as pb
 from prunebound.data import load_dataset
 from prunebound.models import build_model
-from prunebound.pipeline import TrainConfig, evaluate, train
-from prunebound.schedule import Schedule, run_schedule
+from prunebound.training.loop import TrainConfig, evaluate, train
+from prunebound.training.schedule import Schedule, run_schedule
 
 TARGETS = (0.8, 0.9, 0.95, 0.98)
 

@@ -38,10 +38,10 @@ import torch
 from torch import nn
 
 import prunebound as pb
-import prunebound.experiment as ex
+import prunebound.training.experiment as ex
 from prunebound.cli import main
-from prunebound.pipeline import NonFiniteError
-from prunebound.resume import CHECKPOINT, read_checkpoint
+from prunebound.training.loop import NonFiniteError
+from prunebound.training.resume import CHECKPOINT, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """seed = 11

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 import prunebound as pb
-from prunebound.export import export, export_report, measure_ms
-from prunebound.export_io import save_export
+from prunebound.deploy.export import export, export_report, measure_ms
+from prunebound.deploy.export_file import save_export
 
 
 def linear_stack(width: int, depth: int) -> nn.Sequential:

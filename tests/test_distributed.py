@@ -18,13 +18,13 @@ import torch.distributed as tdist
 from torch import nn
 
 import prunebound as pb
+from prunebound._masks import mask_module
 from prunebound.checkpoint import read
 from prunebound.data import Dataset, load_digits
-from prunebound.distributed import DistContext, check_world_size, env_ranks, launch
-from prunebound.experiment import Experiment
-from prunebound.masks import mask_module
-from prunebound.pipeline import TrainConfig, train
-from prunebound.schedule import Schedule, run_schedule
+from prunebound.training.distributed import DistContext, check_world_size, env_ranks, launch
+from prunebound.training.experiment import Experiment
+from prunebound.training.loop import TrainConfig, train
+from prunebound.training.schedule import Schedule, run_schedule
 
 # 251 training samples, batch 32: 7 full batches and a last one of 27, split 14 / 13 over two
 # ranks, so the scaling of uneven slices is exercised too.
@@ -217,7 +217,7 @@ def test_cli_nproc_2_writes_results_once_and_reproduces_the_library_run(
 def test_cli_batch_not_divisible_by_nproc_fails_before_starting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import prunebound.distributed as pbd
+    import prunebound.training.distributed as pbd
     from prunebound.cli import main
 
     def no_launch(*args: object, **kwargs: object) -> None:
@@ -295,7 +295,7 @@ def _abort_in_work(ctx: DistContext, out: str) -> None:
 def test_a_rank_that_aborts_after_finishing_does_not_fail_the_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level("WARNING", logger="prunebound.distributed"):
+    with caplog.at_level("WARNING", logger="prunebound.training.distributed"):
         launch(_abort_in_teardown, 2, (str(tmp_path),), timeout=30)
     assert [(tmp_path / f"result{r}").read_text() for r in range(2)] == ["0", "1"]
     assert "rank 1 finished its work, then ended with signal 6 in teardown" in caplog.text

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import prunebound as pb
-from prunebound.experiment import Experiment, run
+from prunebound.training.experiment import Experiment, run
 
 CONFIG = """
 seed = 1

@@ -20,14 +20,14 @@ from conftest import gpt2_config, make_cnn, make_mlp
 from torch import nn
 
 import prunebound as pb
-import prunebound.sparse as sparse_module
+import prunebound.deploy.sparse as sparse_module
 from prunebound._files import digest
 from prunebound.cli import main
-from prunebound.export import measure_ms, sparse_path
-from prunebound.export_io import export_summary
-from prunebound.sparse import KERNELS, check_csr, to_csr
+from prunebound.deploy.export import measure_ms, sparse_path
+from prunebound.deploy.export_file import export_summary
+from prunebound.deploy.sparse import KERNELS, check_csr, to_csr
 
-export_module = importlib.import_module("prunebound.export")  # pb.export is the function
+export_module = importlib.import_module("prunebound.deploy.export")  # pb.export is the function
 
 SPARSE_KERNELS = sorted(KERNELS)
 
@@ -609,7 +609,7 @@ def test_exported_model_runs_with_grad_mode_on(
             f()
         return {k: 1.0 if k == "dense" else 0.1 for k in fns}
 
-    monkeypatch.setattr(sys.modules["prunebound.export"], "measure_ms", fake)
+    monkeypatch.setattr(sys.modules["prunebound.deploy.export"], "measure_ms", fake)
     model = make_cnn(seed=3)
     pb.prune(model, "magnitude", 0.9)
     exported = pb.export(model, input_shape=(1, 8, 8), candidates=(kernel,), min_sparsity=0.0)

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import prunebound as pb
-from prunebound.experiment import DataSpec, Experiment, ModelSpec, run
-from prunebound.pipeline import NonFiniteError, TrainConfig, train
-from prunebound.resume import CHECKPOINT, read_checkpoint
-from prunebound.schedule import Schedule, run_schedule
 from prunebound.theory import certify, plan
+from prunebound.training.experiment import DataSpec, Experiment, ModelSpec, run
+from prunebound.training.loop import NonFiniteError, TrainConfig, train
+from prunebound.training.resume import CHECKPOINT, read_checkpoint
+from prunebound.training.schedule import Schedule, run_schedule
 
 
 def _experiment(out: Path, **schedule: object) -> Experiment:

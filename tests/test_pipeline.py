@@ -11,8 +11,8 @@ import torch
 import prunebound as pb
 from prunebound.data import load_digits
 from prunebound.models import build_model
-from prunebound.pipeline import TrainConfig, evaluate, train
-from prunebound.schedule import Schedule, prune_round, retrain_config, run_schedule
+from prunebound.training.loop import TrainConfig, evaluate, train
+from prunebound.training.schedule import Schedule, prune_round, retrain_config, run_schedule
 
 DENSE = TrainConfig(epochs=20, batch_size=32, lr=2e-3)
 

@@ -19,13 +19,13 @@ import safetensors.torch
 import torch
 
 import prunebound as pb
-import prunebound.experiment as ex
+import prunebound.training.experiment as ex
 from prunebound._files import flatten_state, unflatten_state
 from prunebound.cli import main
-from prunebound.experiment import DataSpec, Experiment, ModelSpec, RunResult, run
-from prunebound.pipeline import TrainConfig, make_optimizer
-from prunebound.resume import CHECKPOINT, read_checkpoint
-from prunebound.schedule import Schedule
+from prunebound.training.experiment import DataSpec, Experiment, ModelSpec, RunResult, run
+from prunebound.training.loop import TrainConfig, make_optimizer
+from prunebound.training.resume import CHECKPOINT, read_checkpoint
+from prunebound.training.schedule import Schedule
 
 
 def _experiment(out: Path, **schedule: Any) -> Experiment:

@@ -1,4 +1,4 @@
-"""Monte Carlo checks of plans (prunebound.verify): batching, search quality, validity, errors."""
+"""Monte Carlo checks of plans (prunebound.check.verify): batching, search quality, validity, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import prunebound as pb
-from prunebound._batched import (
+from prunebound.check.batch import (
     Batch,
     forward,
     prune_batch,
@@ -20,10 +20,10 @@ from prunebound._batched import (
     sphere,
     worst_gap,
 )
+from prunebound.check.verify import rate_lower
 from prunebound.theory import plan
 from prunebound.theory.network import conv_specs
 from prunebound.theory.types import Law, LayerPlan, LayerSpec
-from prunebound.verify import rate_lower
 
 FAST = pb.SearchConfig(samples=32, restarts=4, steps=15)
 

@@ -19,18 +19,7 @@ The whole user API, by name::
 from importlib.metadata import PackageNotFoundError, version
 
 from prunebound import data, models, theory
-from prunebound.checkpoint import (
-    export_torch_prune,
-    import_torch_prune,
-    load,
-    rewind,
-    save,
-    snapshot,
-)
-from prunebound.experiment import DataSpec, Experiment, ModelSpec, RunResult, run
-from prunebound.export import ExportReport, LayerExport, export, export_report
-from prunebound.export_io import load_export, save_export
-from prunebound.masks import (
+from prunebound._masks import (
     LayerSparsity,
     Mask,
     SparsityReport,
@@ -42,18 +31,29 @@ from prunebound.masks import (
     reset,
     sparsity,
 )
-from prunebound.methods import METHODS, Method, register_method
-from prunebound.pipeline import TrainConfig, evaluate, train
-from prunebound.pruning import prune
-from prunebound.schedule import Schedule, run_schedule
-from prunebound.sparse import SparseConv2d, SparseLinear
-from prunebound.verify import (
+from prunebound.check.verify import (
     LargestFraction,
     SearchConfig,
     VerifyReport,
     largest_fraction,
     verify,
 )
+from prunebound.checkpoint import (
+    export_torch_prune,
+    import_torch_prune,
+    load,
+    rewind,
+    save,
+    snapshot,
+)
+from prunebound.deploy.export import ExportReport, LayerExport, export, export_report
+from prunebound.deploy.export_file import load_export, save_export
+from prunebound.deploy.sparse import SparseConv2d, SparseLinear
+from prunebound.methods import METHODS, Method, register_method
+from prunebound.pruning import prune
+from prunebound.training.experiment import DataSpec, Experiment, ModelSpec, RunResult, run
+from prunebound.training.loop import TrainConfig, evaluate, train
+from prunebound.training.schedule import Schedule, run_schedule
 
 try:
     __version__ = version("prunebound")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from prunebound._files import DIGEST_KEY, digest, read_checked, write_atomic
-from prunebound.masks import (
+from prunebound._masks import (
     mask_module,
     maskable_layers,
     original_weight,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prunebound import report
-from prunebound.experiment import (
+from prunebound.training.experiment import (
     CHECKPOINT,
     DataSpec,
     Experiment,
@@ -25,13 +25,13 @@ from prunebound.experiment import (
     add_export_summary,
     run,
 )
-from prunebound.pipeline import TrainConfig
-from prunebound.schedule import Round, Schedule
+from prunebound.training.loop import TrainConfig
+from prunebound.training.schedule import Round, Schedule
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from prunebound.distributed import DistContext
+    from prunebound.training.distributed import DistContext
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -273,7 +273,7 @@ def run_run(args: argparse.Namespace) -> int:
         exp = replace(exp, data=replace(exp.data, data_dir=args.data_dir))
     if args.quiet:
         exp = replace(exp, quiet=True)
-    from prunebound import distributed as pbd
+    from prunebound.training import distributed as pbd
 
     ranks = pbd.env_ranks(os.environ)  # set by torchrun
     if args.nproc != 1:

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunebound.layer_types import is_layer, output_axis
-from prunebound.masks import (
+from prunebound._masks import (
     LayerSelector,
     holders,
     mask_module,
@@ -28,6 +27,7 @@ from prunebound.masks import (
     prunable_layers,
     set_mask,
 )
+from prunebound.layer_types import is_layer, output_axis
 from prunebound.methods import Method, get_method
 
 _BLOCK = 1 << 21  # elements scored at once (8 MB of float32 scores)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunebound.masks import effective_weight, original_weight
+from prunebound._masks import effective_weight, original_weight
 from prunebound.theory.types import Kind, LayerSpec
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)

@@ -18,15 +18,15 @@ import torch
 
 from prunebound._files import flatten_state, unflatten_state
 from prunebound.checkpoint import load, read_state, save
-from prunebound.pipeline import TrainResult, TrainState
-from prunebound.schedule import Progress, Round
+from prunebound.training.loop import TrainResult, TrainState
+from prunebound.training.schedule import Progress, Round
 
 CHECKPOINT = "checkpoint.safetensors"
 _CHECKPOINT_VERSION = 1
 
 
 class Config(Protocol):
-    """What a checkpoint records of an experiment (`prunebound.experiment.Experiment`)."""
+    """What a checkpoint records of an experiment (`prunebound.training.experiment.Experiment`)."""
 
     def hash(self) -> str: ...
 

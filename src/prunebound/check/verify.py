@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from prunebound._batched import (
+from prunebound.check.batch import (
     Batch,
     SearchConfig,
     check_chain,

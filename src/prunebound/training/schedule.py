@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from prunebound._masks import mask_module, original_weight, prunable_layers, sparsity
 from prunebound.checkpoint import rewind, snapshot
 from prunebound.data import Dataset
-from prunebound.masks import mask_module, original_weight, prunable_layers, sparsity
 from prunebound.methods import METHODS
-from prunebound.pipeline import (
+from prunebound.pruning import prune
+from prunebound.training.loop import (
     NonFiniteError,
     TrainConfig,
     TrainState,
@@ -33,10 +34,9 @@ from prunebound.pipeline import (
     steps_per_epoch,
     train,
 )
-from prunebound.pruning import prune
 
 if TYPE_CHECKING:
-    from prunebound.distributed import DistContext
+    from prunebound.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -369,8 +369,8 @@ def run_schedule(
     never stopped (`on_round` is then called only for the rounds still to come).
     NonFiniteError (a NaN/Inf loss or weight) is raised with its round set.
 
-    With `dist` every training is data-parallel (`prunebound.distributed`); every rank prunes
-    (keeping the generators in step) and rank 0's masks are then broadcast to all.
+    With `dist` every training is data-parallel (`prunebound.training.distributed`); every rank
+    prunes (keeping the generators in step) and rank 0's masks are then broadcast to all.
     """
     if schedule.kind == "lottery" and schedule.rewind_epoch > dense.epochs:
         raise ValueError(

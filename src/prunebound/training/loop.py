@@ -1,4 +1,4 @@
-"""Training and evaluation: the loops every schedule in `prunebound.schedule` is built from.
+"""Training and evaluation: the loops every schedule (`prunebound.training.schedule`) is built from.
 
 Data sets are small and held in memory, so batching is tensor slicing with a shuffling generator
 passed in by the caller (no global RNG). Masks are parametrizations, so pruned weights stay exactly
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from prunebound.data import Dataset
 
 if TYPE_CHECKING:
-    from prunebound.distributed import DistContext
+    from prunebound.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +215,8 @@ def train(
             and LR schedule resume where they were, and the result covers all epochs.
         on_epoch: `on_epoch(state)` after each epoch (after `callback`), e.g. to checkpoint.
         dist: train data-parallel (DDP) as this rank of a process group: every rank draws the
-            same global batch and trains on its slice (see `prunebound.distributed`). Raises
-            ValueError before training if the world size does not divide the batch size.
+            same global batch and trains on its slice (see `prunebound.training.distributed`).
+            Raises ValueError before training if the world size does not divide the batch size.
 
     Returns:
         Per-epoch training loss, accuracy and learning rate.

@@ -1,4 +1,4 @@
-"""Batched networks for Monte Carlo checks (`prunebound.verify`): N sampled networks of one
+"""Batched networks for Monte Carlo checks (`prunebound.check.verify`): N sampled networks of one
 plan held as (N, *shape) weights, pruned together, run with torch.baddbmm or one grouped
 convolution (groups=N), and a worst-gap search over the input ball, all without a Python loop
 over networks.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunebound.masks import set_mask
+from prunebound._masks import set_mask
 from prunebound.theory.types import Law, LayerSpec, Plan
 
 

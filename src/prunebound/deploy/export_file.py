@@ -47,7 +47,8 @@ import torch
 from torch import nn
 
 from prunebound._files import digest, read_file, write_atomic
-from prunebound.export import (
+from prunebound._masks import is_pruned, remove
+from prunebound.deploy.export import (
     ExportReport,
     attach_report,
     attached_report,
@@ -55,8 +56,7 @@ from prunebound.export import (
     export_report,
     measure_ms,
 )
-from prunebound.masks import is_pruned, remove
-from prunebound.sparse import SparseConv2d, SparseLinear, check_csr, csr_tensor, to_csr
+from prunebound.deploy.sparse import SparseConv2d, SparseLinear, check_csr, csr_tensor, to_csr
 
 __all__ = ["GRAPH_TYPES", "export_summary", "load_export", "save_export"]
 

@@ -2,10 +2,11 @@
 
 `export(model, "csr")` returns a copy of the model (masks baked in, eval mode) in which every
 pruned Linear, and every Conv2d when `input_shape` is given, becomes a `SparseLinear` /
-`SparseConv2d` if one of the sparse kernels (`prunebound.sparse.KERNELS`) beats the dense layer in
-a micro-benchmark at the given batch size; otherwise it stays dense. What each layer became, and
-why, is in `export_report(exported)`. Layers below `min_sparsity` are not even measured: with
-more than half the weights left, a sparse kernel does more memory traffic than the dense one.
+`SparseConv2d` if one of the sparse kernels (`prunebound.deploy.sparse.KERNELS`) beats the dense
+layer in a micro-benchmark at the given batch size; otherwise it stays dense. What each layer
+became, and why, is in `export_report(exported)`. Layers below `min_sparsity` are not even
+measured: with more than half the weights left, a sparse kernel does more memory traffic than the
+dense one.
 
 Files: `save_export` / `load_export` (export_io.py).
 """
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunebound.masks import effective_weight, prunable_layers, remove
-from prunebound.sparse import KERNELS, SparseConv2d, SparseLinear
+from prunebound._masks import effective_weight, prunable_layers, remove
+from prunebound.deploy.sparse import KERNELS, SparseConv2d, SparseLinear
 
 __all__ = [
     "ExportReport",
@@ -400,7 +401,7 @@ def export(
         input_shape: shape of one input sample, e.g. (1, 28, 28); needed to measure Conv2d
             layers (and Linear layers applied to more than 2-D input).
         min_sparsity: layers with fewer zeros are kept dense without being measured.
-        candidates: kernels to try (keys of `prunebound.sparse.KERNELS`).
+        candidates: kernels to try (keys of `prunebound.deploy.sparse.KERNELS`).
 
     Returns:
         The exported model; `export_report(exported)` says what each layer became and why.

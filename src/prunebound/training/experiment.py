@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections.abc
 import csv
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import logging
@@ -27,18 +28,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from prunebound.checkpoint import save
+from prunebound import report
+from prunebound._masks import sparsity
+from prunebound.checkpoint import load, save
 from prunebound.data import DATASETS, Dataset, load_dataset
+from prunebound.deploy.export_file import export_summary
 from prunebound.layer_types import CONV
-from prunebound.masks import sparsity
 from prunebound.models import MODELS, build_model
-from prunebound.pipeline import NonFiniteError, TrainConfig
-from prunebound.resume import CHECKPOINT as CHECKPOINT  # re-exported: the run's file name
-from prunebound.resume import read_checkpoint, write_checkpoint
-from prunebound.schedule import Progress, Round, Schedule, run_schedule
+from prunebound.training.loop import NonFiniteError, TrainConfig
+from prunebound.training.resume import CHECKPOINT as CHECKPOINT  # re-exported: the run's file name
+from prunebound.training.resume import read_checkpoint, write_checkpoint
+from prunebound.training.schedule import Progress, Round, Schedule, run_schedule
 
 if TYPE_CHECKING:
-    from prunebound.distributed import DistContext
+    from prunebound.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -273,10 +276,12 @@ class RunResult:
 
 def versions() -> dict[str, str]:
     """Versions of what produced a result."""
-    from prunebound import __version__
-
+    try:
+        prunebound_version = importlib.metadata.version("prunebound")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        prunebound_version = "0+unknown"
     return {
-        "prunebound": __version__,
+        "prunebound": prunebound_version,
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
@@ -309,7 +314,7 @@ def run(
     uninterrupted run, bit for bit on CPU with the same number of torch threads. (Models whose
     forward draws random numbers, e.g. dropout, use torch's global RNG, which is not saved.)
 
-    With `dist` (this rank of a process group, `prunebound.distributed`) the schedule runs
+    With `dist` (this rank of a process group, `prunebound.training.distributed`) the schedule runs
     data-parallel; only rank 0 writes the directory and calls `on_round`, and `results.json`
     records the world size and the largest difference between the ranks' final models
     (0.0: identical). Resuming needs `out_dir` readable by every rank (a shared file system).
@@ -377,14 +382,10 @@ def run(
     # what the pruned model is worth where it runs (not under torch.distributed: the other ranks
     # would wait at the group's teardown while rank 0 times kernels)
     if dist is None and any(r.sparsity > 0 for r in rounds):
-        from prunebound.export_io import export_summary
-
         summary = export_summary(model, data.input_shape, path=out / "model.export.safetensors")
         result = replace(result, export=summary)
     write_results(result, model)
     if write_plots:
-        from prunebound import report
-
         report.plot_run(result.to_dict(), out)
     return result
 
@@ -397,9 +398,6 @@ def add_export_summary(exp: Experiment) -> dict[str, Any]:
     while it times kernels), so the launcher (or rank 0 after the group is gone) does it here
     from the run's own `model.safetensors`.
     """
-    from prunebound.checkpoint import load
-    from prunebound.export_io import export_summary
-
     out = Path(exp.out_dir)
     d: dict[str, Any] = json.loads((out / "results.json").read_text())
     if not any(r["sparsity"] > 0 for r in d["rounds"]):

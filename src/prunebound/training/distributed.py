@@ -40,8 +40,8 @@ import torch.multiprocessing as torch_mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from prunebound._masks import Mask, mask_module, prunable_layers, set_mask
 from prunebound.data import Dataset
-from prunebound.masks import Mask, mask_module, prunable_layers, set_mask
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@
 - `scipy_csr_mt` / `scipy_csc_mt`: the same on row blocks of equal nonzero count, one per torch
   thread, run on a small thread pool (scipy releases the GIL);
 - `numba_csr` (only where numba is installed): parallel numba CSR kernels with 16-bit column
-  indices (`prunebound._numba_kernels`); its (out, N) output, seen transposed by the next
+  indices (`prunebound.deploy._numba_kernels`); its (out, N) output, seen transposed by the next
   SparseLinear, is already the contiguous (in, N) input that kernel wants;
 - `numba_csr_1t`: the same kernels on one thread (at batch 1 the hand-off to a second thread
   can cost as much as it saves).
@@ -21,6 +21,7 @@ measures them per layer. These layers are for inference only: outputs carry no g
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import itertools
 import warnings
@@ -142,9 +143,7 @@ class _NumbaCSR:
         shape: tuple[int, int],
         threads: int | None = None,
     ) -> None:
-        from prunebound import _numba_kernels  # lazily: compiles or loads the cached kernels
-
-        self.kernels = _numba_kernels
+        self.kernels = _numba_kernels()
         self.indptr = crow.numpy()
         cols = col.numpy()
         narrow = shape[1] <= 2**16
@@ -177,6 +176,14 @@ class _NumbaCSR:
         for f in futures:
             f.result()
         return torch.from_numpy(y)
+
+
+@functools.cache
+def _numba_kernels() -> Any:
+    """The numba kernels module, loaded on first use: numba is an optional dependency, and
+    loading it (and its compiled-kernel cache) costs about a second that only users of the
+    "numba_csr" kernels should pay."""
+    return importlib.import_module("prunebound.deploy._numba_kernels")
 
 
 def _numba_matmul(op: _NumbaCSR, xt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
