@@ -193,7 +193,7 @@ def test_format_dense_bakes_masks_and_accepts_unpruned_models() -> None:
         ({"format": "coo"}, "format must be one of"),
         ({"batch_size": 0}, "batch_size must be an int >= 1"),
         ({"input_shape": (12, 0)}, "input_shape must be"),
-        ({"min_sparsity": 1.5}, r"min_sparsity must be in \[0, 1\]"),
+        ({"min_sparsity": 1.5}, r"min_sparsity must be a number in \[0, 1\], got 1.5"),
         ({"candidates": ("mkl",)}, "candidates must be a non-empty subset"),
         ({"candidates": ()}, "candidates must be a non-empty subset"),
         ({"layers": {"nope": "dense"}}, "'nope' matches no Linear/Conv layer"),

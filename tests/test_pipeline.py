@@ -327,7 +327,7 @@ def test_train_config_validation(kwargs: dict[str, object], match: str) -> None:
         ({"rewind_step": -2}, r"schedule\.rewind_step"),
         (
             {"retrain_lr_scale": 0.0},
-            r"schedule\.retrain_lr_scale must be a finite float > 0, got 0\.0",
+            r"schedule\.retrain_lr_scale must be a finite number > 0, got 0\.0",
         ),
     ],
 )

@@ -18,6 +18,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from prunebound._check import is_int
+
 #: Metadata key of a checkpoint's SHA-256 over its tensors (`digest`).
 DIGEST_KEY = "sha256"
 
@@ -99,7 +101,7 @@ def flatten_state(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Te
         if isinstance(x, Mapping):
             if all(isinstance(k, str) and not k.startswith("__") for k in x):
                 return {k: walk(v, f"{sub}{k}") for k, v in x.items()}
-            if all(isinstance(k, int | str) and not isinstance(k, bool) for k in x):
+            if all(is_int(k) or isinstance(k, str) for k in x):
                 return {"__items__": [[k, walk(v, f"{sub}{k}")] for k, v in x.items()]}
         raise TypeError(f"state at {path or 'root'!r}: cannot store {type(x).__name__} safely")
 

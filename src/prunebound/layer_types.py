@@ -8,7 +8,13 @@ store their weight transposed (found by name, so prunebound never imports those 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import nn
+
+#: What a method prunes and `count_units` counts: single weights, or whole output units (the
+#: rows of a Linear weight, the channels of a Conv, the columns of a transposed linear).
+Unit = Literal["weight", "row"]
 
 LINEAR: tuple[type[nn.Module], ...] = (nn.Linear,)
 CONV: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

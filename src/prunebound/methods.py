@@ -17,12 +17,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from prunebound.layer_types import CONV, LINEAR, OPT_IN, PRUNABLE
+from prunebound._check import is_int
+from prunebound.layer_types import CONV, LINEAR, OPT_IN, PRUNABLE, Unit
 
 #: (weight, generator) -> scores; lower = pruned first. Shape: weight's, or (out,) if unit="row".
 ScoreFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -57,7 +57,7 @@ class Method:
     name: str
     scores: ScoreFn | None = None
     mask: MaskFn | None = None
-    unit: Literal["weight", "row"] = "weight"
+    unit: Unit = "weight"
     layer_types: tuple[type[nn.Module], ...] = PRUNABLE + OPT_IN
     blockwise: bool = False
     elementwise: bool = False
@@ -178,7 +178,7 @@ def get_method(method: str | Method, norm: int | None = None) -> Method:
     `norm` (1 or 2) picks the row norm of the structured methods: ("neuron", 1) is "neuron_l1".
     """
     if norm is not None:
-        if isinstance(norm, bool) or norm not in (1, 2):
+        if not is_int(norm) or norm not in (1, 2):
             raise ValueError(f"norm must be 1 or 2, got {norm!r}")
         base = method.name if isinstance(method, Method) else method
         if base not in ("neuron", "filter", "neuron_l1", "filter_l1"):

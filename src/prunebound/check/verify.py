@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from prunebound._check import check_float, check_int
 from prunebound.check.batch import (
     Batch,
     SearchConfig,
@@ -145,10 +146,8 @@ def _certificate(batch: Batch, pruned: Sequence[torch.Tensor], i: int, radius: f
 def _check_run(plan: object, trials: object, confidence: object) -> Plan:
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a prunebound.theory.Plan, got {type(plan).__name__}")
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be an int >= 1, got {trials!r}")
-    if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
-        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
+    check_int("trials", trials, 1)
+    check_float("confidence", confidence, 0, 1, closed="neither")
     if not 0.0 < plan.delta < 1.0 or not plan.eps > 0 or not plan.radius > 0:
         raise ValueError(
             f"plan needs eps > 0, delta in (0, 1), radius > 0; got eps={plan.eps}, "
@@ -306,8 +305,7 @@ def largest_fraction(
     plan leaves unpruned stays unpruned otherwise.
     """
     plan = _check_run(plan, trials, 0.95)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
+    check_int("iters", iters, 1)
     search = search if search is not None else SearchConfig()
     t0 = time.perf_counter()
     planned = [lp.fraction for lp in plan.layers]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunebound._check import check_choice, check_float, check_int, is_int
 from prunebound._masks import effective_weight, prunable_layers, remove
 from prunebound.deploy.sparse import KERNELS, SparseConv2d, SparseLinear
 
@@ -173,17 +174,13 @@ def _check_args(
     min_sparsity: float,
     candidates: Sequence[str],
 ) -> None:
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_choice("format", format, FORMATS)
+    check_int("batch_size", batch_size, 1)
     if input_shape is not None and (
-        isinstance(input_shape, str)
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape)
+        isinstance(input_shape, str) or not all(is_int(s) and s >= 1 for s in input_shape)
     ):
         raise ValueError(f"input_shape must be a sequence of ints >= 1, got {input_shape!r}")
-    if not 0.0 <= min_sparsity <= 1.0:
-        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    check_float("min_sparsity", min_sparsity, 0, 1, ints=True)
     bad = [k for k in candidates if k not in KERNELS]
     if bad or not candidates:
         raise ValueError(f"candidates must be a non-empty subset of {sorted(KERNELS)}, got {bad}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import faulthandler
 import gc
 import logging
+import math
 import multiprocessing.connection
 import os
 import sys
@@ -32,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 import torch
 import torch.distributed as tdist
@@ -40,22 +41,27 @@ import torch.multiprocessing as torch_mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from prunebound._check import check_choice, check_int, in_interval, is_float, is_int
 from prunebound._masks import Mask, mask_module, prunable_layers, set_mask
 from prunebound.data import Dataset
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "gloo", "nccl"]
-BACKENDS = ("auto", "gloo", "nccl")
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 #: Seconds the launcher waits for the other ranks to stop on their own after one failed.
 _GRACE_S = 5.0
 
 
+def _check_timeout(timeout: object) -> None:
+    if not (is_float(timeout, ints=True) and in_interval(float(timeout), 0, math.inf, "neither")):  # type: ignore[arg-type]
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+
+
 def check_world_size(batch_size: int, world_size: int) -> None:
     """Raise ValueError unless `world_size` (>= 1) divides `batch_size` (each rank's share)."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    check_int("world_size", world_size, 1)
     if batch_size % world_size != 0:
         raise ValueError(
             f"train.batch_size={batch_size} is not divisible by the world size {world_size}: "
@@ -83,9 +89,8 @@ class DistContext:
     backend: str = "gloo"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.world_size, int) or self.world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {self.world_size!r}")
-        if not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
+        check_int("world_size", self.world_size, 1)
+        if not is_int(self.rank) or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be an int in [0, {self.world_size}), got {self.rank!r}")
 
     @property
@@ -198,8 +203,7 @@ class DistContext:
 
 
 def _resolve_backend(backend: Backend, local_rank: int) -> tuple[str, torch.device]:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -233,8 +237,7 @@ def process_group(
         timeout: seconds a collective may wait for the other ranks before failing, so a rank
             that vanishes (a lost machine) stops the others instead of hanging them.
     """
-    if not (isinstance(timeout, int | float) and timeout > 0):
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    _check_timeout(timeout)
     name, device = _resolve_backend(backend, local_rank)
     ctx = DistContext(rank, world_size, local_rank, device, name)
     if device.type == "cuda":
@@ -352,12 +355,9 @@ def launch(
         ValueError: bad nproc, backend or timeout (before anything starts).
         RuntimeError: a rank failed or died; names the first one and its error.
     """
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not (isinstance(timeout, int | float) and timeout > 0):
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    check_int("nproc", nproc, 1)
+    check_choice("backend", backend, BACKENDS)
+    _check_timeout(timeout)
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // nproc)
     mp = torch_mp.get_context("spawn")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from prunebound import report
+from prunebound._check import check_int, is_int
 from prunebound._masks import sparsity
 from prunebound.checkpoint import load, save
 from prunebound.data import DATASETS, Dataset, load_dataset
@@ -71,9 +72,7 @@ class DataSpec:
         if not isinstance(self.name, str) or self.name.lower().replace("_", "-") not in DATASETS:
             raise ValueError(f"data.name must be one of {', '.join(DATASETS)}, got {self.name!r}")
         for key in ("max_train", "max_test"):
-            v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"data.{key} must be an int >= 1 or None, got {v!r}")
+            check_int(f"data.{key}", getattr(self, key), 1, optional=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -93,8 +92,7 @@ class Experiment:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        check_int("seed", self.seed, 0)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dicts for JSON (the same shape `from_dict` and the TOML files take)."""
@@ -136,10 +134,6 @@ class Experiment:
 _NESTED = {"model": ModelSpec, "data": DataSpec, "train": TrainConfig, "schedule": Schedule}
 
 
-def _is_plain_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _type_ok(value: Any, hint: Any, *, ints: bool = True) -> bool:
     """Whether a TOML value fits a type hint (`ints`: an int is accepted where float is)."""
     origin = typing.get_origin(hint)
@@ -152,9 +146,9 @@ def _type_ok(value: Any, hint: Any, *, ints: bool = True) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, float) or (ints and _is_plain_int(value))
+        return isinstance(value, float) or (ints and is_int(value))
     if hint is int:
-        return _is_plain_int(value)
+        return is_int(value)
     if origin in (tuple, collections.abc.Sequence, list):  # TOML arrays arrive as lists
         args = typing.get_args(hint)
         return isinstance(value, list | tuple) and all(_type_ok(v, args[0]) for v in value)
@@ -186,7 +180,7 @@ def _build(cls: Any, d: Mapping[str, Any], prefix: str) -> Any:
                 f"config: {prefix}{f.name} has the wrong type or value: {value!r} "
                 f"(expected {hints[f.name]})"
             )
-        if _is_plain_int(value) and not _type_ok(value, hints[f.name], ints=False):
+        if is_int(value) and not _type_ok(value, hints[f.name], ints=False):
             value = float(value)  # TOML `1` where a float is expected
         if isinstance(value, list):
             value = tuple(float(v) if isinstance(v, int) else v for v in value)

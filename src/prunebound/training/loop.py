@@ -12,12 +12,13 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunebound._check import check_choice, check_float, check_int, finite
 from prunebound.data import Dataset
 
 if TYPE_CHECKING:
@@ -63,22 +64,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("epochs", 0), ("batch_size", 1), ("step_epochs", 1), ("lr_offset", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"train.{name} must be an int >= {low}, got {v!r}")
-        h = self.lr_horizon
-        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
-            raise ValueError(f"train.lr_horizon must be an int >= 1 or None, got {h!r}")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"train.optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
-        if self.lr_schedule not in ("constant", "cosine", "step"):
-            raise ValueError(
-                f"train.lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}"
-            )
+            check_int(f"train.{name}", getattr(self, name), low)
+        check_int("train.lr_horizon", self.lr_horizon, 1, optional=True)
+        check_choice("train.optimizer", self.optimizer, get_args(Optimizer))
+        check_choice("train.lr_schedule", self.lr_schedule, get_args(LRSchedule))
         for name in ("lr", "momentum", "weight_decay"):
-            v = getattr(self, name)
-            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"train.{name} must be a finite number >= 0, got {v!r}")
+            check_float(f"train.{name}", getattr(self, name), 0, closed="left", ints=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -273,7 +264,7 @@ def train(
             total_loss += loss.item() * idx.numel()
             correct += int((out.argmax(1) == y).sum())
         for name, p in model.named_parameters():  # the last step may have broken a weight
-            if not _finite(p.detach()):
+            if not finite(p.detach()):
                 raise NonFiniteError(f"parameter {name!r} became NaN or infinite", epoch=epoch + 1)
         if dist is not None:  # this rank's sums -> global (its loss terms carry world_size)
             total_loss, all_correct = dist.all_sum(total_loss / dist.world_size, correct)
@@ -291,11 +282,6 @@ def train(
             on_epoch(TrainState(epoch + 1, opt.state_dict(), sched.state_dict(), history))
         logger.debug("epoch %d: loss %.4f, train accuracy %.4f", epoch + 1, losses[-1], accs[-1])
     return TrainResult(tuple(losses), tuple(accs), tuple(lrs))
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """All entries finite; the sum is a cheap first test (it overflows only rarely)."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 @torch.no_grad()

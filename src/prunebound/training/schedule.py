@@ -16,14 +16,16 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import nn
 
-from prunebound._masks import mask_module, original_weight, prunable_layers, sparsity
+from prunebound._check import check_choice, check_float, check_int, in_interval, is_float
+from prunebound._masks import count_units, prunable_layers, sparsity
 from prunebound.checkpoint import rewind, snapshot
 from prunebound.data import Dataset
+from prunebound.layer_types import Unit
 from prunebound.methods import METHODS
 from prunebound.pruning import prune
 from prunebound.training.loop import (
@@ -40,12 +42,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["oneshot", "iterative", "lottery"]
+ScheduleKind = Literal["oneshot", "iterative", "lottery"]
 RetrainLR = Literal["rewind", "restart", "constant"]
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ class Schedule:
             recover faster with a larger step).
     """
 
-    kind: Kind = "iterative"
+    kind: ScheduleKind = "iterative"
     method: str = "magnitude"
     target_sparsity: float = 0.9
     rounds: int = 5
@@ -99,55 +97,30 @@ class Schedule:
     retrain_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("oneshot", "iterative", "lottery"):
-            raise ValueError(
-                f"schedule.kind must be oneshot, iterative or lottery, got {self.kind!r}"
-            )
-        if self.method not in METHODS:
-            raise ValueError(
-                f"schedule.method must be one of {sorted(METHODS)}, got {self.method!r}"
-            )
-        t = self.target_sparsity
-        if isinstance(t, bool) or not isinstance(t, float) or not 0 <= t < 1:
-            raise ValueError(f"schedule.target_sparsity must be a float in [0, 1), got {t!r}")
-        if not _is_int(self.rounds) or self.rounds < 1:
-            raise ValueError(f"schedule.rounds must be an int >= 1, got {self.rounds!r}")
-        a = self.amount
-        if a is not None and (isinstance(a, bool) or not isinstance(a, float) or not 0 < a < 1):
-            raise ValueError(f"schedule.amount must be a float in (0, 1) or None, got {a!r}")
+        check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
+        check_choice("schedule.method", self.method, sorted(METHODS))
+        t = check_float("schedule.target_sparsity", self.target_sparsity, 0, 1, closed="left")
+        check_int("schedule.rounds", self.rounds, 1)
+        a = check_float("schedule.amount", self.amount, 0, 1, closed="neither", optional=True)
         steps = tuple(self.steps)
         if steps and (
-            not all(isinstance(x, float) and 0 <= x < 1 for x in steps)
+            not all(is_float(x) and in_interval(x, 0, 1, "left") for x in steps)
             or any(b <= a for a, b in itertools.pairwise(steps))
         ):
             raise ValueError(
                 f"schedule.steps must be floats increasing within [0, 1), got {self.steps!r}"
             )
-        if not _is_int(self.retrain_epochs) or self.retrain_epochs < 0:
-            raise ValueError(
-                f"schedule.retrain_epochs must be an int >= 0, got {self.retrain_epochs!r}"
-            )
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"schedule.scope must be layer or global, got {self.scope!r}")
-        c = self.last_layer_scale
-        if isinstance(c, bool) or not isinstance(c, int | float) or not 0 <= c <= 1:
-            raise ValueError(f"schedule.last_layer_scale must be in [0, 1], got {c!r}")
-        if not _is_int(self.rewind_epoch) or self.rewind_epoch < 0:
-            raise ValueError(
-                f"schedule.rewind_epoch must be an int >= 0, got {self.rewind_epoch!r}"
-            )
-        k = self.rewind_step
-        if k is not None and (not _is_int(k) or k < 0):
-            raise ValueError(f"schedule.rewind_step must be an int >= 0 or None, got {k!r}")
+        check_int("schedule.retrain_epochs", self.retrain_epochs, 0)
+        check_choice("schedule.scope", self.scope, ("layer", "global"))
+        c = check_float("schedule.last_layer_scale", self.last_layer_scale, 0, 1, ints=True)
+        check_int("schedule.rewind_epoch", self.rewind_epoch, 0)
+        k = check_int("schedule.rewind_step", self.rewind_step, 0, optional=True)
         if k is not None and self.rewind_epoch != 0:
             raise ValueError("schedule: give rewind_epoch or rewind_step, not both")
-        if self.retrain_lr not in ("rewind", "restart", "constant"):
-            raise ValueError(
-                f"schedule.retrain_lr must be rewind, restart or constant, got {self.retrain_lr!r}"
-            )
-        f = self.retrain_lr_scale
-        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f < math.inf:
-            raise ValueError(f"schedule.retrain_lr_scale must be a finite float > 0, got {f!r}")
+        check_choice("schedule.retrain_lr", self.retrain_lr, get_args(RetrainLR))
+        f = check_float(
+            "schedule.retrain_lr_scale", self.retrain_lr_scale, 0, closed="neither", ints=True
+        )
         if self.kind == "oneshot" and len(steps) > 1:
             raise ValueError(f"schedule.steps must have one entry for oneshot, got {steps!r}")
         # all checked: normalise (frozen, hence object.__setattr__)
@@ -245,16 +218,8 @@ class Progress:
         return bool(self.rounds) and self.rounds[-1].round == self.round
 
 
-def _units(module: nn.Module, unit: str) -> tuple[int, int]:
-    """(total, pruned) units of a layer: weights, or whole output rows if unit == "row"."""
-    w = original_weight(module)
-    mm = mask_module(module)
-    if unit == "row":
-        total = w.shape[0]
-        alive = total if mm is None else int(mm.mask.flatten(1).any(dim=1).sum())
-    else:
-        total = w.numel()
-        alive = total if mm is None else int(mm.mask.sum())
+def _pruned_units(module: nn.Module, unit: Unit) -> tuple[int, int]:
+    total, alive = count_units(module, unit)
     return total, total - alive
 
 
@@ -286,7 +251,7 @@ def prune_round(
             )
             prune(model, meth, rate, layers=names[-1:], seed=generator)
         return
-    units = {n: _units(layers[n], meth.unit) for n in names}  # (total, pruned)
+    units = {n: _pruned_units(layers[n], meth.unit) for n in names}  # (total, pruned)
     n_all = sum(u[0] for u in units.values())
     zeros_all = round(schedule.cumulative(r) * n_all)
     counts: dict[str, int] = {}
