@@ -20,12 +20,13 @@ from conftest import gpt2_config, make_cnn, make_mlp
 from torch import nn
 
 import prunebound as pb
-import prunebound.deploy.sparse as sparse_module
+import prunebound.deploy.kernels as kernels_module
 from prunebound._files import digest
 from prunebound.cli import main
-from prunebound.deploy.export import measure_ms, sparse_path
-from prunebound.deploy.export_file import export_summary
-from prunebound.deploy.sparse import KERNELS, check_csr, to_csr
+from prunebound.deploy.kernels import KERNELS
+from prunebound.deploy.sparse import check_csr, sparse_path, to_csr
+from prunebound.deploy.summary import export_summary
+from prunebound.timing import measure_ms
 
 export_module = importlib.import_module("prunebound.deploy.export")  # pb.export is the function
 
@@ -557,7 +558,7 @@ def test_numba_kernel_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a)
     )
-    kernels = sparse_module._kernels()
+    kernels = kernels_module.available_kernels()
     assert "numba_csr" not in kernels and "numba_csr_1t" not in kernels
     assert "scipy_csr" in kernels
 

@@ -20,7 +20,7 @@ from prunebound.check.batch import (
     sphere,
     worst_gap,
 )
-from prunebound.check.verify import rate_lower
+from prunebound.stats import clopper_pearson_lower
 from prunebound.theory import plan
 from prunebound.theory.network import conv_specs
 from prunebound.theory.types import Law, LayerPlan, LayerSpec
@@ -178,7 +178,7 @@ def test_over_permissive_plans_are_caught() -> None:
     for bad in (greedy, replace(p, eps=p.eps / 100)):
         rep = pb.verify(bad, trials=40, search=FAST)
         assert rep.violations >= 30, f"a wrong plan passed: {rep.violations}/40 violations"
-        assert not rep.passed and rate_lower(rep.violations, 40, 0.95) > p.delta
+        assert not rep.passed and clopper_pearson_lower(rep.violations, 40, 0.05) > p.delta
 
 
 def test_verify_prunes_exactly_like_prune_with_plan() -> None:

@@ -75,6 +75,35 @@ def read_checked(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, meta
 
 
+def tied_keys(live: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{key: first key} for each state_dict key whose tensor is an earlier key's (tied weights:
+    the same tensor, or one with the same memory and layout)."""
+    first: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    for key, t in live.items():
+        if t.numel() == 0:
+            continue
+        ident = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+        if ident in first:
+            aliases[key] = first[ident]
+        else:
+            first[ident] = key
+    return aliases
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors`, contiguous, with a copy of each one overlapping an earlier one's memory
+    (safetensors refuses tensors sharing memory)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        t = t.detach().contiguous()
+        out[key] = t.clone() if t.numel() and t.untyped_storage().data_ptr() in seen else t
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+    return out
+
+
 def flatten_state(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
     """Split a nested state (e.g. `optimizer.state_dict()`) into JSON and tensors, no pickle.
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
 from prunebound._check import check_float, check_int
 from prunebound.check.batch import (
@@ -36,8 +35,8 @@ from prunebound.check.batch import (
     to_module,
     worst_gap,
 )
+from prunebound.stats import clopper_pearson_upper
 from prunebound.theory.certify import certify
-from prunebound.theory.datacert import clopper_pearson_upper
 from prunebound.theory.types import Plan
 
 Progress = Callable[[int, int], None]  # (networks done, total)
@@ -47,7 +46,6 @@ __all__ = [
     "SearchConfig",
     "VerifyReport",
     "largest_fraction",
-    "rate_lower",
     "verify",
 ]
 
@@ -275,13 +273,6 @@ def verify(
         seed=seed,
         seconds=time.perf_counter() - t0,
     )
-
-
-def rate_lower(violations: int, trials: int, confidence: float) -> float:
-    """One-sided Clopper-Pearson lower limit of a violation rate (0 when violations = 0)."""
-    if violations == 0:
-        return 0.0
-    return float(stats.beta.ppf(1.0 - confidence, violations, trials - violations + 1))
 
 
 def largest_fraction(

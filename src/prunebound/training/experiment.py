@@ -33,7 +33,7 @@ from prunebound._check import check_int, is_int
 from prunebound._masks import sparsity
 from prunebound.checkpoint import load, save
 from prunebound.data import DATASETS, Dataset, load_dataset
-from prunebound.deploy.export_file import export_summary
+from prunebound.deploy.summary import export_summary
 from prunebound.layer_types import CONV
 from prunebound.models import MODELS, build_model
 from prunebound.training.loop import NonFiniteError, TrainConfig
