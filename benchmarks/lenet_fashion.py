@@ -32,7 +32,8 @@ import prunebound as pb
 from prunebound.data import load_dataset
 from prunebound.models import build_model
 from prunebound.training.loop import TrainConfig, evaluate, train
-from prunebound.training.schedule import Schedule, run_schedule
+from prunebound.training.runner import run_schedule
+from prunebound.training.schedule import Schedule
 
 TARGETS = (0.8, 0.9, 0.95, 0.98)
 

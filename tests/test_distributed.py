@@ -21,10 +21,11 @@ import prunebound as pb
 from prunebound._masks import mask_module
 from prunebound.checkpoint import read
 from prunebound.data import Dataset, load_digits
+from prunebound.training.config import Experiment
 from prunebound.training.distributed import DistContext, check_world_size, env_ranks, launch
-from prunebound.training.experiment import Experiment
 from prunebound.training.loop import TrainConfig, train
-from prunebound.training.schedule import Schedule, run_schedule
+from prunebound.training.runner import run_schedule
+from prunebound.training.schedule import Schedule
 
 # 251 training samples, batch 32: 7 full batches and a last one of 27, split 14 / 13 over two
 # ranks, so the scaling of uneven slices is exercised too.

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import prunebound as pb
-from prunebound.training.experiment import Experiment, run
+from prunebound.training.config import Experiment
+from prunebound.training.experiment import run
 
 CONFIG = """
 seed = 1

@@ -13,10 +13,12 @@ from torch import nn
 
 import prunebound as pb
 from prunebound.theory import certify, plan
-from prunebound.training.experiment import DataSpec, Experiment, ModelSpec, run
+from prunebound.training.config import DataSpec, Experiment, ModelSpec
+from prunebound.training.experiment import run
 from prunebound.training.loop import NonFiniteError, TrainConfig, train
 from prunebound.training.resume import CHECKPOINT, read_checkpoint
-from prunebound.training.schedule import Schedule, run_schedule
+from prunebound.training.runner import run_schedule
+from prunebound.training.schedule import Schedule
 
 
 def _experiment(out: Path, **schedule: object) -> Experiment:

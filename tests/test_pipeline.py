@@ -12,7 +12,8 @@ import prunebound as pb
 from prunebound.data import load_digits
 from prunebound.models import build_model
 from prunebound.training.loop import TrainConfig, evaluate, train
-from prunebound.training.schedule import Schedule, prune_round, retrain_config, run_schedule
+from prunebound.training.runner import run_schedule
+from prunebound.training.schedule import Schedule, prune_round, retrain_config
 
 DENSE = TrainConfig(epochs=20, batch_size=32, lr=2e-3)
 

@@ -22,7 +22,8 @@ import prunebound as pb
 import prunebound.training.experiment as ex
 from prunebound._files import flatten_state, unflatten_state
 from prunebound.cli import main
-from prunebound.training.experiment import DataSpec, Experiment, ModelSpec, RunResult, run
+from prunebound.training.config import DataSpec, Experiment, ModelSpec
+from prunebound.training.experiment import RunResult, run
 from prunebound.training.loop import TrainConfig, make_optimizer
 from prunebound.training.resume import CHECKPOINT, read_checkpoint
 from prunebound.training.schedule import Schedule

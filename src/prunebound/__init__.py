@@ -51,9 +51,11 @@ from prunebound.deploy.export_file import load_export, save_export
 from prunebound.deploy.sparse import SparseConv2d, SparseLinear
 from prunebound.methods import METHODS, Method, register_method
 from prunebound.pruning import prune
-from prunebound.training.experiment import DataSpec, Experiment, ModelSpec, RunResult, run
+from prunebound.training.config import DataSpec, Experiment, ModelSpec
+from prunebound.training.experiment import RunResult, run
 from prunebound.training.loop import TrainConfig, evaluate, train
-from prunebound.training.schedule import Schedule, run_schedule
+from prunebound.training.runner import run_schedule
+from prunebound.training.schedule import Schedule
 
 try:
     __version__ = version("prunebound")

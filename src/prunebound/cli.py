@@ -17,16 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prunebound import report
-from prunebound.training.experiment import (
-    CHECKPOINT,
-    DataSpec,
-    Experiment,
-    ModelSpec,
-    add_export_summary,
-    run,
-)
+from prunebound.training.config import DataSpec, Experiment, ModelSpec
+from prunebound.training.experiment import CHECKPOINT, add_export_summary, run
 from prunebound.training.loop import TrainConfig
-from prunebound.training.schedule import Round, Schedule
+from prunebound.training.runner import Round
+from prunebound.training.schedule import Schedule
 
 if TYPE_CHECKING:
     from torch import nn

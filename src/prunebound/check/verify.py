@@ -39,7 +39,7 @@ from prunebound.stats import clopper_pearson_upper
 from prunebound.theory.certify import certify
 from prunebound.theory.types import Plan
 
-Progress = Callable[[int, int], None]  # (networks done, total)
+OnProgress = Callable[[int, int], None]  # (networks done, total)
 
 __all__ = [
     "LargestFraction",
@@ -173,7 +173,7 @@ def _gaps(
     dtype: torch.dtype,
     stop_above: int | None = None,
     certificates: bool = False,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
 ) -> tuple[list[float], list[float]]:
     """Gaps (and certificates) of `trials` networks, chunk by chunk; stops early once more than
     `stop_above` gaps exceed eps. Chunk c is drawn from generator (seed, c): weights, keys,
@@ -210,7 +210,7 @@ def verify(
     chunk: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
 ) -> VerifyReport:
     """Check a plan by Monte Carlo: sample `trials` targets from its law (weights and biases),
     prune each as planned, estimate each worst gap and count those above eps.
