@@ -67,7 +67,7 @@ def run(dataset: str, epochs: int) -> dict[str, object]:
         model,
         data,
         TrainConfig(epochs=epochs, batch_size=128, lr=2e-3),
-        generator=torch.Generator().manual_seed(0),
+        seed=torch.Generator().manual_seed(0),
     )
     model.eval()
     dense_acc = evaluate(model, data).accuracy

@@ -64,7 +64,7 @@ def test_injected_nan_in_dense_training_names_round_0(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError, match=r"round 0 \(dense training\), epoch 1 \(step \d\)"):
         run_schedule(
             model, bad, TrainConfig(epochs=1, batch_size=16), Schedule(rounds=1),
-            generator=torch.Generator().manual_seed(0),
+            seed=torch.Generator().manual_seed(0),
         )  # fmt: skip
 
 

@@ -1,19 +1,25 @@
 """prunebound: prune PyTorch networks, with bounds you can check.
 
-The whole user API, by name::
+Every exported name, by wing (defining module in brackets; the design: docs/design.md)::
 
-    prune, Method, METHODS, register_method        # pruning (pruning.py, methods.py)
-    masks, sparsity, remove, reset, is_pruned       # masks (masks.py)
-    prunable_layers, original_weight
-    save, load, snapshot, rewind                    # checkpoints (checkpoint.py)
-    import_torch_prune, export_torch_prune
-    data, models                                    # data sets and model builders (modules)
-    train, evaluate, TrainConfig                    # training loops (pipeline.py)
-    Schedule, run_schedule, Experiment, run         # schedules, whole runs (schedule, experiment)
-    verify, VerifyReport, SearchConfig              # Monte Carlo checks of plans (verify.py)
-    largest_fraction, LargestFraction
-    export, export_report, save_export, load_export # sparse inference (export.py, export_io.py)
-    ExportReport, LayerExport, SparseLinear, SparseConv2d
+    core      prune                                   [pruning]
+              Method, METHODS, register_method         [methods]
+              masks, sparsity, remove, reset, is_pruned, prunable_layers, original_weight,
+              Mask, LayerSparsity, SparsityReport      [_masks]
+              save, load, snapshot, rewind,
+              import_torch_prune, export_torch_prune   [checkpoint]
+              data, models                             (modules: data sets, model builders)
+    training  train, evaluate, TrainConfig             [training.loop]
+              Schedule, run_schedule                   [training.schedule, training.runner]
+              Experiment, ModelSpec, DataSpec          [training.config]
+              run, RunResult, run_distributed          [training.experiment, training.launch]
+    deploy    export, export_report, ExportReport, LayerExport   [deploy.export]
+              save_export, load_export                 [deploy.export_file]
+              SparseLinear, SparseConv2d               [deploy.sparse]
+    check     verify, VerifyReport, largest_fraction, LargestFraction   [check.verify]
+              SearchConfig                             [check.batch]
+    theory    theory                                   (module: plans, bounds, certificates)
+              __version__
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -31,13 +37,8 @@ from prunebound._masks import (
     reset,
     sparsity,
 )
-from prunebound.check.verify import (
-    LargestFraction,
-    SearchConfig,
-    VerifyReport,
-    largest_fraction,
-    verify,
-)
+from prunebound.check.batch import SearchConfig
+from prunebound.check.verify import LargestFraction, VerifyReport, largest_fraction, verify
 from prunebound.checkpoint import (
     export_torch_prune,
     import_torch_prune,
@@ -53,6 +54,7 @@ from prunebound.methods import METHODS, Method, register_method
 from prunebound.pruning import prune
 from prunebound.training.config import DataSpec, Experiment, ModelSpec
 from prunebound.training.experiment import RunResult, run
+from prunebound.training.launch import run_distributed
 from prunebound.training.loop import TrainConfig, evaluate, train
 from prunebound.training.runner import run_schedule
 from prunebound.training.schedule import Schedule
@@ -102,6 +104,7 @@ __all__ = [
     "reset",
     "rewind",
     "run",
+    "run_distributed",
     "run_schedule",
     "save",
     "save_export",

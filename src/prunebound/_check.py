@@ -18,9 +18,11 @@ import torch
 
 T = TypeVar("T")
 Closed = Literal["both", "left", "right", "neither"]
-#: What every random function outside `theory` takes: an int seeds a fresh generator, a
-#: `torch.Generator` is used (and advanced) as is, None draws fresh entropy from the OS (not
-#: reproducible). The default is 0 everywhere, so a call without a seed is reproducible.
+#: What every random function outside `theory` takes as `seed`: an int seeds a fresh generator,
+#: a `torch.Generator` is used (and advanced) as is, None draws fresh entropy from the OS (not
+#: reproducible). The default is 0 (reproducible) everywhere except `prune`, whose default None
+#: means the seed a plan recorded, if any, else fresh entropy. Data splits and model
+#: initialisation (`data`, `models.build_model`) take an int: the one an `Experiment` records.
 Seed = int | torch.Generator | None
 
 
@@ -143,3 +145,11 @@ def as_generator(seed: Seed, *, name: str = "seed") -> torch.Generator:
     else:
         raise TypeError(f"{name} must be an int or a torch.Generator, got {seed!r}")
     return g
+
+
+def as_seed(seed: Seed, *, name: str = "seed") -> int:
+    """An int standing for a `seed` argument, for code that derives its streams from an int
+    (one per chunk): an int as is, else one drawn from the generator (or fresh entropy)."""
+    if is_int(seed):
+        return int(seed)  # type: ignore[arg-type]
+    return int(torch.randint(0, 2**62, (1,), generator=as_generator(seed, name=name)))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunebound._check import check_float, check_int
+from prunebound._check import Seed, as_seed, check_float, check_int
 from prunebound.check.batch import (
     Batch,
     SearchConfig,
@@ -203,7 +203,7 @@ def verify(
     plan: Plan,
     *,
     trials: int = 200,
-    seed: int = 0,
+    seed: Seed = 0,
     search: SearchConfig | None = None,
     confidence: float = 0.95,
     certificates: bool = False,
@@ -223,7 +223,8 @@ def verify(
 
     Args:
         plan: a `theory.plan(...)` result with law "uniform" or "gaussian".
-        trials: networks to sample, >= 1. seed: reproducibility (with `chunk`).
+        trials: networks to sample, >= 1. seed: an int, a `torch.Generator` or None (fresh
+            entropy; the int drawn is `VerifyReport.seed`); with `chunk`, reproducibility.
         search: worst-gap search effort (`SearchConfig()` by default).
         confidence: of the Clopper-Pearson upper limit on the violation rate.
         chunk: networks per batch (default: ~16 MB of weights); device, dtype: where to compute.
@@ -241,6 +242,7 @@ def verify(
         (0, True)
     """
     plan = _check_run(plan, trials, confidence)
+    seed = as_seed(seed)
     search = search if search is not None else SearchConfig()
     t0 = time.perf_counter()
     gaps, certs = _gaps(
@@ -279,7 +281,7 @@ def largest_fraction(
     plan: Plan,
     *,
     trials: int = 100,
-    seed: int = 0,
+    seed: Seed = 0,
     search: SearchConfig | None = None,
     iters: int = 8,
     chunk: int | None = None,
@@ -296,6 +298,7 @@ def largest_fraction(
     plan leaves unpruned stays unpruned otherwise.
     """
     plan = _check_run(plan, trials, 0.95)
+    seed = as_seed(seed)
     check_int("iters", iters, 1)
     search = search if search is not None else SearchConfig()
     t0 = time.perf_counter()

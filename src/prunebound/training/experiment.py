@@ -143,7 +143,7 @@ def run(
             data,
             exp.train,
             exp.schedule,
-            generator=g,
+            seed=g,
             progress=not exp.quiet and main,
             on_round=on_round if main else None,
             resume=state,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunebound._check import check_choice, check_float, check_int, finite
+from prunebound._check import Seed, as_generator, check_choice, check_float, check_int, finite
 from prunebound.data import Dataset
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def train(
     data: Dataset,
     config: TrainConfig,
     *,
-    generator: torch.Generator | None = None,
+    seed: Seed = 0,
     progress: bool = False,
     callback: Callable[[int, nn.Module], None] | None = None,
     on_step: Callable[[int, nn.Module], None] | None = None,
@@ -194,7 +194,8 @@ def train(
         model: trained in place (train mode during, left in train mode).
         data: in-memory tensors; `data.x_train` is sliced into shuffled batches.
         config: optimizer, LR schedule, epochs, batch size.
-        generator: shuffles the batches (default: a fixed-seed generator, never the global RNG).
+        seed: shuffles the batches: an int, a `torch.Generator` (advanced in place) or None for
+            fresh OS entropy; default 0 (reproducible), never the global RNG.
         progress: a tqdm bar over epochs, shown only if stderr is a terminal.
         callback: `callback(epoch, model)` after each epoch (1-based), e.g. to snapshot weights
             for lottery-ticket rewinding.
@@ -202,7 +203,7 @@ def train(
             the whole run (epoch e's steps follow the e - 1 full epochs before it), e.g. to
             snapshot the weights at iteration k.
         start: continue an interrupted call from its `TrainState` (the model must hold the
-            weights and masks of that moment, the generator its state then): the optimizer
+            weights and masks of that moment, the generator of `seed` its state then): the optimizer
             and LR schedule resume where they were, and the result covers all epochs.
         on_epoch: `on_epoch(state)` after each epoch (after `callback`), e.g. to checkpoint.
         dist: train data-parallel (DDP) as this rank of a process group: every rank draws the
@@ -218,7 +219,7 @@ def train(
     """
     if dist is not None:
         dist.check_batch(config.batch_size)
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    g = as_generator(seed)
     opt = make_optimizer(model, config)
     net = model if dist is None else dist.wrap(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: _lr_factor(config, e))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from prunebound._check import Seed, as_generator
 from prunebound._masks import sparsity
 from prunebound.checkpoint import rewind, snapshot
 from prunebound.data import Dataset
@@ -113,7 +114,7 @@ def run_schedule(
     dense: TrainConfig,
     schedule: Schedule,
     *,
-    generator: torch.Generator,
+    seed: Seed = 0,
     progress: bool = False,
     on_round: Callable[[Round], None] | None = None,
     train_dense: bool = True,
@@ -123,7 +124,8 @@ def run_schedule(
 ) -> list[Round]:
     """Train `model` dense with `dense`, then run `schedule`; returns every round's metrics.
 
-    The model is modified in place (trained, pruned, possibly rewound). One `generator` drives
+    The model is modified in place (trained, pruned, possibly rewound). One generator (from `seed`:
+    an int, a `torch.Generator`, advanced in place, or None for fresh OS entropy) drives
     batch shuffling and random pruning, so a seed reproduces masks and metrics exactly. Each
     retraining builds a fresh optimizer (clean state per round). With `train_dense=False` the
     model is taken as already trained by `dense` (which then only sets the retraining LR
@@ -139,6 +141,7 @@ def run_schedule(
     With `dist` every training is data-parallel (`prunebound.training.distributed`); every rank
     prunes (keeping the generators in step) and rank 0's masks are then broadcast to all.
     """
+    generator = as_generator(seed)
     if schedule.kind == "lottery" and schedule.rewind_epoch > dense.epochs:
         raise ValueError(
             f"schedule.rewind_epoch={schedule.rewind_epoch} exceeds train.epochs={dense.epochs}"
@@ -200,7 +203,7 @@ def run_schedule(
                     model,
                     data,
                     dense,
-                    generator=generator,
+                    seed=generator,
                     progress=progress,
                     callback=cb,
                     on_step=step_cb,
@@ -219,7 +222,7 @@ def run_schedule(
                     model,
                     data,
                     retrain,
-                    generator=generator,
+                    seed=generator,
                     progress=progress,
                     start=start,
                     on_epoch=on_epoch,

@@ -14,10 +14,17 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, get_args
 
-import torch
 from torch import nn
 
-from prunebound._check import check_choice, check_float, check_int, in_interval, is_float
+from prunebound._check import (
+    Seed,
+    as_generator,
+    check_choice,
+    check_float,
+    check_int,
+    in_interval,
+    is_float,
+)
 from prunebound._masks import count_units, prunable_layers
 from prunebound.layer_types import Unit
 from prunebound.methods import METHODS
@@ -151,9 +158,7 @@ def _pruned_units(module: nn.Module, unit: Unit) -> tuple[int, int]:
     return total, total - alive
 
 
-def prune_round(
-    model: nn.Module, schedule: Schedule, generator: torch.Generator, r: int = 1
-) -> None:
+def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1) -> None:
     """Prune `model` in place to the sparsity of round r (1-based) of `schedule`.
 
     With `s = schedule.cumulative(r)` and N prunable units (weights, or rows for structured
@@ -164,6 +169,7 @@ def prune_round(
     compensates, so the total is within one unit per layer. Sampling methods (Bernoulli) prune
     each survivor with the round's rate instead, so they are not count-exact.
     """
+    g = as_generator(seed)  # one generator for every prune call of the round
     meth = METHODS[schedule.method]
     layers = prunable_layers(model, types=meth.layer_types)
     names = list(layers)
@@ -172,12 +178,12 @@ def prune_round(
     separate = schedule.last_layer_scale != 1.0 and len(names) > 1
     body = names[:-1] if separate else names
     if meth.mask is not None:  # sampling method: no exact counts
-        prune(model, meth, schedule.rate(r), layers=body, seed=generator)
+        prune(model, meth, schedule.rate(r), layers=body, seed=g)
         if separate:
             rate = 1 - (1 - schedule.layer_sparsity(r, last=True)) / (
                 1 - schedule.layer_sparsity(r - 1, last=True)
             )
-            prune(model, meth, rate, layers=names[-1:], seed=generator)
+            prune(model, meth, rate, layers=names[-1:], seed=g)
         return
     units = {n: _pruned_units(layers[n], meth.unit) for n in names}  # (total, pruned)
     n_all = sum(u[0] for u in units.values())
@@ -195,14 +201,14 @@ def prune_round(
         k = zeros_body - pruned_body
         if k > 0:
             alive = n_body - pruned_body
-            prune(model, meth, k / alive, scope="global", layers=body, seed=generator)
+            prune(model, meth, k / alive, scope="global", layers=body, seed=g)
     else:
         # without a denser output layer every layer reaches round(s * n) exactly
         s_body = zeros_body / n_body if separate else schedule.cumulative(r)
         for n in body:
             counts[n] = max(0, round(s_body * units[n][0]) - units[n][1])
     if counts:
-        prune(model, meth, counts=counts, seed=generator)
+        prune(model, meth, counts=counts, seed=g)
 
 
 def retrain_config(dense: TrainConfig, schedule: Schedule) -> TrainConfig:
