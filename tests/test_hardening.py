@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_experiment
 from torch import nn
 
 import prunebound as pb
 from prunebound.theory import certify, plan
-from prunebound.training.config import DataSpec, Experiment, ModelSpec
+from prunebound.training.config import Experiment
 from prunebound.training.experiment import run
 from prunebound.training.loop import NonFiniteError, TrainConfig, train
 from prunebound.training.resume import CHECKPOINT, read_checkpoint
@@ -22,15 +23,7 @@ from prunebound.training.schedule import Schedule
 
 
 def _experiment(out: Path, **schedule: object) -> Experiment:
-    return Experiment(
-        model=ModelSpec("mlp", {"widths": (64, 16, 10)}),
-        data=DataSpec("digits", max_train=160, max_test=100),
-        train=TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05),
-        schedule=Schedule(kind="iterative", rounds=2, target_sparsity=0.75, **schedule),  # type: ignore[arg-type]
-        seed=1,
-        out_dir=str(out),
-        quiet=True,
-    )
+    return tiny_experiment(out, seed=1, **schedule)
 
 
 # --- NaN / Inf ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'prunebound[hf]')"
 )
 
-from conftest import gpt2_config  # noqa: E402
+from helpers import gpt2_config  # noqa: E402
 
 import prunebound as pb  # noqa: E402
 from prunebound.hf import block_layers  # noqa: E402

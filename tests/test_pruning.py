@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import make_cnn, make_mlp
+from helpers import make_cnn, make_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

@@ -7,7 +7,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,11 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import gpt2_config, make_cnn, make_mlp
+from helpers import gpt2_config, make_cnn, make_mlp
 from torch import nn
 
 import prunebound as pb
+import prunebound.deploy.export as export_module
 import prunebound.deploy.kernels as kernels_module
 from prunebound._files import digest
 from prunebound.cli import main
@@ -27,8 +27,6 @@ from prunebound.deploy.kernels import KERNELS
 from prunebound.deploy.sparse import check_csr, sparse_path, to_csr
 from prunebound.deploy.summary import export_summary
 from prunebound.timing import measure_ms
-
-export_module = importlib.import_module("prunebound.deploy.export")  # pb.export is the function
 
 SPARSE_KERNELS = sorted(KERNELS)
 
@@ -610,7 +608,7 @@ def test_exported_model_runs_with_grad_mode_on(
             f()
         return {k: 1.0 if k == "dense" else 0.1 for k in fns}
 
-    monkeypatch.setattr(sys.modules["prunebound.deploy.export"], "measure_ms", fake)
+    monkeypatch.setattr(export_module, "measure_ms", fake)
     model = make_cnn(seed=3)
     pb.prune(model, "magnitude", 0.9)
     exported = pb.export(model, input_shape=(1, 8, 8), candidates=(kernel,), min_sparsity=0.0)

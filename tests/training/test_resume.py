@@ -17,29 +17,20 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from helpers import tiny_experiment
 
 import prunebound as pb
 import prunebound.training.experiment as ex
 from prunebound._files import flatten_state, unflatten_state
 from prunebound.cli import main
-from prunebound.training.config import DataSpec, Experiment, ModelSpec
+from prunebound.training.config import Experiment
 from prunebound.training.experiment import RunResult, run
 from prunebound.training.loop import TrainConfig, make_optimizer
 from prunebound.training.resume import CHECKPOINT, read_checkpoint
-from prunebound.training.schedule import Schedule
 
 
 def _experiment(out: Path, **schedule: Any) -> Experiment:
-    sched = {"kind": "iterative", "method": "random", "target_sparsity": 0.75, "rounds": 2}
-    return Experiment(
-        model=ModelSpec("mlp", {"widths": (64, 16, 10)}),
-        data=DataSpec("digits", max_train=160, max_test=100),
-        train=TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05),
-        schedule=Schedule(**{**sched, "retrain_epochs": 2, **schedule}),
-        seed=7,
-        out_dir=str(out),
-        quiet=True,
-    )
+    return tiny_experiment(out, seed=7, **{"method": "random", "retrain_epochs": 2, **schedule})
 
 
 def _outcome(res: RunResult) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:

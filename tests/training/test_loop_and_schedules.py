@@ -1,4 +1,4 @@
-"""Training loops and schedules on the bundled digits (pipeline.py, schedule.py)."""
+"""Training loops and schedules on the bundled digits (training.loop, .schedule, .runner)."""
 
 from __future__ import annotations
 
