@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from typing import Literal, TypeVar, overload
+from typing import Any, Literal, TypeGuard, TypeVar, overload
 
 import numpy as np
 import torch
@@ -26,12 +26,12 @@ Closed = Literal["both", "left", "right", "neither"]
 Seed = int | torch.Generator | None
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     """A Python int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_float(value: object, *, ints: bool = False) -> bool:
+def is_float(value: object, *, ints: bool = False) -> TypeGuard[float | np.floating[Any] | int]:
     """A Python or numpy float (any width); with `ints`, also an int that is not a bool."""
     return isinstance(value, float | np.floating) or (ints and is_int(value))
 
@@ -46,10 +46,10 @@ def check_int(name: str, value: object, low: int = 0, *, optional: bool = False)
     """`value` if it is an int >= `low` (or None, if `optional`)."""
     if optional and value is None:
         return None
-    if not is_int(value) or value < low:  # type: ignore[operator]
-        none = " or None" if optional else ""
-        raise ValueError(f"{name} must be an int >= {low}{none}, got {value!r}")
-    return int(value)  # type: ignore[call-overload]
+    if is_int(value) and value >= low:
+        return value
+    none = " or None" if optional else ""
+    raise ValueError(f"{name} must be an int >= {low}{none}, got {value!r}")
 
 
 def interval(low: float, high: float, closed: Closed = "both") -> str:
@@ -70,28 +70,6 @@ def in_interval(value: float, low: float, high: float, closed: Closed = "both") 
     return bool(above and below)
 
 
-@overload
-def check_float(
-    name: str,
-    value: object,
-    low: float = ...,
-    high: float = ...,
-    *,
-    closed: Closed = ...,
-    ints: bool = ...,
-    optional: Literal[False] = False,
-) -> float: ...
-@overload
-def check_float(
-    name: str,
-    value: object,
-    low: float = ...,
-    high: float = ...,
-    *,
-    closed: Closed = ...,
-    ints: bool = ...,
-    optional: bool,
-) -> float | None: ...
 def check_float(
     name: str,
     value: object,
@@ -100,24 +78,20 @@ def check_float(
     *,
     closed: Closed = "both",
     ints: bool = False,
-    optional: bool = False,
-) -> float | None:
-    """`value` as a float if it lies in the interval (or None, if `optional`).
+) -> float:
+    """`value` as a float if it lies in the interval.
 
     `ints` also accepts ints (a TOML `1` for a rate); an infinite bound excluded by `closed`
     makes the check one for finite values ("a finite number > 0").
     """
-    if optional and value is None:
-        return None
-    if not is_float(value, ints=ints) or not in_interval(float(value), low, high, closed):  # type: ignore[arg-type]
+    if not is_float(value, ints=ints) or not in_interval(float(value), low, high, closed):
         kind = "a number" if ints else "a float"
         if (high == math.inf and closed in ("left", "neither")) or (
             low == -math.inf and closed in ("right", "neither")
         ):
             kind = kind.replace("a ", "a finite ")
-        what = f"{kind} {interval(low, high, closed)}" + (" or None" if optional else "")
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be {kind} {interval(low, high, closed)}, got {value!r}")
+    return float(value)
 
 
 def check_choice(name: str, value: T, allowed: Collection[T]) -> T:
@@ -151,5 +125,5 @@ def as_seed(seed: Seed, *, name: str = "seed") -> int:
     """An int standing for a `seed` argument, for code that derives its streams from an int
     (one per chunk): an int as is, else one drawn from the generator (or fresh entropy)."""
     if is_int(seed):
-        return int(seed)  # type: ignore[arg-type]
+        return seed
     return int(torch.randint(0, 2**62, (1,), generator=as_generator(seed, name=name)))

@@ -120,15 +120,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
 def rounds_table(results: Mapping[str, Any]) -> str:
     """One row per round of a run: sparsity, compression, accuracy, loss, FLOPs."""
+    keys = ("round", "sparsity", "compression", "accuracy", "loss")
     rows = [
-        {
-            "round": r["round"],
-            "sparsity": r["sparsity"],
-            "compression": r["compression"],
-            "accuracy": r["accuracy"],
-            "loss": r["loss"],
-            "MFLOPs": (r["sparse_flops"] or 0) / 1e6,
-        }
+        {**{k: r[k] for k in keys}, "MFLOPs": (r["sparse_flops"] or 0) / 1e6}
         for r in results["rounds"]
     ]
     return format_table(rows)
@@ -299,9 +293,7 @@ def export_table(export: Mapping[str, Any]) -> str:
     rows = [
         {
             "layer": r["name"],
-            "type": r["type"],
-            "sparsity": r["sparsity"],
-            "kernel": r["kernel"],
+            **{k: r[k] for k in ("type", "sparsity", "kernel")},
             "speedup": "" if r["speedup"] is None else f"{r['speedup']:.2f}x",
             "reason": r["reason"],
         }

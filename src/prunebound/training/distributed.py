@@ -46,7 +46,7 @@ BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 def check_timeout(timeout: object) -> None:
     """Raise ValueError unless `timeout` is a number of seconds > 0."""
-    if not (is_float(timeout, ints=True) and in_interval(float(timeout), 0, math.inf, "neither")):  # type: ignore[arg-type]
+    if not (is_float(timeout, ints=True) and in_interval(float(timeout), 0, math.inf, "neither")):
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
 
 

@@ -193,41 +193,24 @@ def run_schedule(
         epochs = retrain.epochs if r > 0 else dense.epochs if train_dense else 0
         on_epoch = functools.partial(save, r, t0, epochs)
         try:
+            cb: Callable[[int, nn.Module], None] | None = None
+            step_cb: Callable[[int, nn.Module], None] | None = None
             if r == 0 and train_dense:
                 from_init = schedule.rewind_epoch == 0 and rewind_at == 0
                 if lottery and from_init and start is None:
                     rewind_to = snapshot(model)
                 cb = keep if lottery else None
                 step_cb = keep_step if lottery and rewind_at > 0 else None
-                train(
-                    model,
-                    data,
-                    dense,
-                    seed=generator,
-                    progress=progress,
-                    callback=cb,
-                    on_step=step_cb,
-                    start=start,
-                    on_epoch=on_epoch,
-                    dist=dist,
-                )
-            elif r > 0:
-                if start is None:
-                    prune_round(model, schedule, generator, r)
-                    if dist is not None:
-                        dist.broadcast_masks(model)
-                    if rewind_to is not None:
-                        rewind(model, rewind_to)
-                train(
-                    model,
-                    data,
-                    retrain,
-                    seed=generator,
-                    progress=progress,
-                    start=start,
-                    on_epoch=on_epoch,
-                    dist=dist,
-                )
+            elif r > 0 and start is None:
+                prune_round(model, schedule, generator, r)
+                if dist is not None:
+                    dist.broadcast_masks(model)
+                if rewind_to is not None:
+                    rewind(model, rewind_to)
+            if r > 0 or train_dense:  # round 0 trains dense, every later round retrains
+                train(model, data, dense if r == 0 else retrain, seed=generator,
+                      progress=progress, callback=cb, on_step=step_cb, start=start,
+                      on_epoch=on_epoch, dist=dist)  # fmt: skip
         except NonFiniteError as e:
             e.round = r
             raise

@@ -90,7 +90,9 @@ class Schedule:
         check_choice("schedule.method", self.method, sorted(METHODS))
         t = check_float("schedule.target_sparsity", self.target_sparsity, 0, 1, closed="left")
         check_int("schedule.rounds", self.rounds, 1)
-        a = check_float("schedule.amount", self.amount, 0, 1, closed="neither", optional=True)
+        a = self.amount
+        if a is not None:  # else rounds set the pace
+            check_float("schedule.amount", a, 0, 1, closed="neither")
         steps = tuple(self.steps)
         if steps and (
             not all(is_float(x) and in_interval(x, 0, 1, "left") for x in steps)
