@@ -23,7 +23,7 @@ import torch
 from global_prune import build  # the same model (this script's folder is on sys.path)
 
 import prunebound as pb
-from prunebound.masks import effective_weight, original_weight
+from prunebound._masks import effective_weight, original_weight
 from prunebound.theory.certify import certify
 from prunebound.theory.norms import norm_bound
 

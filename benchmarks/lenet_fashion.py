@@ -31,8 +31,9 @@ from torch.nn.utils import prune as tp
 import prunebound as pb
 from prunebound.data import load_dataset
 from prunebound.models import build_model
-from prunebound.pipeline import TrainConfig, evaluate, train
-from prunebound.schedule import Schedule, run_schedule
+from prunebound.training.loop import TrainConfig, evaluate, train
+from prunebound.training.runner import run_schedule
+from prunebound.training.schedule import Schedule
 
 TARGETS = (0.8, 0.9, 0.95, 0.98)
 
@@ -51,7 +52,7 @@ def torch_baseline(
             amount = 1 - (1 - nxt) / (1 - sparsity)  # fraction of survivors (PruningContainer)
             for m in layers:
                 tp.l1_unstructured(m, "weight", amount=amount)  # type: ignore[no-untyped-call]
-            train(model, data, cfg, generator=g)
+            train(model, data, cfg, seed=g)
             sparsity = nxt
         out[f"{target:.2f}"] = evaluate(model, data).accuracy
     return out
@@ -67,7 +68,7 @@ def prunebound_arm(
     """Run `schedule` from a copy of the trained dense model; accuracy at each target."""
     model = copy.deepcopy(dense)
     t0 = time.perf_counter()
-    rounds = run_schedule(model, data, dense_cfg, schedule, generator=g, train_dense=False)
+    rounds = run_schedule(model, data, dense_cfg, schedule, seed=g, train_dense=False)
     seconds = time.perf_counter() - t0
     acc = {f"{r.sparsity:.2f}": r.accuracy for r in rounds[1:]}
     return {"accuracy": acc, "seconds": seconds, "schedule": schedule.to_dict()}
@@ -103,7 +104,7 @@ def main() -> None:
     model = build_model("lenet_300_100", seed=args.seed)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    train(model, data, dense_cfg, generator=g)
+    train(model, data, dense_cfg, seed=g)
     dense_acc = evaluate(model, data).accuracy
     dense_s = time.perf_counter() - t0
 

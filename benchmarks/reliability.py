@@ -38,10 +38,11 @@ import torch
 from torch import nn
 
 import prunebound as pb
-import prunebound.experiment as ex
+import prunebound.training.experiment as ex
 from prunebound.cli import main
-from prunebound.pipeline import NonFiniteError
-from prunebound.resume import CHECKPOINT, read_checkpoint
+from prunebound.training.config import Experiment
+from prunebound.training.loop import NonFiniteError
+from prunebound.training.resume import CHECKPOINT, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """seed = 11
@@ -163,7 +164,7 @@ def kill_resume(trials: int, seed: int, work: Path) -> dict[str, Any]:
             log(f"trial {i}: finished before the kill")
             continue
         model = pb.models.mlp((64, 32, 10))
-        exp = replace(ex.Experiment.from_toml(tcfg), quiet=True)
+        exp = replace(Experiment.from_toml(tcfg), quiet=True)
         progress, _ = read_checkpoint(out / CHECKPOINT, model, exp)
         stray = [p.name for p in out.glob(".*.tmp")]  # a write cut short, never renamed
         _cli(["--threads", "1", "run", str(tcfg), "--quiet", "--resume"])
@@ -251,7 +252,7 @@ def bad_inputs(work: Path) -> dict[str, Any]:
     for name, text in configs.items():
         f = work / "bad.toml"
         f.write_text(text)
-        cases[f"config: {name}"] = _refused(lambda f=f: ex.Experiment.from_toml(f))
+        cases[f"config: {name}"] = _refused(lambda f=f: Experiment.from_toml(f))
     m = net
     prune_cases: dict[str, Callable[[], object]] = {
         "amount > 1": lambda: pb.prune(m, "magnitude", 1.5),
@@ -283,7 +284,7 @@ def bad_inputs(work: Path) -> dict[str, Any]:
     # resuming: another config, and a diverging run that must keep its last good checkpoint
     cfg = work / "r.toml"
     cfg.write_text(CONFIG.format(out=work / "resume").replace("epochs = 4", "epochs = 1"))
-    exp = replace(ex.Experiment.from_toml(cfg), quiet=True)
+    exp = replace(Experiment.from_toml(cfg), quiet=True)
     ex.run(exp, write_plots=False)
     other = replace(exp, train=replace(exp.train, lr=0.01))
     cases["resume: another config"] = _refused(lambda: ex.run(other, resume=True))

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 import prunebound as pb
-from prunebound.export import export, export_report, measure_ms
-from prunebound.export_io import save_export
+from prunebound.deploy.export import export, export_report
+from prunebound.deploy.export_file import save_export
+from prunebound.timing import measure_ms
 
 
 def linear_stack(width: int, depth: int) -> nn.Sequential:

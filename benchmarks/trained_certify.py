@@ -23,8 +23,8 @@ import torch
 
 import prunebound as pb
 from prunebound.data import load_dataset
-from prunebound.pipeline import TrainConfig, evaluate, train
 from prunebound.theory.certify import certify
+from prunebound.training.loop import TrainConfig, evaluate, train
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 
@@ -67,7 +67,7 @@ def run(dataset: str, epochs: int) -> dict[str, object]:
         model,
         data,
         TrainConfig(epochs=epochs, batch_size=128, lr=2e-3),
-        generator=torch.Generator().manual_seed(0),
+        seed=torch.Generator().manual_seed(0),
     )
     model.eval()
     dense_acc = evaluate(model, data).accuracy

@@ -8,7 +8,7 @@ default init, the plan's law). Input ball: ||x|| <= 1.
 eps is relative to the plan's output scale r_L, the bound on sup_{||x||<=1} ||F(x)|| of the
 theory (Lemma A's r_L with the plan's norm bounds, valid w.p. >= 1 - delta); eps = rel * r_L.
 
-1. validity: for every cell, `prunebound.verify` with >= 200 networks: violations (worst-gap
+1. validity: for every cell, `prunebound.check.verify` with >= 200 networks: violations (worst-gap
    estimate > eps), Clopper-Pearson 95% upper limit (must be <= delta = 0.05), the 95% gap
    quantile and tightness = quantile / eps. Gap estimates are lower bounds on each sup.
 2. scaling: planned vs empirically largest fraction (`prunebound.largest_fraction`, bisection

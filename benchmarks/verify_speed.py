@@ -1,9 +1,9 @@
-"""Monte Carlo throughput: batched `prunebound.verify` vs a naive per-network loop.
+"""Monte Carlo throughput: batched `prunebound.check.verify` vs a naive per-network loop.
 
 1000 networks of widths 784-300-100-10 (PyTorch default init, i.e. the plan's uniform law for
 weights and biases), pruned by a magnitude plan, each searched for its worst gap with the same
 search (random points on the sphere, then projected gradient ascent from the best of them).
-Batched: `prunebound.verify` (networks as (N, out, in) tensors, torch.baddbmm). Naive: one
+Batched: `prunebound.check.verify` (networks as (N, out, in) tensors, torch.baddbmm). Naive: one
 network at a time as nn.Modules pruned with `prunebound.prune(model, plan=plan)`; it runs on
 `--naive` networks and its throughput is extrapolated to `--nets` (said in the JSON).
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import prunebound as pb
-from prunebound._batched import sphere
+from prunebound.check.batch import sphere
 from prunebound.theory import plan
 
 WIDTHS = [784, 300, 100, 10]
@@ -32,7 +32,7 @@ WIDTHS = [784, 300, 100, 10]
 def naive_worst_gap(
     big: nn.Module, small: nn.Module, x0: torch.Tensor, search: pb.SearchConfig
 ) -> float:
-    """The search of `prunebound._batched.worst_gap` on one network, with plain modules."""
+    """The search of `prunebound.check.batch.worst_gap` on one network, with plain modules."""
 
     def gap(x: torch.Tensor) -> torch.Tensor:
         return (big(x) - small(x)).norm(dim=-1)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_cnn, make_mlp
+from helpers import make_cnn, make_mlp
 from torch import nn
 from torch.nn.utils import prune as tp
 

@@ -9,26 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_experiment
 from torch import nn
 
 import prunebound as pb
-from prunebound.experiment import DataSpec, Experiment, ModelSpec, run
-from prunebound.pipeline import NonFiniteError, TrainConfig, train
-from prunebound.resume import CHECKPOINT, read_checkpoint
-from prunebound.schedule import Schedule, run_schedule
 from prunebound.theory import certify, plan
+from prunebound.training.config import Experiment
+from prunebound.training.experiment import run
+from prunebound.training.loop import NonFiniteError, TrainConfig, train
+from prunebound.training.resume import CHECKPOINT, read_checkpoint
+from prunebound.training.runner import run_schedule
+from prunebound.training.schedule import Schedule
 
 
 def _experiment(out: Path, **schedule: object) -> Experiment:
-    return Experiment(
-        model=ModelSpec("mlp", {"widths": (64, 16, 10)}),
-        data=DataSpec("digits", max_train=160, max_test=100),
-        train=TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05),
-        schedule=Schedule(kind="iterative", rounds=2, target_sparsity=0.75, **schedule),  # type: ignore[arg-type]
-        seed=1,
-        out_dir=str(out),
-        quiet=True,
-    )
+    return tiny_experiment(out, seed=1, **schedule)
 
 
 # --- NaN / Inf ------------------------------------------------------------------------------
@@ -62,7 +57,7 @@ def test_injected_nan_in_dense_training_names_round_0(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError, match=r"round 0 \(dense training\), epoch 1 \(step \d\)"):
         run_schedule(
             model, bad, TrainConfig(epochs=1, batch_size=16), Schedule(rounds=1),
-            generator=torch.Generator().manual_seed(0),
+            seed=torch.Generator().manual_seed(0),
         )  # fmt: skip
 
 

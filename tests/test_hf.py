@@ -18,11 +18,11 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'prunebound[hf]')"
 )
 
-from conftest import gpt2_config  # noqa: E402
+from helpers import gpt2_config  # noqa: E402
 
 import prunebound as pb  # noqa: E402
 from prunebound.hf import block_layers  # noqa: E402
-from prunebound.methods import output_axis  # noqa: E402
+from prunebound.layer_types import output_axis  # noqa: E402
 
 VOCAB, POS, EMBD = 64, 16, 32
 GPT2_CONV = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_cnn, make_mlp
+from helpers import make_cnn, make_mlp
 from torch import nn
 
 import prunebound as pb

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import prunebound as pb
-from prunebound.masks import original_weight, set_mask
+from prunebound._masks import original_weight, set_mask
 from prunebound.theory.certify import certify
 
 

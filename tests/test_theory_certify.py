@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import prunebound as pb
-from prunebound.masks import set_mask
+from prunebound._masks import set_mask
 from prunebound.theory.certify import certify, float_margin
 from prunebound.theory.network import (
     GELU_LIPSCHITZ,

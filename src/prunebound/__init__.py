@@ -1,36 +1,31 @@
 """prunebound: prune PyTorch networks, with bounds you can check.
 
-The whole user API, by name::
+Every exported name, by wing (defining module in brackets; the design: docs/design.md)::
 
-    prune, Method, METHODS, register_method        # pruning (pruning.py, methods.py)
-    masks, sparsity, remove, reset, is_pruned       # masks (masks.py)
-    prunable_layers, original_weight
-    save, load, snapshot, rewind                    # checkpoints (checkpoint.py)
-    import_torch_prune, export_torch_prune
-    data, models                                    # data sets and model builders (modules)
-    train, evaluate, TrainConfig                    # training loops (pipeline.py)
-    Schedule, run_schedule, Experiment, run         # schedules, whole runs (schedule, experiment)
-    verify, VerifyReport, SearchConfig              # Monte Carlo checks of plans (verify.py)
-    largest_fraction, LargestFraction
-    export, export_report, save_export, load_export # sparse inference (export.py, export_io.py)
-    ExportReport, LayerExport, SparseLinear, SparseConv2d
+    core      prune                                   [pruning]
+              Method, METHODS, register_method         [methods]
+              masks, sparsity, remove, reset, is_pruned, prunable_layers, original_weight,
+              Mask, LayerSparsity, SparsityReport      [_masks]
+              save, load, snapshot, rewind,
+              import_torch_prune, export_torch_prune   [checkpoint]
+              data, models                             (modules: data sets, model builders)
+    training  train, evaluate, TrainConfig             [training.loop]
+              Schedule, run_schedule                   [training.schedule, training.runner]
+              Experiment, ModelSpec, DataSpec          [training.config]
+              run, RunResult, run_distributed          [training.experiment, training.launch]
+    deploy    export, export_report, ExportReport, LayerExport   [deploy.export]
+              save_export, load_export                 [deploy.export_file]
+              SparseLinear, SparseConv2d               [deploy.sparse]
+    check     verify, VerifyReport, largest_fraction, LargestFraction   [check.verify]
+              SearchConfig                             [check.batch]
+    theory    theory                                   (module: plans, bounds, certificates)
+              __version__
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from prunebound import data, models, theory
-from prunebound.checkpoint import (
-    export_torch_prune,
-    import_torch_prune,
-    load,
-    rewind,
-    save,
-    snapshot,
-)
-from prunebound.experiment import DataSpec, Experiment, ModelSpec, RunResult, run
-from prunebound.export import ExportReport, LayerExport, export, export_report
-from prunebound.export_io import load_export, save_export
-from prunebound.masks import (
+from prunebound._masks import (
     LayerSparsity,
     Mask,
     SparsityReport,
@@ -42,18 +37,27 @@ from prunebound.masks import (
     reset,
     sparsity,
 )
-from prunebound.methods import METHODS, Method, register_method
-from prunebound.pipeline import TrainConfig, evaluate, train
-from prunebound.pruning import prune
-from prunebound.schedule import Schedule, run_schedule
-from prunebound.sparse import SparseConv2d, SparseLinear
-from prunebound.verify import (
-    LargestFraction,
-    SearchConfig,
-    VerifyReport,
-    largest_fraction,
-    verify,
+from prunebound.check.batch import SearchConfig
+from prunebound.check.verify import LargestFraction, VerifyReport, largest_fraction, verify
+from prunebound.checkpoint import (
+    export_torch_prune,
+    import_torch_prune,
+    load,
+    rewind,
+    save,
+    snapshot,
 )
+from prunebound.deploy.export import ExportReport, LayerExport, export, export_report
+from prunebound.deploy.export_file import load_export, save_export
+from prunebound.deploy.sparse import SparseConv2d, SparseLinear
+from prunebound.methods import METHODS, Method, register_method
+from prunebound.pruning import prune
+from prunebound.training.config import DataSpec, Experiment, ModelSpec
+from prunebound.training.experiment import RunResult, run
+from prunebound.training.launch import run_distributed
+from prunebound.training.loop import TrainConfig, evaluate, train
+from prunebound.training.runner import run_schedule
+from prunebound.training.schedule import Schedule
 
 try:
     __version__ = version("prunebound")
@@ -100,6 +104,7 @@ __all__ = [
     "reset",
     "rewind",
     "run",
+    "run_distributed",
     "run_schedule",
     "save",
     "save_export",

@@ -11,23 +11,18 @@ ignores. The metadata holds a SHA-256 of all tensors, so a corrupt file is refus
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import safetensors
-import safetensors.torch
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from prunebound.masks import (
-    _maskable,
+from prunebound._files import DIGEST_KEY, digest, read_checked, write_atomic
+from prunebound._masks import (
     mask_module,
+    maskable_layers,
     original_weight,
     prunable_layers,
     reset,
@@ -36,7 +31,6 @@ from prunebound.masks import (
 
 MASK_PREFIX = "__mask__."
 STATE_PREFIX = "__state__."
-_DIGEST = "sha256"
 _PARAM = re.compile(r"^(?:(.*)\.)?parametrizations\.weight\.(original|0\.mask)$")
 
 
@@ -87,16 +81,6 @@ def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of names, dtypes, shapes and bytes of `tensors` (detects corrupt files)."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def save(
     model: nn.Module,
     path: str | Path,
@@ -123,55 +107,14 @@ def save(
             )
     for k, t in (extra or {}).items():
         tensors[STATE_PREFIX + k] = t.detach().contiguous()
-    meta = {"format": "prunebound", **(metadata or {}), _DIGEST: _digest(tensors)}
+    meta = {"format": "prunebound", **(metadata or {}), DIGEST_KEY: digest(tensors)}
     write_atomic(tensors, path, meta)
     return path
 
 
-def write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically: a temporary file in the same folder, fsync'd, then
-    renamed over `path` (`os.replace`); a killed writer leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:  # data on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_file(
-    path: str | Path, what: str = "checkpoint"
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the raw metadata of a safetensors file (no code runs); a missing file is
-    a FileNotFoundError, an unreadable one a ValueError naming `what` it should have been."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        with safetensors.safe_open(str(path), "pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: corrupt or truncated {what} ({e})") from None
-    return tensors, meta
-
-
-def _open(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a checkpoint, checked against its digest."""
-    tensors, meta = read_file(path)
-    if _DIGEST in meta and meta[_DIGEST] != _digest(tensors):
-        raise ValueError(f"{path}: corrupt checkpoint (its tensors do not match their SHA-256)")
-    return tensors, meta
-
-
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(weights, masks) of a checkpoint; masks keyed by layer name. Never executes code."""
-    tensors, _ = _open(path)
+    tensors, _ = read_checked(path)
     weights = {
         k: t
         for k, t in tensors.items()
@@ -187,60 +130,9 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
 
 def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(extra tensors given to `save`, metadata) of a checkpoint. Never executes code."""
-    tensors, meta = _open(path)
+    tensors, meta = read_checked(path)
     extra = {k[len(STATE_PREFIX) :]: t for k, t in tensors.items() if k.startswith(STATE_PREFIX)}
     return extra, meta
-
-
-def flatten_state(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
-    """Split a nested state (e.g. `optimizer.state_dict()`) into JSON and tensors, no pickle.
-
-    Returns `(skeleton, tensors)`: the skeleton is JSON-serialisable, with each tensor replaced by
-    `{"__tensor__": key}` (key: `prefix` + its dotted path), each tuple by `{"__tuple__": [...]}`
-    and each dict with non-string keys (optimizer state is keyed by parameter index) by
-    `{"__items__": [[key, value], ...]}`. `unflatten_state` inverts it exactly. The tensors are
-    the state's own, not copies: write them out before the state changes.
-    Raises TypeError on anything else (an object that would need pickle).
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def walk(x: Any, path: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            tensors[prefix + path] = x.detach()
-            return {"__tensor__": prefix + path}
-        if x is None or isinstance(x, bool | int | float | str):
-            return x
-        sub = f"{path}." if path else ""
-        if isinstance(x, tuple):
-            return {"__tuple__": [walk(v, f"{sub}{i}") for i, v in enumerate(x)]}
-        if isinstance(x, list):
-            return [walk(v, f"{sub}{i}") for i, v in enumerate(x)]
-        if isinstance(x, Mapping):
-            if all(isinstance(k, str) and not k.startswith("__") for k in x):
-                return {k: walk(v, f"{sub}{k}") for k, v in x.items()}
-            if all(isinstance(k, int | str) and not isinstance(k, bool) for k in x):
-                return {"__items__": [[k, walk(v, f"{sub}{k}")] for k, v in x.items()]}
-        raise TypeError(f"state at {path or 'root'!r}: cannot store {type(x).__name__} safely")
-
-    return walk(state, ""), tensors
-
-
-def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Rebuild a state split by `flatten_state`; ValueError if a tensor is missing."""
-    if isinstance(skeleton, list):
-        return [unflatten_state(v, tensors) for v in skeleton]
-    if not isinstance(skeleton, dict):
-        return skeleton
-    if "__tensor__" in skeleton:
-        key = skeleton["__tensor__"]
-        if key not in tensors:
-            raise ValueError(f"state: tensor {key!r} is missing from the checkpoint")
-        return tensors[key]
-    if "__tuple__" in skeleton:
-        return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
-    if "__items__" in skeleton:
-        return {k: unflatten_state(v, tensors) for k, v in skeleton["__items__"]}
-    return {k: unflatten_state(v, tensors) for k, v in skeleton.items()}
 
 
 def load(model: nn.Module, path: str | Path) -> nn.Module:
@@ -255,7 +147,7 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
     # a tied weight is stored once (see `save`): its other keys may be absent from the file
     live = {k: t for k, t in live.items() if k in weights or id(t) not in stored}
     _check_compatible(live, weights, f"checkpoint {path}")
-    layers = _maskable(model)  # masks may sit on embeddings and tied layers too
+    layers = maskable_layers(model)  # masks may sit on embeddings and tied layers too
     for name, keep in file_masks.items():
         if name not in layers:
             raise ValueError(

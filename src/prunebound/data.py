@@ -164,7 +164,8 @@ def load_digits(*, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     Pixels (0..16) are scaled to [0, 1]; the train/test split is stratified by class and
     deterministic in `seed`. Samples are flat vectors of 64 features; use `.image()` for 1x8x8.
     """
-    # Imported lazily: scikit-learn is slow to import and only digits needs it.
+    # Imported lazily (allowed in tests/test_architecture.py): scikit-learn adds about a second
+    # to `import prunebound` and only digits needs it.
     from sklearn.datasets import load_digits as _sk_load_digits
     from sklearn.model_selection import train_test_split
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 from torch import nn
 
-from prunebound.masks import prunable_layers
+from prunebound._masks import prunable_layers
 
 Part = Literal["attention", "mlp"]
 

@@ -17,44 +17,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
+
+from prunebound._check import is_int
+from prunebound.layer_types import CONV, LINEAR, OPT_IN, PRUNABLE, Unit
 
 #: (weight, generator) -> scores; lower = pruned first. Shape: weight's, or (out,) if unit="row".
 ScoreFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 #: (weight, amount, generator) -> bool keep-mask with the weight's shape (True = kept).
 MaskFn = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
-
-LINEAR: tuple[type[nn.Module], ...] = (nn.Linear,)
-CONV: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-PRUNABLE: tuple[type[nn.Module], ...] = LINEAR + CONV
-#: Prunable only when selected explicitly (by exact name or by type), never by default or by glob.
-OPT_IN: tuple[type[nn.Module], ...] = (nn.Embedding,)
-
-#: Linear layers of other libraries that store their weight transposed, (in, out), found by
-#: (module prefix, class name) so that prunebound never imports those libraries: transformers'
-#: GPT-2-style `Conv1D` computes x @ W + b. They count as Linear wherever Linear is accepted.
-TRANSPOSED_LINEAR: tuple[tuple[str, str], ...] = (("transformers", "Conv1D"),)
-
-
-def _is_transposed_linear(module: nn.Module) -> bool:
-    return any(
-        (c.__module__.split(".")[0], c.__name__) in TRANSPOSED_LINEAR for c in type(module).__mro__
-    )
-
-
-def is_layer(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
-    """`isinstance(module, types)`, where a transposed linear (`TRANSPOSED_LINEAR`) is a Linear."""
-    if isinstance(module, types):
-        return True
-    return any(issubclass(nn.Linear, t) for t in types) and _is_transposed_linear(module)
-
-
-def output_axis(module: nn.Module) -> int:
-    """Axis of the weight indexing output units (neurons): 1 for transposed linears, else 0."""
-    return 1 if _is_transposed_linear(module) else 0
 
 
 @dataclass(frozen=True)
@@ -84,7 +57,7 @@ class Method:
     name: str
     scores: ScoreFn | None = None
     mask: MaskFn | None = None
-    unit: Literal["weight", "row"] = "weight"
+    unit: Unit = "weight"
     layer_types: tuple[type[nn.Module], ...] = PRUNABLE + OPT_IN
     blockwise: bool = False
     elementwise: bool = False
@@ -205,7 +178,7 @@ def get_method(method: str | Method, norm: int | None = None) -> Method:
     `norm` (1 or 2) picks the row norm of the structured methods: ("neuron", 1) is "neuron_l1".
     """
     if norm is not None:
-        if isinstance(norm, bool) or norm not in (1, 2):
+        if not is_int(norm) or norm not in (1, 2):
             raise ValueError(f"norm must be 1 or 2, got {norm!r}")
         base = method.name if isinstance(method, Method) else method
         if base not in ("neuron", "filter", "neuron_l1", "filter_l1"):

@@ -15,19 +15,23 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
-from prunebound.masks import (
+from prunebound._check import Seed, as_generator, check_choice, check_int, finite, is_float
+from prunebound._masks import (
     LayerSelector,
+    alive_units,
+    count_units,
     holders,
     mask_module,
     original_weight,
     prunable_layers,
     set_mask,
+    unit_view,
 )
-from prunebound.methods import Method, get_method, is_layer, output_axis
+from prunebound.layer_types import is_layer
+from prunebound.methods import Method, get_method
 
 _BLOCK = 1 << 21  # elements scored at once (8 MB of float32 scores)
 _SAMPLE = 1 << 18  # scores sampled to bracket the k-th smallest
@@ -100,7 +104,7 @@ def plan_counts(model: nn.Module, plan: PlanLike) -> dict[str, int]:
 
 def _check_amount(amount: object) -> float:
     """A float (Python or numpy, any width) in [0, 1]; ints are refused (no count meaning)."""
-    if isinstance(amount, bool) or not isinstance(amount, float | np.floating):
+    if not is_float(amount):
         raise TypeError(
             f"amount must be a float fraction in [0, 1], got {amount!r} ({type(amount).__name__}); "
             "for exact numbers of weights pass counts={layer: n}"
@@ -109,19 +113,6 @@ def _check_amount(amount: object) -> float:
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"amount must be in [0, 1], got {amount!r}")
     return value
-
-
-def _generator(seed: int | torch.Generator | None) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        return seed
-    g = torch.Generator()
-    if seed is None:
-        g.seed()  # fresh entropy, not the global RNG state
-    elif isinstance(seed, int) and not isinstance(seed, bool):
-        g.manual_seed(seed)
-    else:
-        raise TypeError(f"seed must be an int or a torch.Generator, got {seed!r}")
-    return g
 
 
 def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method) -> dict[str, str]:
@@ -168,36 +159,9 @@ def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method
             twins[name] = first[id(w)]
             continue
         first[id(w)] = name
-        wd = (
-            w.detach()
-        )  # a sum is non-finite if any entry is (and rarely by overflow): cheap first test
-        if not bool(torch.isfinite(wd.sum())) and not bool(torch.isfinite(wd).all()):
+        if not finite(w.detach()):
             raise ValueError(f"layer {name!r}: weight contains NaN or Inf; refusing to prune")
     return twins
-
-
-def _units_first(module: nn.Module, t: torch.Tensor, unit: str) -> torch.Tensor:
-    """A weight-shaped tensor as the selection sees it: for unit 'row', a view with output units
-    on dim 0 (a transposed linear's columns become rows; writes go through to `t`)."""
-    return t.movedim(output_axis(module), 0) if unit == "row" else t
-
-
-def _alive(module: nn.Module, unit: str) -> torch.Tensor | None:
-    """Surviving weights (or rows, if unit == 'row'); None if nothing is pruned yet."""
-    mm = mask_module(module)
-    if mm is None:
-        return None
-    return _units_first(module, mm.mask, unit).flatten(1).any(dim=1) if unit == "row" else mm.mask
-
-
-def _n_units(module: nn.Module, unit: str) -> int:
-    w = original_weight(module)
-    return _units_first(module, w, unit).shape[0] if unit == "row" else w.numel()
-
-
-def _n_alive(module: nn.Module, unit: str) -> int:
-    a = _alive(module, unit)
-    return _n_units(module, unit) if a is None else int(a.sum())
 
 
 def _scored_blocks(
@@ -206,15 +170,15 @@ def _scored_blocks(
     """Yield (layer index, first row, flat scores with pruned units set to +inf), block by block."""
     assert method.scores is not None
     for i, m in enumerate(layers):
-        w = _units_first(m, original_weight(m).detach(), method.unit)
+        w = unit_view(m, original_weight(m).detach(), method.unit)
         mm = mask_module(m)
-        alive = _alive(m, method.unit)
+        alive = alive_units(m, method.unit)
         rows = w.shape[0]
         step = max(1, _BLOCK // max(1, w[0].numel())) if method.blockwise else rows
         for r0 in range(0, rows, step):
             wb = w[r0 : r0 + step]
             if mm is not None:  # score the effective weight
-                wb = wb * _units_first(m, mm.mask, method.unit)[r0 : r0 + step]
+                wb = wb * unit_view(m, mm.mask, method.unit)[r0 : r0 + step]
             s = method.scores(wb, g).detach().float().reshape(-1)
             if alive is not None:
                 s = s.masked_fill(~alive[r0 : r0 + step].reshape(-1), math.inf)
@@ -282,7 +246,7 @@ def _select(
     """New keep-masks (weight-shaped, composed with the old ones) after pruning the k
     lowest-scored alive units across `layers`; ties go first in (layer, flat index) order."""
     if k > 0:
-        n = sum(_n_alive(m, method.unit) for m in layers)
+        n = sum(count_units(m, method.unit)[1] for m in layers)
         state = g.get_state()
         thr, n_below = _kth_smallest(layers, method, g, k, n)
         ties = k - n_below
@@ -306,7 +270,7 @@ def _select(
             ties -= eq.numel()
         p = p.to(keeps[i].device)
         if method.unit == "row":  # p: one flag per row of the block
-            _units_first(layers[i], keeps[i], "row")[r0 : r0 + p.numel()][p] = False
+            unit_view(layers[i], keeps[i], "row")[r0 : r0 + p.numel()][p] = False
         else:  # p: flat flags of whole rows r0, r0+1, ...
             rows = p.numel() // max(1, keeps[i][0].numel())
             keeps[i][r0 : r0 + rows].view(-1).masked_fill_(p, False)
@@ -322,7 +286,7 @@ def prune(
     layers: Sequence[LayerSelector] | None = None,
     counts: Mapping[str, int] | None = None,
     plan: PlanLike | None = None,
-    seed: int | torch.Generator | None = None,
+    seed: Seed = None,
     norm: int | None = None,
 ) -> nn.Module:
     """Prune the Linear/Conv weights of `model` in place and return it.
@@ -368,8 +332,7 @@ def prune(
         if seed is None:  # a data plan certifies the mask of its recorded seed
             seed = getattr(plan, "seed", None)
     meth = get_method(method, norm)
-    if scope not in ("layer", "global"):
-        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    check_choice("scope", scope, ("layer", "global"))
     if counts is not None and scope == "global":
         raise ValueError("counts are per layer; they cannot be combined with scope='global'")
     if counts is not None and meth.mask is not None:
@@ -381,7 +344,7 @@ def prune(
     else:
         selected = prunable_layers(model, layers, types=meth.layer_types)
     twins = _check_layers(model, selected, meth)
-    g = _generator(seed)
+    g = as_generator(seed)
 
     if amount is not None:
         amount = _check_amount(amount)
@@ -393,9 +356,8 @@ def prune(
                     f"counts: {name!r} is not a selected prunable layer; "
                     f"choose from {sorted(selected)}"
                 )
-            if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-                raise ValueError(f"counts[{name!r}] must be a non-negative int, got {c!r}")
-            alive = _n_alive(selected[name], meth.unit)
+            check_int(f"counts[{name!r}]", c, 0)
+            alive = count_units(selected[name], meth.unit)[1]
             if c > alive:
                 raise ValueError(
                     f"counts[{name!r}] = {c} exceeds the {alive} surviving units of that layer"
@@ -421,12 +383,12 @@ def prune(
             new[n] = keep & mm.mask if mm is not None else keep
     elif scope == "global":
         assert amount is not None
-        k = round(amount * sum(_n_alive(m, meth.unit) for m in mods))
+        k = round(amount * sum(count_units(m, meth.unit)[1] for m in mods))
         new = dict(zip(names, _select(mods, meth, g, k), strict=True))
     else:
         new = {}
         for n, m in selected.items():
-            k = counts[n] if counts is not None else round(amount * _n_alive(m, meth.unit))  # type: ignore[operator]
+            k = counts[n] if counts is not None else round(amount * count_units(m, meth.unit)[1])  # type: ignore[operator]
             new[n] = _select([m], meth, g, k)[0]
     for n, keep in new.items():  # all validation and selection done: now mutate
         set_mask(selected[n], keep)

@@ -1,8 +1,14 @@
-"""Plots and tables from result dicts (the only module that imports matplotlib)."""
+"""Plots, tables and summary lines from result dicts (the only module that imports matplotlib).
+
+Every function takes the `to_dict()` of a result (a run's `results.json`, a `SparsityReport`, an
+`ExportReport`, a theory `Plan` or `Certificate`, a `VerifyReport`), so that it needs no import
+from the wings and the CLI only parses and prints.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,15 +120,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
 def rounds_table(results: Mapping[str, Any]) -> str:
     """One row per round of a run: sparsity, compression, accuracy, loss, FLOPs."""
+    keys = ("round", "sparsity", "compression", "accuracy", "loss")
     rows = [
-        {
-            "round": r["round"],
-            "sparsity": r["sparsity"],
-            "compression": r["compression"],
-            "accuracy": r["accuracy"],
-            "loss": r["loss"],
-            "MFLOPs": (r["sparse_flops"] or 0) / 1e6,
-        }
+        {**{k: r[k] for k in keys}, "MFLOPs": (r["sparse_flops"] or 0) / 1e6}
         for r in results["rounds"]
     ]
     return format_table(rows)
@@ -171,30 +171,34 @@ def plot_layer_sparsity(results: Mapping[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
-def layers_table(results: Mapping[str, Any]) -> str:
-    """Per-layer sparsity and FLOPs of the final model (results.json "final_sparsity")."""
-    final = results.get("final_sparsity") or {}
+def sparsity_table(sparsity: Mapping[str, Any], *, shapes: bool = True) -> str:
+    """Per-layer sparsity and an "all" row from a `SparsityReport.to_dict()`."""
     rows: list[dict[str, Any]] = [
         {
             "layer": ls["name"],
-            "shape": "x".join(str(n) for n in ls["shape"]),
+            **({"shape": "x".join(str(n) for n in ls["shape"])} if shapes else {}),
             "total": ls["total"],
             "zeros": ls["zeros"],
             "sparsity": ls["sparsity"],
         }
-        for ls in final.get("layers", [])
+        for ls in sparsity.get("layers", [])
     ]
     if rows:
         rows.append(
             {
                 "layer": "all",
-                "shape": "",
-                "total": final["total"],
-                "zeros": final["zeros"],
-                "sparsity": final["sparsity"],
+                **({"shape": ""} if shapes else {}),
+                "total": sparsity["total"],
+                "zeros": sparsity["zeros"],
+                "sparsity": sparsity["sparsity"],
             }
         )
     return format_table(rows)
+
+
+def layers_table(results: Mapping[str, Any]) -> str:
+    """Per-layer sparsity of the final model (results.json "final_sparsity")."""
+    return sparsity_table(results.get("final_sparsity") or {})
 
 
 def plot_run(results: Mapping[str, Any], directory: str | Path) -> list[Path]:
@@ -230,3 +234,151 @@ def plot_gaps(report: Mapping[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def round_line(r: Mapping[str, Any]) -> str:
+    """One line of a run's progress: a `Round.to_dict()`."""
+    return (
+        f"round {r['round']}: sparsity {r['sparsity']:6.1%}  "
+        f"accuracy {r['accuracy']:6.1%}  loss {r['loss']:.3f}"
+    )
+
+
+def comparison_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per run ({label: results}): dense and final accuracy, sparsity, time."""
+    rows = [
+        {
+            "method": name,
+            "dense acc": d["rounds"][0]["accuracy"],
+            "final sparsity": d["rounds"][-1]["sparsity"],
+            "final acc": d["rounds"][-1]["accuracy"],
+            "compression": d["rounds"][-1]["compression"],
+            "seconds": d["seconds"],
+        }
+        for name, d in runs.items()
+    ]
+    return format_table(rows)
+
+
+def demo_summary(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """The demo's verdict: magnitude against random pruning (the control) at the final round."""
+    mag, rnd = runs["magnitude"]["rounds"][-1], runs["random"]["rounds"][-1]
+    return (
+        f"summary: at {mag['sparsity']:.1%} sparsity magnitude pruning keeps "
+        f"{mag['accuracy']:.1%} test accuracy, random pruning (the control) {rnd['accuracy']:.1%} "
+        f"(dense {runs['magnitude']['rounds'][0]['accuracy']:.1%})"
+    )
+
+
+def run_notes(results: Mapping[str, Any]) -> list[str]:
+    """The distributed and export lines of a run's results (none if it has neither)."""
+    lines = []
+    if "distributed" in results:
+        dd = results["distributed"]
+        lines.append(
+            f"distributed: {dd['world_size']} ranks ({dd['backend']}), largest difference "
+            f"between the ranks' final models {dd['max_rank_divergence']:.3g}"
+        )
+    ex = results.get("export", {})
+    if ex.get("bytes"):
+        lines.append(
+            f"export (csr): {ex['bytes'] / 1024:.0f} KiB on disk ({100 * ex['size_ratio']:.1f}% of "
+            f"dense), {ex['speedup']:.2f}x faster at batch 1 than dense (measured)"
+        )
+    return lines
+
+
+def export_table(export: Mapping[str, Any]) -> str:
+    """What each layer became in an export, and why: an `ExportReport.to_dict()`."""
+    rows = [
+        {
+            "layer": r["name"],
+            **{k: r[k] for k in ("type", "sparsity", "kernel")},
+            "speedup": "" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+            "reason": r["reason"],
+        }
+        for r in export["layers"]
+    ]
+    return format_table(rows)
+
+
+def _g(v: float | None) -> str:
+    return "" if v is None else f"{v:.4g}"
+
+
+def plan_table(plan: Mapping[str, Any]) -> str:
+    """A theory plan per layer, with the guarantee it carries: a `Plan.to_dict()`."""
+    rows = [
+        {
+            "layer": lp["name"],
+            "shape": "x".join(str(n) for n in spec["shape"]),
+            "weights": math.prod(spec["shape"]),
+            "prune": lp["count"],
+            "fraction": lp["fraction"],
+            "threshold": _g(lp["threshold"]),
+            "eps share": lp["eps_share"],
+            "||Delta|| <=": _g(lp["norm_bound"]),
+        }
+        for lp, spec in zip(plan["layers"], plan["specs"], strict=True)
+    ]
+    p = plan
+    lines = [
+        format_table(rows),
+        f"guarantee: with probability >= {1 - p['delta']:.4g} over the weights"
+        f"{' and masks' if p['method'] == 'random' else ''}, sup_{{||x||<={p['radius']:g}}} "
+        f"||f(x) - F(x)|| <= eps = {p['eps']:.4g}",
+        f"output scale r_L = {p['output_scale']:.4g} (bound on sup ||F(x)||); "
+        f"eps / r_L = {p['eps'] / p['output_scale']:.4g}; "
+        f"pruned {sum(lp['count'] for lp in p['layers'])} weights",
+    ]
+    return "\n".join(lines + [f"note: {n}" for n in p["notes"]])
+
+
+def largest_table(largest: Mapping[str, Any]) -> str:
+    """Planned against empirically largest fractions per layer: a `LargestFraction.to_dict()`."""
+    lf = largest
+    rows = [
+        {"layer": n, "planned": a, "empirical": b, "ratio": "" if r is None else f"{r:.3g}"}
+        for n, a, b, r in zip(
+            lf["layers"], lf["planned"], lf["empirical"], lf["ratio"], strict=True
+        )
+    ]
+    return format_table(rows)
+
+
+def certificate_table(cert: Mapping[str, Any]) -> str:
+    """A certificate's per-layer terms, its bound and its assumptions: `Certificate.to_dict()`."""
+    rows = [
+        {
+            "layer": t["name"],
+            "pruned": f"{t['pruned']}/{t['total']}",
+            "||W||": t["norm_w"],
+            "||W~||": t["norm_pruned"],
+            "||Delta||": t["norm_delta"],
+            "r_in": t["r_in"],
+            "contribution": t["contribution"],
+        }
+        for t in cert["layers"]
+    ]
+    bound = (
+        f"sup_{{||x||<={cert['radius']:g}}} ||f(x) - F(x)|| <= {cert['bound']:.5g} "
+        f"({cert['method']}); output scale r_L = {cert['output_scale']:.5g}, "
+        f"relative {cert['relative']:.4g}"
+    )
+    return "\n".join([format_table(rows), bound, cert["assumptions"]])
+
+
+def verify_summary(rep: Mapping[str, Any]) -> str:
+    """What a Monte Carlo check found: a `VerifyReport.to_dict()`."""
+    lines = [
+        f"{rep['violations']}/{rep['trials']} violations (gap > eps = {rep['eps']:.4g}); rate "
+        f"{rep['rate']:.3g} <= {rep['rate_upper']:.3g} (Clopper-Pearson, "
+        f"{rep['confidence']:.0%}); {'PASS' if rep['passed'] else 'FAIL'} vs delta = "
+        f"{rep['delta']:g}",
+        f"{1 - rep['delta']:.0%} quantile of the worst-gap estimate {rep['gap_quantile']:.4g}, "
+        f"tightness {rep['tightness']:.3g}; eps / r_L = {rep['relative_eps']:.4g} "
+        "(gap estimates are lower bounds on each network's sup)",
+    ]
+    if rep["certified"] is not None:
+        lines.append(f"certified (certificate <= eps): {rep['certified']}/{rep['trials']} networks")
+    return "\n".join(lines)

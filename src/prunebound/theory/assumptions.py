@@ -15,7 +15,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from prunebound.masks import original_weight, prunable_layers
+from prunebound._masks import original_weight, prunable_layers
 
 LawKind = Literal["uniform", "gaussian"]
 

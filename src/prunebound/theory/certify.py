@@ -20,7 +20,7 @@ import scipy.sparse as sps
 import torch
 from torch import nn
 
-from prunebound.masks import (
+from prunebound._masks import (
     effective_weight,
     mask_module,
     original_weight,

@@ -23,7 +23,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from prunebound.masks import original_weight, prunable_layers, reset, trained_since_masked
+from prunebound._masks import original_weight, prunable_layers, reset, trained_since_masked
 from prunebound.pruning import prune
 
 log = logging.getLogger(__name__)

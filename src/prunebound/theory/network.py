@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 
-from prunebound.masks import Mask, effective_weight, original_weight
+from prunebound._masks import Mask, effective_weight, original_weight
 from prunebound.theory.types import Kind, LayerSpec
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)

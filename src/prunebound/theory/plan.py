@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import torch
 
-from prunebound.masks import reset as pb_reset
+from prunebound._masks import reset as pb_reset
 from prunebound.theory.assumptions import check_law
 from prunebound.theory.datacert import search_data_plan
 from prunebound.theory.layers import PriorLayer, TrainedLayer
@@ -85,7 +85,7 @@ def _law_for(spec: LayerSpec, law: str, scale: float | None) -> Law:
 def _layer_weights(model: torch.nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     mod = dict(model.named_modules())[name]
     try:
-        from prunebound.masks import original_weight
+        from prunebound._masks import original_weight
 
         w = original_weight(mod)
     except (ImportError, AttributeError, TypeError, ValueError):

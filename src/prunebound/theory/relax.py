@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from prunebound.masks import effective_weight, original_weight
+from prunebound._masks import effective_weight, original_weight
 from prunebound.theory.network import Network, Step, pool_multiplicity
 from prunebound.theory.norms import spectral_norm
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunebound._batched import check_chain, prune_batch, sample_batch, to_module
+from prunebound.check.batch import check_chain, prune_batch, sample_batch, to_module
 from prunebound.theory.certify import certify
 from prunebound.theory.datacert import clopper_pearson_upper
 from prunebound.theory.types import LayerPlan, Plan

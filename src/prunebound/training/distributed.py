@@ -12,50 +12,47 @@ Masks are `torch.nn.utils.parametrize` parametrizations: DDP sees the underlying
 `parametrizations.weight.original` parameters, whose gradient is zero at pruned entries, and the
 effective weight `original * mask` stays exactly zero there whatever the all-reduce does.
 
-Two ways in: `launch(fn, nproc)` spawns local processes with a file rendezvous (what
-`prunebound run CONFIG --nproc N` uses); under `torchrun` the CLI reads the rank from the
-environment and opens `process_group(init_method="env://")` (see docs/distributed.md).
+This module is what runs inside a rank (`DistContext`, `process_group`, `env_ranks`);
+`training.launch` starts the ranks: `launch(fn, nproc)` spawns local processes with a file
+rendezvous, and `run_distributed` runs an experiment as `prunebound run CONFIG --nproc N` or
+under `torchrun` (see docs/distributed.md).
 """
 
 from __future__ import annotations
 
-import faulthandler
 import gc
 import logging
-import multiprocessing.connection
-import os
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as torch_mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from prunebound._check import check_choice, check_int, in_interval, is_float, is_int
+from prunebound._masks import Mask, mask_module, prunable_layers, set_mask
 from prunebound.data import Dataset
-from prunebound.masks import Mask, mask_module, prunable_layers, set_mask
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "gloo", "nccl"]
-BACKENDS = ("auto", "gloo", "nccl")
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
-#: Seconds the launcher waits for the other ranks to stop on their own after one failed.
-_GRACE_S = 5.0
+
+def check_timeout(timeout: object) -> None:
+    """Raise ValueError unless `timeout` is a number of seconds > 0."""
+    if not (is_float(timeout, ints=True) and in_interval(float(timeout), 0, math.inf, "neither")):
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
 
 
 def check_world_size(batch_size: int, world_size: int) -> None:
     """Raise ValueError unless `world_size` (>= 1) divides `batch_size` (each rank's share)."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    check_int("world_size", world_size, 1)
     if batch_size % world_size != 0:
         raise ValueError(
             f"train.batch_size={batch_size} is not divisible by the world size {world_size}: "
@@ -83,9 +80,8 @@ class DistContext:
     backend: str = "gloo"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.world_size, int) or self.world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {self.world_size!r}")
-        if not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
+        check_int("world_size", self.world_size, 1)
+        if not is_int(self.rank) or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be an int in [0, {self.world_size}), got {self.rank!r}")
 
     @property
@@ -198,8 +194,7 @@ class DistContext:
 
 
 def _resolve_backend(backend: Backend, local_rank: int) -> tuple[str, torch.device]:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -233,8 +228,7 @@ def process_group(
         timeout: seconds a collective may wait for the other ranks before failing, so a rank
             that vanishes (a lost machine) stops the others instead of hanging them.
     """
-    if not (isinstance(timeout, int | float) and timeout > 0):
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    check_timeout(timeout)
     name, device = _resolve_backend(backend, local_rank)
     ctx = DistContext(rank, world_size, local_rank, device, name)
     if device.type == "cuda":
@@ -277,165 +271,3 @@ def env_ranks(env: Mapping[str, str]) -> EnvRanks | None:
     if r.world_size < 1 or not 0 <= r.rank < r.world_size:
         raise ValueError(f"RANK={r.rank} must be in [0, WORLD_SIZE={r.world_size})")
     return r
-
-
-def _worker(
-    rank: int,
-    fn: Callable[..., None],
-    nproc: int,
-    init_method: str,
-    backend: Backend,
-    timeout: float,
-    threads: int,
-    error_dir: str,
-    args: tuple[Any, ...],
-) -> None:
-    """Body of each spawned process: open the group, run `fn(ctx, *args)`, record any error."""
-    torch.set_num_threads(threads)
-    faulthandler.enable()  # a C++ abort in a rank prints the Python stack it happened under
-    try:
-        with process_group(
-            rank=rank,
-            world_size=nproc,
-            init_method=init_method,
-            local_rank=rank,
-            backend=backend,
-            timeout=timeout,
-        ) as ctx:
-            fn(ctx, *args)
-            Path(error_dir, f"rank{rank}.done").touch()  # the work is done and written
-    except BaseException as e:
-        msg = str(e).strip().splitlines()
-        Path(error_dir, f"rank{rank}.txt").write_text(
-            f"{type(e).__name__}: {msg[0] if msg else ''}"
-        )
-        raise
-    exit_process(0)
-
-
-def exit_process(code: int) -> NoReturn:
-    """Flush stdout/stderr and end this rank's process now, skipping interpreter finalization.
-
-    For a rank whose work is done and written: in finalization gloo's C++ threads can abort
-    ("terminate called without an active exception", SIGABRT; about 1 finished run in 30 on
-    torch 2.13 even after destroy_process_group), which would report a finished run as failed.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def launch(
-    fn: Callable[..., None],
-    nproc: int,
-    args: tuple[Any, ...] = (),
-    *,
-    backend: Backend = "gloo",
-    timeout: float = 300.0,
-    threads: int | None = None,
-) -> None:
-    """Run `fn(ctx, *args)` in `nproc` local processes sharing a process group.
-
-    Processes are spawned (fresh interpreters: `fn` and `args` must be picklable, `fn` defined
-    at module level) and meet through a file rendezvous in a temporary directory, so no port
-    is needed. The launcher watches them: when one fails, the others get `_GRACE_S` seconds to
-    stop on their own (gloo notices a closed peer at once) and are then terminated.
-
-    Args:
-        fn: called as `fn(ctx, *args)` in every process, `ctx` a `DistContext`.
-        nproc: number of processes (ranks 0 .. nproc-1 on this machine).
-        backend: as in `process_group` ("gloo" by default: CPU).
-        timeout: seconds a collective may wait (see `process_group`).
-        threads: torch threads per process (default: this machine's cores / nproc).
-
-    Raises:
-        ValueError: bad nproc, backend or timeout (before anything starts).
-        RuntimeError: a rank failed or died; names the first one and its error.
-    """
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not (isinstance(timeout, int | float) and timeout > 0):
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-    if threads is None:
-        threads = max(1, len(os.sched_getaffinity(0)) // nproc)
-    mp = torch_mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="prunebound-dist-") as tmpdir:
-        init = Path(tmpdir, "rendezvous").as_uri()
-        procs = [
-            mp.Process(
-                target=_worker,
-                args=(r, fn, nproc, init, backend, timeout, threads, tmpdir, args),
-                daemon=True,
-            )
-            for r in range(nproc)
-        ]
-        for p in procs:
-            p.start()
-        try:
-            failed = _watch(procs, tmpdir)
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-            for p in procs:
-                p.join()
-        if failed:
-            raise RuntimeError(_failure_message(failed, procs, tmpdir))
-
-
-def _finished(rank: int, proc: Any, done_dir: str) -> bool:
-    """Whether a rank that exited non-zero had finished its work (its `.done` marker exists).
-
-    Such a rank died in teardown (gloo's C++ threads can abort after the last collective), after
-    everything it computed was written: the run succeeded, so this is logged, not raised.
-    """
-    if not Path(done_dir, f"rank{rank}.done").is_file():
-        return False
-    code = proc.exitcode
-    how = f"exit code {code}" if code >= 0 else f"signal {-code}"
-    logger.warning("rank %d finished its work, then ended with %s in teardown", rank, how)
-    return True
-
-
-def _watch(procs: list[Any], done_dir: str) -> list[int]:
-    """Wait for all processes; returns failed ranks in the order they exited (empty: success).
-
-    A rank counts as failed if it exited non-zero before finishing `fn` (see `_finished`).
-    After the first failure the others get `_GRACE_S` seconds before the caller stops them.
-    """
-    pending = {p.sentinel: r for r, p in enumerate(procs)}
-    failed: list[int] = []
-    deadline: float | None = None
-    while pending:
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready = multiprocessing.connection.wait(list(pending), timeout=wait)
-        if not ready:
-            break  # grace over: the caller terminates the rest
-        for s in ready:
-            r = pending.pop(s)
-            procs[r].join()
-            if procs[r].exitcode != 0 and not _finished(r, procs[r], done_dir):
-                failed.append(r)
-        if failed and deadline is None:
-            deadline = time.monotonic() + _GRACE_S
-    return failed
-
-
-def _failure_message(failed: list[int], procs: list[Any], error_dir: str) -> str:
-    """One line: the first rank to fail and why, then the ranks that failed after it."""
-
-    def why(r: int) -> str:
-        f = Path(error_dir, f"rank{r}.txt")
-        if f.is_file():
-            text = f.read_text()
-            return "raised " + (text if len(text) <= 200 else text[:197] + "...")
-        code = procs[r].exitcode
-        return f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
-
-    msg = f"distributed run failed: rank {failed[0]} of {len(procs)} {why(failed[0])}"
-    msg += "; all ranks were stopped"
-    if len(failed) > 1:
-        msg += " (then " + "; ".join(f"rank {r} {why(r)}" for r in failed[1:]) + ")"
-    return msg

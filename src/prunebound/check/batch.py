@@ -1,4 +1,4 @@
-"""Batched networks for Monte Carlo checks (`prunebound.verify`): N sampled networks of one
+"""Batched networks for Monte Carlo checks (`prunebound.check.verify`): N sampled networks of one
 plan held as (N, *shape) weights, pruned together, run with torch.baddbmm or one grouped
 convolution (groups=N), and a worst-gap search over the input ball, all without a Python loop
 over networks.
@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunebound.masks import set_mask
+from prunebound._check import check_int
+from prunebound._masks import set_mask
 from prunebound.theory.types import Law, LayerSpec, Plan
 
 
@@ -37,11 +38,7 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         for name in ("samples", "restarts", "steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
-                raise ValueError(
-                    f"search.{name} must be an int >= {int(name != 'steps')}, got {v!r}"
-                )
+            check_int(f"search.{name}", getattr(self, name), 0 if name == "steps" else 1)
         if self.restarts > self.samples:
             raise ValueError(
                 f"search.restarts must be <= samples ({self.samples}), got {self.restarts}"

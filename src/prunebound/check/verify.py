@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
-from prunebound._batched import (
+from prunebound._check import Seed, as_seed, check_float, check_int
+from prunebound.check.batch import (
     Batch,
     SearchConfig,
     check_chain,
@@ -35,18 +35,17 @@ from prunebound._batched import (
     to_module,
     worst_gap,
 )
+from prunebound.stats import clopper_pearson_upper
 from prunebound.theory.certify import certify
-from prunebound.theory.datacert import clopper_pearson_upper
 from prunebound.theory.types import Plan
 
-Progress = Callable[[int, int], None]  # (networks done, total)
+OnProgress = Callable[[int, int], None]  # (networks done, total)
 
 __all__ = [
     "LargestFraction",
     "SearchConfig",
     "VerifyReport",
     "largest_fraction",
-    "rate_lower",
     "verify",
 ]
 
@@ -145,10 +144,8 @@ def _certificate(batch: Batch, pruned: Sequence[torch.Tensor], i: int, radius: f
 def _check_run(plan: object, trials: object, confidence: object) -> Plan:
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a prunebound.theory.Plan, got {type(plan).__name__}")
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be an int >= 1, got {trials!r}")
-    if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
-        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
+    check_int("trials", trials, 1)
+    check_float("confidence", confidence, 0, 1, closed="neither")
     if not 0.0 < plan.delta < 1.0 or not plan.eps > 0 or not plan.radius > 0:
         raise ValueError(
             f"plan needs eps > 0, delta in (0, 1), radius > 0; got eps={plan.eps}, "
@@ -176,7 +173,7 @@ def _gaps(
     dtype: torch.dtype,
     stop_above: int | None = None,
     certificates: bool = False,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
 ) -> tuple[list[float], list[float]]:
     """Gaps (and certificates) of `trials` networks, chunk by chunk; stops early once more than
     `stop_above` gaps exceed eps. Chunk c is drawn from generator (seed, c): weights, keys,
@@ -206,14 +203,14 @@ def verify(
     plan: Plan,
     *,
     trials: int = 200,
-    seed: int = 0,
+    seed: Seed = 0,
     search: SearchConfig | None = None,
     confidence: float = 0.95,
     certificates: bool = False,
     chunk: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
 ) -> VerifyReport:
     """Check a plan by Monte Carlo: sample `trials` targets from its law (weights and biases),
     prune each as planned, estimate each worst gap and count those above eps.
@@ -226,7 +223,8 @@ def verify(
 
     Args:
         plan: a `theory.plan(...)` result with law "uniform" or "gaussian".
-        trials: networks to sample, >= 1. seed: reproducibility (with `chunk`).
+        trials: networks to sample, >= 1. seed: an int, a `torch.Generator` or None (fresh
+            entropy; the int drawn is `VerifyReport.seed`); with `chunk`, reproducibility.
         search: worst-gap search effort (`SearchConfig()` by default).
         confidence: of the Clopper-Pearson upper limit on the violation rate.
         chunk: networks per batch (default: ~16 MB of weights); device, dtype: where to compute.
@@ -244,6 +242,7 @@ def verify(
         (0, True)
     """
     plan = _check_run(plan, trials, confidence)
+    seed = as_seed(seed)
     search = search if search is not None else SearchConfig()
     t0 = time.perf_counter()
     gaps, certs = _gaps(
@@ -278,18 +277,11 @@ def verify(
     )
 
 
-def rate_lower(violations: int, trials: int, confidence: float) -> float:
-    """One-sided Clopper-Pearson lower limit of a violation rate (0 when violations = 0)."""
-    if violations == 0:
-        return 0.0
-    return float(stats.beta.ppf(1.0 - confidence, violations, trials - violations + 1))
-
-
 def largest_fraction(
     plan: Plan,
     *,
     trials: int = 100,
-    seed: int = 0,
+    seed: Seed = 0,
     search: SearchConfig | None = None,
     iters: int = 8,
     chunk: int | None = None,
@@ -306,8 +298,8 @@ def largest_fraction(
     plan leaves unpruned stays unpruned otherwise.
     """
     plan = _check_run(plan, trials, 0.95)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
+    seed = as_seed(seed)
+    check_int("iters", iters, 1)
     search = search if search is not None else SearchConfig()
     t0 = time.perf_counter()
     planned = [lp.fraction for lp in plan.layers]

@@ -1,8 +1,9 @@
-"""numba CSR kernels for `prunebound.sparse` ("numba_csr"); imported lazily, needs numba.
+"""numba CSR kernels for `prunebound.deploy.sparse` ("numba_csr"); imported lazily, needs numba.
 
-Each call computes output rows [r0, r1) without the GIL, so that `prunebound.sparse` can run row
-blocks of equal nonzero count on a thread pool, one per torch thread (numba's OpenMP `prange`
-was measured 20x slower than serial on a loaded 2-core machine: its threads spin at barriers).
+Each call computes output rows [r0, r1) without the GIL, so that `prunebound.deploy.sparse` can
+run row blocks of equal nonzero count on a thread pool, one per torch thread (numba's OpenMP
+`prange` was measured 20x slower than serial on a loaded 2-core machine: its threads spin at
+barriers).
 No fastmath: sums run in the weight dtype in a fixed order (eight interleaved partial sums per
 row for W @ x, one running sum per output for W @ X), so results are deterministic and match
 dense within float rounding. Column indices are uint16 where the layer has at most 65536

@@ -7,7 +7,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,18 +15,18 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import gpt2_config, make_cnn, make_mlp
+from helpers import gpt2_config, make_cnn, make_mlp
 from torch import nn
 
 import prunebound as pb
-import prunebound.sparse as sparse_module
-from prunebound.checkpoint import _digest
+import prunebound.deploy.export as export_module
+import prunebound.deploy.kernels as kernels_module
+from prunebound._files import digest
 from prunebound.cli import main
-from prunebound.export import measure_ms, sparse_path
-from prunebound.export_io import export_summary
-from prunebound.sparse import KERNELS, check_csr, to_csr
-
-export_module = importlib.import_module("prunebound.export")  # pb.export is the function
+from prunebound.deploy.kernels import KERNELS
+from prunebound.deploy.sparse import check_csr, sparse_path, to_csr
+from prunebound.deploy.summary import export_summary
+from prunebound.timing import measure_ms
 
 SPARSE_KERNELS = sorted(KERNELS)
 
@@ -193,7 +192,7 @@ def test_format_dense_bakes_masks_and_accepts_unpruned_models() -> None:
         ({"format": "coo"}, "format must be one of"),
         ({"batch_size": 0}, "batch_size must be an int >= 1"),
         ({"input_shape": (12, 0)}, "input_shape must be"),
-        ({"min_sparsity": 1.5}, r"min_sparsity must be in \[0, 1\]"),
+        ({"min_sparsity": 1.5}, r"min_sparsity must be a number in \[0, 1\], got 1.5"),
         ({"candidates": ("mkl",)}, "candidates must be a non-empty subset"),
         ({"candidates": ()}, "candidates must be a non-empty subset"),
         ({"layers": {"nope": "dense"}}, "'nope' matches no Linear/Conv layer"),
@@ -358,7 +357,7 @@ def test_version_1_files_still_load(tmp_path: Path) -> None:
         tensors[k] = tensors[k].to(torch.int32)
     for k in [k for k in tensors if k.endswith("col_indices")]:
         tensors[k] = tensors[k].to(torch.int16)
-    meta.update(version="1", digest=_digest(tensors))
+    meta.update(version="1", digest=digest(tensors))
     safetensors.torch.save_file(tensors, tmp_path / "v1.st", metadata=meta)
     loaded = pb.load_export(tmp_path / "v1.st")
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
@@ -428,7 +427,7 @@ def test_out_of_range_indices_are_refused_even_with_a_valid_digest(tmp_path: Pat
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     tensors["0.col_indices"][3] = 40  # the layer has 40 columns
-    meta["digest"] = _digest(tensors)
+    meta["digest"] = digest(tensors)
     safetensors.torch.save_file(tensors, tmp_path / "bad.st", metadata=meta)
     with pytest.raises(ValueError, match=r"column indices outside \[0, 40\)"):
         pb.load_export(tmp_path / "bad.st")
@@ -557,7 +556,7 @@ def test_numba_kernel_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a)
     )
-    kernels = sparse_module._kernels()
+    kernels = kernels_module.available_kernels()
     assert "numba_csr" not in kernels and "numba_csr_1t" not in kernels
     assert "scipy_csr" in kernels
 
@@ -609,7 +608,7 @@ def test_exported_model_runs_with_grad_mode_on(
             f()
         return {k: 1.0 if k == "dense" else 0.1 for k in fns}
 
-    monkeypatch.setattr(sys.modules["prunebound.export"], "measure_ms", fake)
+    monkeypatch.setattr(export_module, "measure_ms", fake)
     model = make_cnn(seed=3)
     pb.prune(model, "magnitude", 0.9)
     exported = pb.export(model, input_shape=(1, 8, 8), candidates=(kernel,), min_sparsity=0.0)

@@ -18,13 +18,15 @@ import torch.distributed as tdist
 from torch import nn
 
 import prunebound as pb
+from prunebound._masks import mask_module
 from prunebound.checkpoint import read
 from prunebound.data import Dataset, load_digits
-from prunebound.distributed import DistContext, check_world_size, env_ranks, launch
-from prunebound.experiment import Experiment
-from prunebound.masks import mask_module
-from prunebound.pipeline import TrainConfig, train
-from prunebound.schedule import Schedule, run_schedule
+from prunebound.training.config import Experiment
+from prunebound.training.distributed import DistContext, check_world_size, env_ranks
+from prunebound.training.launch import launch
+from prunebound.training.loop import TrainConfig, train
+from prunebound.training.runner import run_schedule
+from prunebound.training.schedule import Schedule
 
 # 251 training samples, batch 32: 7 full batches and a last one of 27, split 14 / 13 over two
 # ranks, so the scaling of uneven slices is exercised too.
@@ -71,7 +73,7 @@ def _worker(ctx: DistContext, out: str, data: Dataset) -> None:
     training, rank 0 checkpoints every epoch and rank 1 dies (exit code 3) after epoch 2."""
     model = _model()
     g = torch.Generator().manual_seed(0)
-    rounds = run_schedule(model, data, DENSE, LOTTERY, generator=g, dist=ctx)
+    rounds = run_schedule(model, data, DENSE, LOTTERY, seed=g, dist=ctx)
     pb.save(model, Path(out) / f"rank{ctx.rank}.safetensors")
     Path(out, f"rank{ctx.rank}.json").write_text(json.dumps([r.to_dict() for r in rounds]))
     # a mask that differs on rank 1 is replaced by rank 0's
@@ -85,7 +87,7 @@ def _worker(ctx: DistContext, out: str, data: Dataset) -> None:
     # iterative random pruning: the ranks' generators stay in step, rank 0's masks broadcast
     rand = _model()
     it = Schedule(kind="iterative", method="random", steps=(0.3, 0.6), retrain_epochs=1)
-    run_schedule(rand, data, DENSE, it, generator=torch.Generator().manual_seed(1), dist=ctx)
+    run_schedule(rand, data, DENSE, it, seed=torch.Generator().manual_seed(1), dist=ctx)
     pb.save(rand, Path(out) / f"iterative{ctx.rank}.safetensors")
     # BatchNorm: running statistics averaged at epoch ends keep the ranks identical
     bn = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
@@ -137,7 +139,7 @@ def test_ranks_hold_identical_masks_and_weights(two_ranks: tuple[Path, str, floa
     assert all(torch.equal(i0[k], i1[k]) for k in i0), "iterative weights differ"
     single = _model()
     it = Schedule(kind="iterative", method="random", steps=(0.3, 0.6), retrain_epochs=1)
-    run_schedule(single, _data(), DENSE, it, generator=torch.Generator().manual_seed(1))
+    run_schedule(single, _data(), DENSE, it, seed=torch.Generator().manual_seed(1))
     assert all(torch.equal(pb.masks(single)[k], im0[k]) for k in im0)  # = one process
     b0, _ = read(out / "bn0.safetensors")
     b1, _ = read(out / "bn1.safetensors")
@@ -151,7 +153,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(
 ) -> None:
     out = two_ranks[0]
     model, data = _model(), _data()
-    rounds = run_schedule(model, data, DENSE, LOTTERY, generator=torch.Generator().manual_seed(0))
+    rounds = run_schedule(model, data, DENSE, LOTTERY, seed=torch.Generator().manual_seed(0))
     ddp = pb.load(_model(), out / "rank0.safetensors")
     masks, ddp_masks = pb.masks(model), pb.masks(ddp)
     assert masks.keys() == ddp_masks.keys() == {"1", "3"}
@@ -217,7 +219,7 @@ def test_cli_nproc_2_writes_results_once_and_reproduces_the_library_run(
 def test_cli_batch_not_divisible_by_nproc_fails_before_starting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import prunebound.distributed as pbd
+    import prunebound.training.launch as pbd
     from prunebound.cli import main
 
     def no_launch(*args: object, **kwargs: object) -> None:
@@ -295,7 +297,7 @@ def _abort_in_work(ctx: DistContext, out: str) -> None:
 def test_a_rank_that_aborts_after_finishing_does_not_fail_the_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level("WARNING", logger="prunebound.distributed"):
+    with caplog.at_level("WARNING", logger="prunebound.training.launch"):
         launch(_abort_in_teardown, 2, (str(tmp_path),), timeout=30)
     assert [(tmp_path / f"result{r}").read_text() for r in range(2)] == ["0", "1"]
     assert "rank 1 finished its work, then ended with signal 6 in teardown" in caplog.text

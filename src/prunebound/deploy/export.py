@@ -2,12 +2,16 @@
 
 `export(model, "csr")` returns a copy of the model (masks baked in, eval mode) in which every
 pruned Linear, and every Conv2d when `input_shape` is given, becomes a `SparseLinear` /
-`SparseConv2d` if one of the sparse kernels (`prunebound.sparse.KERNELS`) beats the dense layer in
-a micro-benchmark at the given batch size; otherwise it stays dense. What each layer became, and
-why, is in `export_report(exported)`. Layers below `min_sparsity` are not even measured: with
-more than half the weights left, a sparse kernel does more memory traffic than the dense one.
+`SparseConv2d` if one of the sparse kernels (`prunebound.deploy.kernels.KERNELS`) beats the dense
+layer by >= 5% in a micro-benchmark at the given batch size and torch's current thread count
+(median of interleaved repeats); otherwise it stays dense. With `input_shape`, a layer less than
+2x faster there is re-timed inside the model (with vs without it) and kept only if it wins there
+too, and if the whole model is then not faster than with those layers dense, they all go back to
+dense. What each layer became, and why, is in `export_report(exported)`. Layers below
+`min_sparsity` are not even measured: with more than half the weights left, a sparse kernel does
+more memory traffic than the dense one.
 
-Files: `save_export` / `load_export` (export_io.py).
+`export` converts in memory; `save_export` / `load_export` (`deploy.export_file`) write and read.
 """
 
 from __future__ import annotations
@@ -16,27 +20,21 @@ import copy
 import fnmatch
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
-from prunebound.masks import effective_weight, prunable_layers, remove
-from prunebound.sparse import KERNELS, SparseConv2d, SparseLinear
+from prunebound._check import check_choice, check_float, check_int, is_int
+from prunebound._masks import effective_weight, prunable_layers, remove
+from prunebound.deploy.kernels import KERNELS
+from prunebound.deploy.sparse import sparse_layer, sparse_path
+from prunebound.timing import measure_ms
 
-__all__ = [
-    "ExportReport",
-    "LayerExport",
-    "export",
-    "export_report",
-    "measure_ms",
-    "sparse_path",
-]
+__all__ = ["ExportReport", "LayerExport", "attached_report", "export", "export_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +51,7 @@ _CHECK_BELOW = 2.0
 
 @dataclass(frozen=True)
 class LayerExport:
-    """What one Linear/Conv layer became: `kernel` is "dense" or a key of `sparse.KERNELS`.
+    """What one Linear/Conv layer became: `kernel` is "dense" or a key of `kernels.KERNELS`.
 
     `timings_ms` holds each candidate's measured latency (median of interleaved repeats on the
     isolated layer; empty if not measured);
@@ -100,55 +98,16 @@ class ExportReport:
         return cls(d["format"], int(d["batch_size"]), int(d["threads"]), layers)
 
 
-def measure_ms(
-    fns: Mapping[str, Callable[[], object]],
-    *,
-    budget_s: float = 0.3,
-    min_repeats: int = 5,
-    max_repeats: int = 30,
-    statistic: Literal["median", "min"] = "median",
-) -> dict[str, float]:
-    """Wall time in ms of each function (median or minimum over repeats), calls interleaved so
-    that load on a shared machine hits every candidate alike; the repeat count fits `budget_s`
-    within the bounds. The minimum suits choosing between kernels: interference only adds time."""
-    if not fns:
-        return {}
-    estimate = 0.0
-    for f in fns.values():
-        f()  # warm-up (allocations, kernel operands, caches)
-        t0 = time.perf_counter()
-        f()
-        estimate += time.perf_counter() - t0
-    repeats = max(min_repeats, min(max_repeats, int(budget_s / max(estimate, 1e-9))))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    reduce = np.median if statistic == "median" else np.min
-    return {k: 1e3 * float(reduce(v)) for k, v in times.items()}
-
-
-def sparse_path(module: nn.Module) -> str | None:
-    """Why `module` cannot become a sparse layer, or None if it can."""
-    if not isinstance(module, nn.Linear | nn.Conv2d):
-        return f"no sparse path for {type(module).__name__} (only Linear and Conv2d)"
-    w = effective_weight(module)
-    if w.device.type != "cpu":
-        return f"sparse kernels run on CPU only, weight is on {w.device}"
-    if w.dtype not in (torch.float32, torch.float64):
-        return f"sparse kernels need float32/float64 weights, got {w.dtype}"
-    if isinstance(module, nn.Conv2d):
-        why = SparseConv2d.unsupported(module)
-        return None if why is None else f"no sparse path for this Conv2d: {why}"
-    return None
+def attached_report(model: nn.Module) -> ExportReport | None:
+    """The `ExportReport` attached to a model by `export` or `load_export`, or None."""
+    report = getattr(model, _REPORT_ATTR, None)
+    return report if isinstance(report, ExportReport) else None
 
 
 def export_report(model: nn.Module) -> ExportReport:
     """The `ExportReport` attached to a model by `export` or `load_export`."""
-    report = getattr(model, _REPORT_ATTR, None)
-    if not isinstance(report, ExportReport):
+    report = attached_report(model)
+    if report is None:
         raise ValueError("model has no export report (it was not made by pb.export/load_export)")
     return report
 
@@ -165,17 +124,13 @@ def _check_args(
     min_sparsity: float,
     candidates: Sequence[str],
 ) -> None:
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_choice("format", format, FORMATS)
+    check_int("batch_size", batch_size, 1)
     if input_shape is not None and (
-        isinstance(input_shape, str)
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape)
+        isinstance(input_shape, str) or not all(is_int(s) and s >= 1 for s in input_shape)
     ):
         raise ValueError(f"input_shape must be a sequence of ints >= 1, got {input_shape!r}")
-    if not 0.0 <= min_sparsity <= 1.0:
-        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    check_float("min_sparsity", min_sparsity, 0, 1, ints=True)
     bad = [k for k in candidates if k not in KERNELS]
     if bad or not candidates:
         raise ValueError(f"candidates must be a non-empty subset of {sorted(KERNELS)}, got {bad}")
@@ -219,13 +174,6 @@ def _input_shapes(
     return shapes
 
 
-def _sparse_module(m: nn.Module, kernel: str) -> SparseLinear | SparseConv2d:
-    if isinstance(m, nn.Linear):
-        return SparseLinear.from_dense(m, kernel)
-    assert isinstance(m, nn.Conv2d)  # callers checked sparse_path
-    return SparseConv2d.from_dense(m, kernel)
-
-
 def _measure(
     m: nn.Module, shape: tuple[int, ...], candidates: Sequence[str], with_dense: bool
 ) -> dict[str, float]:
@@ -235,7 +183,7 @@ def _measure(
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, dtype=effective_weight(m).dtype)
     variants: dict[str, nn.Module] = {"dense": m} if with_dense else {}
-    variants.update({k: _sparse_module(m, k) for k in candidates})
+    variants.update({k: sparse_layer(m, k) for k in candidates})
     fns: dict[str, Callable[[], object]] = {k: partial(v, x) for k, v in variants.items()}
     with torch.no_grad():
         return measure_ms(fns)
@@ -284,34 +232,49 @@ def _decide(
     )
 
 
+def _swap_and_time(
+    out: nn.Module,
+    names: Sequence[str],
+    sparse: Mapping[str, nn.Module],
+    dense: Mapping[str, nn.Module],
+    x: torch.Tensor,
+) -> tuple[bool, dict[str, float]]:
+    """Time the whole exported model with the layers `names` sparse against the same model with
+    them dense (interleaved medians); install the sparse ones only if they win by `_MARGIN`."""
+    holders = {n: (out.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names}
+
+    def run_with(mods: Mapping[str, nn.Module]) -> object:
+        for n, (holder, leaf) in holders.items():
+            setattr(holder, leaf, mods[n])
+        return out(x)
+
+    with torch.no_grad():
+        ms = measure_ms(
+            {"sparse": partial(run_with, sparse), "dense": partial(run_with, dense)},
+            min_repeats=7,
+        )
+    keep = ms["sparse"] * _MARGIN < ms["dense"]
+    for n, (holder, leaf) in holders.items():
+        setattr(holder, leaf, sparse[n] if keep else dense[n])
+    return keep, ms
+
+
+def _installed(out: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    return {n: out.get_submodule(n) for n in names}
+
+
 def _check_in_model(
     out: nn.Module, rows: list[LayerExport], dense: Mapping[str, nn.Module], x: torch.Tensor
 ) -> list[LayerExport]:
-    """Re-time each borderline automatic sparse choice inside the exported model: the whole
-    model with the sparse layer against the same model with that layer dense (interleaved
-    medians); keep sparse only if it wins by `_MARGIN` there. In model order, each check sees
-    the choices already made."""
+    """Re-time each borderline automatic sparse choice inside the exported model (with it
+    against with that layer dense); keep sparse only if it wins by `_MARGIN` there. In model
+    order, each check sees the choices already made."""
     checked = []
     for row in rows:
         if row.name not in dense or row.speedup is None or row.speedup >= _CHECK_BELOW:
             checked.append(row)
             continue
-        parent, _, leaf = row.name.rpartition(".")
-        holder = out.get_submodule(parent)
-        sparse_m = getattr(holder, leaf)
-
-        def run_with(m: nn.Module, holder: nn.Module = holder, leaf: str = leaf) -> object:
-            setattr(holder, leaf, m)
-            return out(x)
-
-        with torch.no_grad():
-            fns = {
-                "sparse": partial(run_with, sparse_m),
-                "dense": partial(run_with, dense[row.name]),
-            }
-            ms = measure_ms(fns, min_repeats=7)
-        keep = ms["sparse"] * _MARGIN < ms["dense"]
-        setattr(holder, leaf, sparse_m if keep else dense[row.name])
+        keep, ms = _swap_and_time(out, [row.name], _installed(out, [row.name]), dense, x)
         note = f"; in the model {ms['sparse']:.3g} ms with it vs {ms['dense']:.3g} ms dense: " + (
             "kept" if keep else "dense"
         )
@@ -335,24 +298,7 @@ def _check_whole_model(
     names = [r.name for r in rows if r.name in dense and r.kernel != "dense"]
     if not names:
         return rows
-    holders = {n: (out.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names}
-    sparse_ms = {n: getattr(h, leaf) for n, (h, leaf) in holders.items()}
-
-    def install(mods: Mapping[str, nn.Module]) -> None:
-        for n, (h, leaf) in holders.items():
-            setattr(h, leaf, mods[n])
-
-    def run_with(mods: Mapping[str, nn.Module]) -> object:
-        install(mods)
-        return out(x)
-
-    with torch.no_grad():
-        ms = measure_ms(
-            {"sparse": partial(run_with, sparse_ms), "dense": partial(run_with, dense)},
-            min_repeats=7,
-        )
-    keep = ms["sparse"] * _MARGIN < ms["dense"]
-    install(sparse_ms if keep else dense)
+    keep, ms = _swap_and_time(out, names, _installed(out, names), dense, x)
     if keep:
         return rows
     note = f"; whole model {ms['sparse']:.3g} ms vs {ms['dense']:.3g} ms all dense: dense"
@@ -379,21 +325,16 @@ def export(
 
     Args:
         model: a pruned model (masks, or zeros baked in by `pb.remove`), on CPU.
-        format: "csr": each pruned Linear, and each Conv2d if `input_shape` is given, becomes
-            sparse when the fastest kernel in `candidates` beats the dense layer by >= 5% in a
-            micro-benchmark at `batch_size` with torch's current thread count (median of
-            interleaved repeats); with `input_shape`, a layer less than 2x faster there is
-            re-timed inside the model (with vs without it) and kept only if it wins there too,
-            and if the whole model is then not faster than with those layers dense, they all
-            go back to dense;
-            "dense": every layer stays dense (the model with masks baked in).
+        format: "csr" (each pruned Linear, and each Conv2d if `input_shape` is given, sparse
+            where measured faster, see the module docstring) or "dense" (every layer dense:
+            the model with masks baked in).
         layers: per-layer overrides, {name or glob pattern: "dense" | "sparse" | kernel name};
             "sparse" takes the fastest sparse kernel even when dense is faster.
         batch_size: batch to measure at; the exported model accepts any batch.
         input_shape: shape of one input sample, e.g. (1, 28, 28); needed to measure Conv2d
             layers (and Linear layers applied to more than 2-D input).
         min_sparsity: layers with fewer zeros are kept dense without being measured.
-        candidates: kernels to try (keys of `prunebound.sparse.KERNELS`).
+        candidates: kernels to try (keys of `prunebound.deploy.kernels.KERNELS`).
 
     Returns:
         The exported model; `export_report(exported)` says what each layer became and why.
@@ -443,10 +384,10 @@ def export(
         if row.kernel == "dense":
             continue
         if not name:  # the model is this one layer: measured alone = measured as the model
-            out = _sparse_module(m, row.kernel)
+            out = sparse_layer(m, row.kernel)
             continue
         parent, _, leaf = name.rpartition(".")
-        setattr(out.get_submodule(parent), leaf, _sparse_module(m, row.kernel))
+        setattr(out.get_submodule(parent), leaf, sparse_layer(m, row.kernel))
         if overrides.get(name) is None:
             auto[name] = m
     if example is not None and auto:

@@ -17,27 +17,20 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from helpers import tiny_experiment
 
 import prunebound as pb
-import prunebound.experiment as ex
+import prunebound.training.experiment as ex
+from prunebound._files import flatten_state, unflatten_state
 from prunebound.cli import main
-from prunebound.experiment import DataSpec, Experiment, ModelSpec, RunResult, run
-from prunebound.pipeline import TrainConfig, make_optimizer
-from prunebound.resume import CHECKPOINT, read_checkpoint
-from prunebound.schedule import Schedule
+from prunebound.training.config import Experiment
+from prunebound.training.experiment import RunResult, run
+from prunebound.training.loop import TrainConfig, make_optimizer
+from prunebound.training.resume import CHECKPOINT, read_checkpoint
 
 
 def _experiment(out: Path, **schedule: Any) -> Experiment:
-    sched = {"kind": "iterative", "method": "random", "target_sparsity": 0.75, "rounds": 2}
-    return Experiment(
-        model=ModelSpec("mlp", {"widths": (64, 16, 10)}),
-        data=DataSpec("digits", max_train=160, max_test=100),
-        train=TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05),
-        schedule=Schedule(**{**sched, "retrain_epochs": 2, **schedule}),
-        seed=7,
-        out_dir=str(out),
-        quiet=True,
-    )
+    return tiny_experiment(out, seed=7, **{"method": "random", "retrain_epochs": 2, **schedule})
 
 
 def _outcome(res: RunResult) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
@@ -215,11 +208,11 @@ def test_optimizer_state_round_trips_without_pickle(optimizer: str) -> None:
     for _ in range(2):
         step(a, opt_a)
     b.load_state_dict(a.state_dict())
-    skeleton, tensors = pb.checkpoint.flatten_state(opt_a.state_dict(), "opt.")
+    skeleton, tensors = flatten_state(opt_a.state_dict(), "opt.")
     text = json.dumps(skeleton)  # plain JSON: no pickle anywhere
     tensors = safetensors.torch.load(safetensors.torch.save(tensors))
     opt_b = make_optimizer(b, cfg)
-    opt_b.load_state_dict(pb.checkpoint.unflatten_state(json.loads(text), tensors))
+    opt_b.load_state_dict(unflatten_state(json.loads(text), tensors))
     for _ in range(2):
         step(a, opt_a), step(b, opt_b)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
@@ -227,6 +220,6 @@ def test_optimizer_state_round_trips_without_pickle(optimizer: str) -> None:
 
 def test_flatten_state_refuses_objects_that_need_pickle() -> None:
     with pytest.raises(TypeError, match=r"state at 'param_groups\.0\.fn': cannot store function"):
-        pb.checkpoint.flatten_state({"param_groups": [{"fn": lambda: 0}]})
+        flatten_state({"param_groups": [{"fn": lambda: 0}]})
     with pytest.raises(ValueError, match="tensor 'x' is missing"):
-        pb.checkpoint.unflatten_state({"a": {"__tensor__": "x"}}, {})
+        unflatten_state({"a": {"__tensor__": "x"}}, {})

@@ -1,4 +1,4 @@
-"""Training loops and schedules on the bundled digits (pipeline.py, schedule.py)."""
+"""Training loops and schedules on the bundled digits (training.loop, .schedule, .runner)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 import prunebound as pb
 from prunebound.data import load_digits
 from prunebound.models import build_model
-from prunebound.pipeline import TrainConfig, evaluate, train
-from prunebound.schedule import Schedule, prune_round, retrain_config, run_schedule
+from prunebound.training.loop import TrainConfig, evaluate, train
+from prunebound.training.runner import run_schedule
+from prunebound.training.schedule import Schedule, prune_round, retrain_config
 
 DENSE = TrainConfig(epochs=20, batch_size=32, lr=2e-3)
 
@@ -36,7 +37,7 @@ def _lenet(seed: int = 0) -> torch.nn.Module:
 def test_end_to_end_dense_90_and_sparse_88(digits: pb.data.Dataset) -> None:
     model = _lenet()
     sched = Schedule(kind="iterative", target_sparsity=0.9, rounds=5, retrain_epochs=4)
-    rounds = run_schedule(model, digits, DENSE, sched, generator=torch.Generator().manual_seed(0))
+    rounds = run_schedule(model, digits, DENSE, sched, seed=torch.Generator().manual_seed(0))
     assert rounds[0].sparsity == 0.0
     assert rounds[0].accuracy >= 0.90, rounds[0]
     assert rounds[-1].sparsity == pytest.approx(0.9, abs=1e-3)
@@ -53,7 +54,7 @@ def test_iterative_reaches_target_count_exact(
 ) -> None:
     model = _lenet()
     sched = Schedule(target_sparsity=target, rounds=rounds, retrain_epochs=0, scope=scope)  # type: ignore[arg-type]
-    run_schedule(model, digits, TrainConfig(epochs=0), sched, generator=torch.Generator())
+    run_schedule(model, digits, TrainConfig(epochs=0), sched, seed=torch.Generator())
     sp = pb.sparsity(model)
     if scope == "layer":
         for layer in sp.layers:
@@ -89,7 +90,7 @@ def test_lottery_rewinds_survivors_to_init_and_keeps_masks(digits: pb.data.Datas
     model = _lenet(seed=1)
     init = pb.snapshot(model)
     sched = Schedule(kind="lottery", target_sparsity=0.5, rounds=1, retrain_epochs=0)
-    run_schedule(model, digits, TrainConfig(epochs=2), sched, generator=torch.Generator())
+    run_schedule(model, digits, TrainConfig(epochs=2), sched, seed=torch.Generator())
     masks = pb.masks(model)
     for name, m in pb.prunable_layers(model).items():
         assert torch.equal(pb.original_weight(m), init[f"{name}.weight"])  # rewound, 0 retrain
@@ -113,16 +114,14 @@ def test_lottery_rewind_to_epoch_k(digits: pb.data.Dataset) -> None:
         ref,
         digits,
         TrainConfig(epochs=3),
-        generator=torch.Generator().manual_seed(5),
+        seed=torch.Generator().manual_seed(5),
         callback=grab,
     )
     model = _lenet(seed=2)
     sched = Schedule(
         kind="lottery", target_sparsity=0.6, rounds=2, retrain_epochs=0, rewind_epoch=1
     )
-    run_schedule(
-        model, digits, TrainConfig(epochs=3), sched, generator=torch.Generator().manual_seed(5)
-    )
+    run_schedule(model, digits, TrainConfig(epochs=3), sched, seed=torch.Generator().manual_seed(5))
     for name, m in pb.prunable_layers(model).items():
         assert torch.equal(pb.original_weight(m), seen[f"{name}.weight"])
     first = next(iter(pb.prunable_layers(model)))
@@ -141,18 +140,18 @@ def test_lottery_rewind_to_iteration_k(digits: pb.data.Dataset) -> None:
 
     cfg = TrainConfig(epochs=2)
     ref = _lenet(seed=2)
-    train(ref, digits, cfg, generator=torch.Generator().manual_seed(5), on_step=grab)
+    train(ref, digits, cfg, seed=torch.Generator().manual_seed(5), on_step=grab)
     after_epoch_1: dict[str, torch.Tensor] = {}
     train(
         _lenet(seed=2),
         digits,
         TrainConfig(epochs=1),
-        generator=torch.Generator().manual_seed(5),
+        seed=torch.Generator().manual_seed(5),
         callback=lambda e, m: after_epoch_1.update(pb.snapshot(m)),
     )
     model = _lenet(seed=2)
     sched = Schedule(kind="lottery", steps=(0.5,), retrain_epochs=0, rewind_step=k)
-    run_schedule(model, digits, cfg, sched, generator=torch.Generator().manual_seed(5))
+    run_schedule(model, digits, cfg, sched, seed=torch.Generator().manual_seed(5))
     for name, m in pb.prunable_layers(model).items():
         assert torch.equal(pb.original_weight(m), seen[f"{name}.weight"])
         assert not torch.equal(seen[f"{name}.weight"], after_epoch_1[f"{name}.weight"])
@@ -165,7 +164,7 @@ def test_lottery_rewind_to_iteration_k(digits: pb.data.Dataset) -> None:
             digits,
             cfg,
             Schedule(kind="lottery", rounds=1, rewind_step=steps + 1),
-            generator=torch.Generator(),
+            seed=torch.Generator(),
         )
     with pytest.raises(ValueError, match="rewind_epoch or rewind_step, not both"):
         Schedule(kind="lottery", rewind_epoch=1, rewind_step=3)
@@ -178,7 +177,7 @@ def test_lottery_rewind_epoch_beyond_training_is_refused_before_training(
     before = pb.snapshot(model)
     sched = Schedule(kind="lottery", rounds=1, rewind_epoch=5)
     with pytest.raises(ValueError, match="rewind_epoch=5 exceeds"):
-        run_schedule(model, digits, TrainConfig(epochs=2), sched, generator=torch.Generator())
+        run_schedule(model, digits, TrainConfig(epochs=2), sched, seed=torch.Generator())
     after = pb.snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # untouched
 
@@ -193,7 +192,7 @@ def test_last_layer_scale_keeps_output_denser(digits: pb.data.Dataset, scope: st
         scope=scope,  # type: ignore[arg-type]
         last_layer_scale=0.5,
     )
-    run_schedule(model, digits, TrainConfig(epochs=0), sched, generator=torch.Generator())
+    run_schedule(model, digits, TrainConfig(epochs=0), sched, seed=torch.Generator())
     sp = pb.sparsity(model)
     last, body = sp.layers[-1], sp.layers[:-1]
     rate = 1 - math.sqrt(0.1)  # per-round rate of the schedule
@@ -233,7 +232,7 @@ def test_same_seed_same_masks_and_metrics(digits: pb.data.Dataset) -> None:
             digits,
             TrainConfig(epochs=1),
             sched,
-            generator=torch.Generator().manual_seed(seed),
+            seed=torch.Generator().manual_seed(seed),
         )
         outs.append(([r.accuracy for r in rounds], [r.loss for r in rounds], pb.masks(model)))
     assert outs[0][0] == outs[1][0] and outs[0][1] == outs[1][1]
@@ -327,7 +326,7 @@ def test_train_config_validation(kwargs: dict[str, object], match: str) -> None:
         ({"rewind_step": -2}, r"schedule\.rewind_step"),
         (
             {"retrain_lr_scale": 0.0},
-            r"schedule\.retrain_lr_scale must be a finite float > 0, got 0\.0",
+            r"schedule\.retrain_lr_scale must be a finite number > 0, got 0\.0",
         ),
     ],
 )
@@ -340,7 +339,7 @@ def test_explicit_steps_hit_each_sparsity(digits: pb.data.Dataset) -> None:
     model = _lenet()
     sched = Schedule(steps=(0.5, 0.8, 0.95), retrain_epochs=0)
     assert sched.rounds == 3 and sched.target_sparsity == 0.95
-    rounds = run_schedule(model, digits, TrainConfig(epochs=0), sched, generator=torch.Generator())
+    rounds = run_schedule(model, digits, TrainConfig(epochs=0), sched, seed=torch.Generator())
     assert [round(r.sparsity, 3) for r in rounds] == [0.0, 0.5, 0.8, 0.95]
     assert Schedule(**sched.to_dict() | {"steps": tuple(sched.steps)}) == sched  # round-trips
 
@@ -368,7 +367,7 @@ def test_train_dense_false_prunes_a_trained_model_as_is(digits: pb.data.Dataset)
     before = evaluate(model, digits)
     sched = Schedule(target_sparsity=0.5, rounds=1, retrain_epochs=0)
     rounds = run_schedule(
-        model, digits, TrainConfig(epochs=50), sched, generator=torch.Generator(), train_dense=False
+        model, digits, TrainConfig(epochs=50), sched, seed=torch.Generator(), train_dense=False
     )
     assert rounds[0].accuracy == before.accuracy  # no dense training happened
     with pytest.raises(ValueError, match="lottery"):
@@ -377,6 +376,6 @@ def test_train_dense_false_prunes_a_trained_model_as_is(digits: pb.data.Dataset)
             digits,
             TrainConfig(epochs=2),
             Schedule(kind="lottery"),
-            generator=torch.Generator(),
+            seed=torch.Generator(),
             train_dense=False,
         )

@@ -1,4 +1,4 @@
-"""Training and evaluation: the loops every schedule in `prunebound.schedule` is built from.
+"""Training and evaluation: the loops every schedule (`prunebound.training.schedule`) is built from.
 
 Data sets are small and held in memory, so batching is tensor slicing with a shuffling generator
 passed in by the caller (no global RNG). Masks are parametrizations, so pruned weights stay exactly
@@ -12,16 +12,17 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunebound._check import Seed, as_generator, check_choice, check_float, check_int, finite
 from prunebound.data import Dataset
 
 if TYPE_CHECKING:
-    from prunebound.distributed import DistContext
+    from prunebound.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +64,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("epochs", 0), ("batch_size", 1), ("step_epochs", 1), ("lr_offset", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"train.{name} must be an int >= {low}, got {v!r}")
-        h = self.lr_horizon
-        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
-            raise ValueError(f"train.lr_horizon must be an int >= 1 or None, got {h!r}")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"train.optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
-        if self.lr_schedule not in ("constant", "cosine", "step"):
-            raise ValueError(
-                f"train.lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}"
-            )
+            check_int(f"train.{name}", getattr(self, name), low)
+        check_int("train.lr_horizon", self.lr_horizon, 1, optional=True)
+        check_choice("train.optimizer", self.optimizer, get_args(Optimizer))
+        check_choice("train.lr_schedule", self.lr_schedule, get_args(LRSchedule))
         for name in ("lr", "momentum", "weight_decay"):
-            v = getattr(self, name)
-            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"train.{name} must be a finite number >= 0, got {v!r}")
+            check_float(f"train.{name}", getattr(self, name), 0, closed="left", ints=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -184,7 +175,7 @@ def train(
     data: Dataset,
     config: TrainConfig,
     *,
-    generator: torch.Generator | None = None,
+    seed: Seed = 0,
     progress: bool = False,
     callback: Callable[[int, nn.Module], None] | None = None,
     on_step: Callable[[int, nn.Module], None] | None = None,
@@ -203,7 +194,8 @@ def train(
         model: trained in place (train mode during, left in train mode).
         data: in-memory tensors; `data.x_train` is sliced into shuffled batches.
         config: optimizer, LR schedule, epochs, batch size.
-        generator: shuffles the batches (default: a fixed-seed generator, never the global RNG).
+        seed: shuffles the batches: an int, a `torch.Generator` (advanced in place) or None for
+            fresh OS entropy; default 0 (reproducible), never the global RNG.
         progress: a tqdm bar over epochs, shown only if stderr is a terminal.
         callback: `callback(epoch, model)` after each epoch (1-based), e.g. to snapshot weights
             for lottery-ticket rewinding.
@@ -211,12 +203,12 @@ def train(
             the whole run (epoch e's steps follow the e - 1 full epochs before it), e.g. to
             snapshot the weights at iteration k.
         start: continue an interrupted call from its `TrainState` (the model must hold the
-            weights and masks of that moment, the generator its state then): the optimizer
+            weights and masks of that moment, the generator of `seed` its state then): the optimizer
             and LR schedule resume where they were, and the result covers all epochs.
         on_epoch: `on_epoch(state)` after each epoch (after `callback`), e.g. to checkpoint.
         dist: train data-parallel (DDP) as this rank of a process group: every rank draws the
-            same global batch and trains on its slice (see `prunebound.distributed`). Raises
-            ValueError before training if the world size does not divide the batch size.
+            same global batch and trains on its slice (see `prunebound.training.distributed`).
+            Raises ValueError before training if the world size does not divide the batch size.
 
     Returns:
         Per-epoch training loss, accuracy and learning rate.
@@ -227,7 +219,7 @@ def train(
     """
     if dist is not None:
         dist.check_batch(config.batch_size)
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    g = as_generator(seed)
     opt = make_optimizer(model, config)
     net = model if dist is None else dist.wrap(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: _lr_factor(config, e))
@@ -273,7 +265,7 @@ def train(
             total_loss += loss.item() * idx.numel()
             correct += int((out.argmax(1) == y).sum())
         for name, p in model.named_parameters():  # the last step may have broken a weight
-            if not _finite(p.detach()):
+            if not finite(p.detach()):
                 raise NonFiniteError(f"parameter {name!r} became NaN or infinite", epoch=epoch + 1)
         if dist is not None:  # this rank's sums -> global (its loss terms carry world_size)
             total_loss, all_correct = dist.all_sum(total_loss / dist.world_size, correct)
@@ -291,11 +283,6 @@ def train(
             on_epoch(TrainState(epoch + 1, opt.state_dict(), sched.state_dict(), history))
         logger.debug("epoch %d: loss %.4f, train accuracy %.4f", epoch + 1, losses[-1], accs[-1])
     return TrainResult(tuple(losses), tuple(accs), tuple(lrs))
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """All entries finite; the sum is a cheap first test (it overflows only rarely)."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Monte Carlo checks of plans (prunebound.verify): batching, search quality, validity, errors."""
+"""Monte Carlo checks of plans (prunebound.check.verify): batching, search quality, validity, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import prunebound as pb
-from prunebound._batched import (
+from prunebound.check.batch import (
     Batch,
     forward,
     prune_batch,
@@ -20,10 +20,10 @@ from prunebound._batched import (
     sphere,
     worst_gap,
 )
+from prunebound.stats import clopper_pearson_lower
 from prunebound.theory import plan
 from prunebound.theory.network import conv_specs
 from prunebound.theory.types import Law, LayerPlan, LayerSpec
-from prunebound.verify import rate_lower
 
 FAST = pb.SearchConfig(samples=32, restarts=4, steps=15)
 
@@ -178,7 +178,7 @@ def test_over_permissive_plans_are_caught() -> None:
     for bad in (greedy, replace(p, eps=p.eps / 100)):
         rep = pb.verify(bad, trials=40, search=FAST)
         assert rep.violations >= 30, f"a wrong plan passed: {rep.violations}/40 violations"
-        assert not rep.passed and rate_lower(rep.violations, 40, 0.95) > p.delta
+        assert not rep.passed and clopper_pearson_lower(rep.violations, 40, 0.05) > p.delta
 
 
 def test_verify_prunes_exactly_like_prune_with_plan() -> None:

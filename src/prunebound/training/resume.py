@@ -16,16 +16,17 @@ from typing import Any, Protocol
 
 import torch
 
-from prunebound.checkpoint import flatten_state, load, read_state, save, unflatten_state
-from prunebound.pipeline import TrainResult, TrainState
-from prunebound.schedule import Progress, Round
+from prunebound._files import flatten_state, unflatten_state
+from prunebound.checkpoint import load, read_state, save
+from prunebound.training.loop import TrainResult, TrainState
+from prunebound.training.runner import Round, RunProgress
 
 CHECKPOINT = "checkpoint.safetensors"
 _CHECKPOINT_VERSION = 1
 
 
 class Config(Protocol):
-    """What a checkpoint records of an experiment (`prunebound.experiment.Experiment`)."""
+    """What a checkpoint records of an experiment (`prunebound.training.experiment.Experiment`)."""
 
     def hash(self) -> str: ...
 
@@ -33,7 +34,7 @@ class Config(Protocol):
 
 
 def write_checkpoint(
-    path: Path, model: torch.nn.Module, progress: Progress, exp: Config, *, run_seconds: float
+    path: Path, model: torch.nn.Module, progress: RunProgress, exp: Config, *, run_seconds: float
 ) -> None:
     """Write a run checkpoint atomically: model file + `__state__.*` tensors + JSON metadata."""
     extra = {"generator": progress.generator}
@@ -65,9 +66,9 @@ def write_checkpoint(
     save(model, path, metadata=meta, extra=extra)
 
 
-def read_checkpoint(path: Path, model: torch.nn.Module, exp: Config) -> tuple[Progress, float]:
+def read_checkpoint(path: Path, model: torch.nn.Module, exp: Config) -> tuple[RunProgress, float]:
     """Check a run checkpoint against `exp`, load its weights and masks into `model`, and return
-    its `Progress` and the run's seconds so far. ValueError (model untouched) if it is corrupt,
+    its `RunProgress` and the run's seconds so far. ValueError (model untouched) if it is corrupt,
     not a run checkpoint, or written for another config."""
     extra, meta = read_state(path)
     if "progress" not in meta or "generator" not in extra:
@@ -96,7 +97,7 @@ def read_checkpoint(path: Path, model: torch.nn.Module, exp: Config) -> tuple[Pr
     rewind_to = None
     if info["rewind"]:
         rewind_to = {k[7:]: v for k, v in extra.items() if k.startswith("rewind.")}
-    progress = Progress(
+    progress = RunProgress(
         round=info["round"],
         epoch=info["epoch"],
         rounds=tuple(Round(**r) for r in info["rounds"]),

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunebound.methods import LINEAR, OPT_IN, PRUNABLE, is_layer, output_axis
+from prunebound.layer_types import LINEAR, OPT_IN, PRUNABLE, Unit, is_layer, output_axis
 
 LayerSelector = str | type[nn.Module]
 
@@ -108,6 +108,35 @@ def trained_since_masked(model: nn.Module) -> list[str]:
     return out
 
 
+def unit_view(module: nn.Module, t: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """A weight-shaped tensor as unit counting and selection see it: for unit "row", a view with
+    the output units on dim 0 (a transposed linear's columns become rows; writes go through to
+    `t`); for unit "weight", `t` itself."""
+    return t.movedim(output_axis(module), 0) if unit == "row" else t
+
+
+def alive_units(module: nn.Module, unit: Unit) -> torch.Tensor | None:
+    """Flags of the surviving weights (or output rows, for unit "row"); None if not masked."""
+    mm = mask_module(module)
+    if mm is None:
+        return None
+    if unit == "row":
+        return unit_view(module, mm.mask, unit).flatten(1).any(dim=1)
+    return mm.mask
+
+
+def count_units(module: nn.Module, unit: Unit = "weight") -> tuple[int, int]:
+    """(total, surviving) units of a layer: weights, or for unit "row" its output units (rows of
+    a Linear, channels of a Conv, columns of a transposed linear such as GPT-2's `Conv1D`).
+
+    The one unit counter of the library: `prune`, the schedules and the FLOP counts use it.
+    """
+    w = original_weight(module)
+    total = unit_view(module, w, unit).shape[0] if unit == "row" else w.numel()
+    alive = alive_units(module, unit)
+    return total, total if alive is None else int(alive.sum())
+
+
 def is_pruned(model: nn.Module) -> bool:
     """True if any layer of `model` carries a prunebound mask."""
     return any(mask_module(m) is not None for m in model.modules())
@@ -132,7 +161,7 @@ def holders(model: nn.Module) -> dict[int, list[str]]:
     return out
 
 
-def _maskable(model: nn.Module) -> dict[str, nn.Module]:
+def maskable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every layer a mask may sit on: default, opt-in and tied ones (for checkpoint loading)."""
     return {n: m for n, m in model.named_modules() if is_layer(m, PRUNABLE + OPT_IN)}
 
@@ -146,7 +175,7 @@ def prunable_layers(
     """Select layers by name, glob pattern (`"features.*"`) or type; default: every Linear/Conv.
 
     Linear includes transposed linears such as transformers' GPT-2 `Conv1D` (see
-    `prunebound.methods.TRANSPOSED_LINEAR`). Two kinds of layer are left alone unless selected
+    `prunebound.layer_types.TRANSPOSED_LINEAR`). Two kinds of layer are left alone unless selected
     explicitly, by exact name or by type: embeddings (`nn.Embedding`) and layers whose weight is
     tied/shared with another parameter (a language model's output head tied to its input
     embedding). The default and glob patterns skip them, unless they already carry a mask.
@@ -272,7 +301,7 @@ def _positions(
 
         def hook(mod: nn.Module, inp: Any, output: torch.Tensor, name: str = name) -> None:
             if is_layer(mod, LINEAR):
-                out[name] = output[0].numel() // original_weight(mod).shape[output_axis(mod)]
+                out[name] = output[0].numel() // count_units(mod, "row")[0]
             else:
                 out[name] = output[0, 0].numel()
 

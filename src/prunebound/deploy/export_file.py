@@ -35,29 +35,24 @@ from __future__ import annotations
 import copy
 import json
 import math
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import safetensors
-import safetensors.torch
 import torch
 from torch import nn
 
-from prunebound.checkpoint import _digest, read_file, write_atomic
-from prunebound.export import (
+from prunebound._files import digest, read_file, tied_keys, unshared, write_atomic
+from prunebound._masks import is_pruned, remove
+from prunebound.deploy.export import (
     ExportReport,
     attach_report,
-    export,
-    export_report,
-    measure_ms,
+    attached_report,
 )
-from prunebound.masks import is_pruned, remove
-from prunebound.sparse import SparseConv2d, SparseLinear, check_csr, csr_tensor, to_csr
+from prunebound.deploy.kernels import csr_tensor
+from prunebound.deploy.sparse import SparseConv2d, SparseLinear, check_csr, to_csr
 
-__all__ = ["GRAPH_TYPES", "export_summary", "load_export", "save_export"]
+__all__ = ["GRAPH_TYPES", "load_export", "save_export"]
 
 FORMAT = "prunebound-export"
 VERSION = "2"
@@ -173,35 +168,6 @@ def _dense(
     return csr_tensor(crow, col, values, size).to_dense().reshape(tuple(shape))
 
 
-def _aliases(live: dict[str, torch.Tensor]) -> dict[str, str]:
-    """{key: first key} for each state_dict key whose tensor is an earlier key's (tied weights:
-    the same tensor, or one with the same memory and layout)."""
-    first: dict[tuple[Any, ...], str] = {}
-    aliases: dict[str, str] = {}
-    for key, t in live.items():
-        if t.numel() == 0:
-            continue
-        ident = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
-        if ident in first:
-            aliases[key] = first[ident]
-        else:
-            first[ident] = key
-    return aliases
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`tensors`, contiguous, with a copy of each one overlapping an earlier one's memory
-    (safetensors refuses tensors sharing memory)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, t in tensors.items():
-        t = t.detach().contiguous()
-        out[key] = t.clone() if t.numel() and t.untyped_storage().data_ptr() in seen else t
-        if t.numel():
-            seen.add(t.untyped_storage().data_ptr())
-    return out
-
-
 def save_export(model: nn.Module, path: str | Path) -> Path:
     """Write an exported model (from `export`) to safetensors; see the module doc for the layout.
 
@@ -212,7 +178,7 @@ def save_export(model: nn.Module, path: str | Path) -> Path:
     if is_pruned(model):
         raise ValueError("save_export: the model still has masks; save pb.export(model) instead")
     live = model.state_dict(keep_vars=True)
-    aliases = _aliases(live)
+    aliases = tied_keys(live)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     done: set[str] = set(aliases)  # state_dict keys written (or, for aliases, not to write)
@@ -248,8 +214,8 @@ def save_export(model: nn.Module, path: str | Path) -> Path:
                 compact[key] = {"shape": list(t.shape)}
                 continue
         tensors[key] = t
-    tensors = _unshared(tensors)
-    report = getattr(model, "_prunebound_export", None)
+    tensors = unshared(tensors)
+    report = attached_report(model)
     meta_json = {
         "format": FORMAT,
         "version": VERSION,
@@ -257,8 +223,8 @@ def save_export(model: nn.Module, path: str | Path) -> Path:
         "tensors": json.dumps(compact),
         "aliases": json.dumps(aliases),
         "graph": json.dumps(_graph(model, set(layers))),
-        "report": json.dumps(report.to_dict() if isinstance(report, ExportReport) else None),
-        "digest": _digest(tensors),
+        "report": json.dumps(report.to_dict() if report is not None else None),
+        "digest": digest(tensors),
     }
     write_atomic(tensors, path, meta_json)
     return path
@@ -271,7 +237,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise ValueError(f"{path}: not a prunebound export (format {raw.get('format')!r})")
     if raw.get("version") not in _READABLE:
         raise ValueError(f"{path}: unsupported export version {raw.get('version')!r}")
-    if raw.get("digest") != _digest(tensors):
+    if raw.get("digest") != digest(tensors):
         raise ValueError(f"{path}: corrupt export file (tensors do not match their SHA-256)")
     try:
         meta = {k: json.loads(raw[k]) for k in ("layers", "graph", "report")}
@@ -409,55 +375,3 @@ def load_export(path: str | Path, *, model: nn.Module | None = None) -> nn.Modul
     if meta["report"] is not None:
         attach_report(out, ExportReport.from_dict(meta["report"]))
     return out.eval()
-
-
-def export_summary(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    batch_size: int = 1,
-    path: str | Path | None = None,
-) -> dict[str, Any]:
-    """Export `model` (format "csr"), and measure the file size and the speed-up it gives.
-
-    For a run report. Writes the export to `path` (a temporary file if None). Returns a dict:
-    `bytes` (export file), `dense_bytes` (safetensors of the dense weights), `size_ratio`,
-    `latency_ms` {"dense", "exported"} at `batch_size` (medians, interleaved), `speedup`,
-    `threads`, `kernels` {layer: kernel}; or {"exported": False, "reason": ...} if the model
-    cannot be exported (not pruned).
-    """
-    try:
-        exported = export(model, "csr", batch_size=batch_size, input_shape=input_shape)
-    except ValueError as e:
-        return {"exported": False, "reason": str(e)}
-    dense = remove(copy.deepcopy(model)).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(path) if path is not None else Path(tmp) / "export.safetensors"
-        save_export(exported, target)
-        dense_file = Path(tmp) / "dense.safetensors"
-        live = dense.state_dict(keep_vars=True)
-        tied = _aliases(live)  # stored once, as in the export
-        safetensors.torch.save_file(
-            _unshared({k: t for k, t in live.items() if k not in tied}), dense_file
-        )
-        size, dense_size = target.stat().st_size, dense_file.stat().st_size
-    p = next(dense.parameters())
-    x = torch.randn(
-        (batch_size, *input_shape), generator=torch.Generator().manual_seed(0), dtype=p.dtype
-    )
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ms = measure_ms({"dense": lambda: dense(x), "exported": lambda: exported(x)})
-    report = export_report(exported)
-    return {
-        "exported": True,
-        "bytes": size,
-        "dense_bytes": dense_size,
-        "size_ratio": size / dense_size,
-        "batch_size": batch_size,
-        "latency_ms": ms,
-        "speedup": ms["dense"] / ms["exported"],
-        "threads": report.threads,
-        "kernels": {r.name: r.kernel for r in report.layers},
-        "seconds": time.perf_counter() - t0,
-    }

@@ -1,0 +1,118 @@
+"""`prunebound prune`, `export` and `report`: checkpoints and results directories on disk."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from prunebound import report
+from prunebound._masks import sparsity
+from prunebound.checkpoint import save
+from prunebound.commands._args import (
+    UsageError,
+    add_checkpoint_args,
+    fraction,
+    ints,
+    key_value,
+    load_checkpoint,
+    method,
+    pos_int,
+)
+from prunebound.deploy.export import export, export_report
+from prunebound.deploy.export_file import save_export
+from prunebound.pruning import prune
+
+
+def add_prune_parser(sub: Any) -> None:
+    p = sub.add_parser("prune", help="prune a checkpoint and save it")
+    add_checkpoint_args(p)
+    p.add_argument("--method", type=method, default="magnitude", help="a key of prunebound.METHODS")
+    p.add_argument(
+        "--amount", type=fraction, required=True, help="fraction of survivors to prune, [0, 1]"
+    )
+    p.add_argument("--scope", choices=["layer", "global"], default="layer")
+    p.add_argument("--seed", type=int, default=0, help="for random methods")
+    p.add_argument(
+        "--out", help="output checkpoint (default: CHECKPOINT stem + .pruned.safetensors)"
+    )
+    p.set_defaults(handler=run_prune)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.stem}.pruned.safetensors")
+    if out.resolve() == ckpt.resolve():
+        raise UsageError(f"--out {out} is the input checkpoint: choose another path")
+    model = load_checkpoint(args)
+    prune(model, args.method, args.amount, scope=args.scope, seed=args.seed)
+    save(model, out)
+    sp = sparsity(model)
+    print(report.sparsity_table(sp.to_dict(), shapes=False))
+    print(f"compression {sp.compression:.2f}x; saved {out}")
+    return 0
+
+
+def add_export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="export a pruned checkpoint for sparse inference")
+    add_checkpoint_args(p)
+    p.add_argument("--format", choices=["csr", "dense"], default="csr")
+    p.add_argument("--batch-size", type=pos_int, default=1, help="batch to measure at (default 1)")
+    p.add_argument(
+        "--input-shape", type=ints, help="one sample's shape, e.g. 1,28,28 (measures convs)"
+    )
+    p.add_argument(
+        "--layer",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="NAME=CHOICE",
+        help="per-layer override: dense, sparse or a kernel name (repeatable; globs allowed)",
+    )
+    p.add_argument("--out", help="output file (default: CHECKPOINT stem + .export.safetensors)")
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    ckpt = Path(args.checkpoint)
+    model = load_checkpoint(args)
+    exported = export(
+        model,
+        args.format,
+        layers=dict(args.layer),
+        batch_size=args.batch_size,
+        input_shape=args.input_shape,
+    )
+    out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.stem}.export.safetensors")
+    save_export(exported, out)
+    print(report.export_table(export_report(exported).to_dict()))
+    size, ckpt_size = out.stat().st_size, ckpt.stat().st_size
+    print(f"saved {out}: {size} bytes ({size / ckpt_size:.1%} of the checkpoint's {ckpt_size})")
+    return 0
+
+
+def add_report_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="print and re-plot a results directory")
+    p.add_argument("results_dir")
+    p.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    root = Path(args.results_dir)
+    dirs = (
+        [root]
+        if (root / "results.json").is_file()
+        else sorted(p.parent for p in root.glob("*/results.json"))
+    )
+    if not dirs:
+        raise FileNotFoundError(f"no results.json in {root} or its subdirectories")
+    for d in dirs:
+        res = report.load_results(d)
+        schedule = res["config"]["schedule"]
+        print(f"== {d} ({schedule['kind']} {schedule['method']}) ==")
+        print(report.rounds_table(res))
+        if res.get("final_sparsity"):
+            print(report.layers_table(res))
+        paths = report.plot_run(res, d)
+        print("plots: " + ", ".join(str(p) for p in paths))
+    return 0

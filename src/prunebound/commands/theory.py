@@ -1,0 +1,176 @@
+"""`prunebound plan`, `certify` and `verify`: the theory's plans, certificates and their checks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from prunebound import report
+from prunebound.check.batch import SearchConfig
+from prunebound.check.verify import largest_fraction, verify
+from prunebound.commands._args import (
+    add_checkpoint_args,
+    ints,
+    load_checkpoint,
+    nonneg_int,
+    open_unit,
+    positive_float,
+)
+from prunebound.theory import Plan, certify, plan
+from prunebound.theory.network import conv_specs
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """Target (an MLP or a plain conv stack, ReLU between) and budget of a theory plan."""
+    t = p.add_mutually_exclusive_group(required=True)
+    t.add_argument("--widths", type=ints, help="MLP widths n0,...,nL (as models.mlp)")
+    t.add_argument("--conv", type=ints, metavar="C0,...,CL", help="conv stack channels")
+    p.add_argument("--in-size", type=ints, help="conv input spatial size, e.g. 12,12")
+    p.add_argument("--kernel", type=int, default=3, help="conv kernel (default 3)")
+    p.add_argument("--stride", type=int, default=1, help="conv stride (default 1)")
+    p.add_argument("--padding", type=int, default=0, help="conv zero padding (default 0)")
+    e = p.add_mutually_exclusive_group(required=True)
+    e.add_argument("--eps", type=float, help="allowed sup_{||x||<=R} ||f(x) - F(x)||, absolute")
+    e.add_argument("--rel-eps", type=float, help="eps relative to the output scale r_L")
+    p.add_argument(
+        "--delta", type=open_unit, default=0.05, help="failure probability in (0, 1) (def. 0.05)"
+    )
+    p.add_argument("--method", choices=["magnitude", "random"], default="magnitude")
+    p.add_argument("--law", choices=["uniform", "gaussian"], default="uniform")
+    p.add_argument("--split", choices=["optimized", "equal", "params"], default="optimized")
+    p.add_argument("--sampling", choices=["count", "bernoulli"], default="count")
+    p.add_argument("--radius", type=float, default=1.0, help="input ball radius R (default 1)")
+    p.add_argument(
+        "--bound",
+        choices=["theorem", "sampled"],
+        default="theorem",
+        help="closed-form bound, or certificates of sampled networks (docs/theory.md §6b)",
+    )
+
+
+def add_largest_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--largest", type=nonneg_int, default=0, metavar="TRIALS",
+        help="also bisect the empirically largest fraction along the plan on TRIALS sampled "
+        "networks, and print planned vs empirical per layer (default off)",
+    )  # fmt: skip
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """The plan the target and budget arguments ask for (`--rel-eps` scaled by r_L)."""
+    if args.conv is not None:
+        if args.in_size is None:
+            raise ValueError("--conv needs --in-size, e.g. --in-size 12,12")
+        target: Any = list(
+            conv_specs(args.conv, args.kernel, args.in_size, stride=args.stride,
+                       padding=args.padding)
+        )  # fmt: skip
+    else:
+        target = list(args.widths)
+    kw = {
+        "method": args.method,
+        "law": args.law,
+        "split": args.split,
+        "radius": args.radius,
+        "sampling": args.sampling,
+    }
+    eps = args.eps
+    if eps is None:  # r_L bounds the target alone: it does not depend on eps or the counts
+        if not args.rel_eps > 0:
+            raise ValueError(f"--rel-eps must be > 0, got {args.rel_eps}")
+        eps = args.rel_eps * plan(target, 1.0, args.delta, **kw).output_scale
+    if args.bound == "sampled":  # minutes for wide layers: show the search as it goes
+        print("sampled plan: search on 32 networks, then certify on fresh ones", file=sys.stderr)
+        logging.getLogger("prunebound.theory.sampled").setLevel(logging.INFO)
+    return plan(target, eps, args.delta, bound=args.bound, **kw)
+
+
+def add_plan_parser(sub: Any) -> None:
+    p = sub.add_parser("plan", help="per-layer prunable counts for an error budget (eps, delta)")
+    add_target_args(p)
+    add_largest_arg(p)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seeds the --largest networks")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    p = make_plan(args)
+    d: dict[str, Any] = p.to_dict()
+    table = report.plan_table(d)
+    if args.largest > 0:
+        lf = largest_fraction(p, trials=args.largest, seed=args.seed, search=SearchConfig())
+        d["largest_fraction"] = lf.to_dict()
+        table += (
+            "\nempirically largest fractions along the plan (bisection; the worst-gap search "
+            "under-estimates each gap, so these may overshoot; 1 = saturated):\n"
+        )
+        table += report.largest_table(d["largest_fraction"])
+    print(json.dumps(d, indent=1) if args.json else table)
+    return 0
+
+
+def add_certify_parser(sub: Any) -> None:
+    p = sub.add_parser("certify", help="deterministic bound on a pruned checkpoint's output gap")
+    add_checkpoint_args(p)
+    p.add_argument(
+        "--radius", type=positive_float, default=1.0, help="input ball radius R (default 1)"
+    )
+    p.add_argument("--input-shape", type=ints, help="one sample's shape (needed for conv)")
+    p.add_argument("--json", action="store_true", help="print the certificate as JSON")
+    p.set_defaults(handler=run_certify)
+
+
+def run_certify(args: argparse.Namespace) -> int:
+    model = load_checkpoint(args)
+    cert = certify(model.eval(), radius=args.radius, input_shape=args.input_shape)
+    d = cert.to_dict()
+    print(json.dumps(d, indent=1) if args.json else report.certificate_table(d))
+    return 0
+
+
+def add_verify_parser(sub: Any) -> None:
+    p = sub.add_parser("verify", help="Monte Carlo check of a plan on sampled networks")
+    add_target_args(p)
+    p.add_argument("--trials", type=int, default=500, help="networks to sample (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--confidence", type=float, default=0.95, help="of the CP upper limit")
+    p.add_argument("--samples", type=int, default=128, help="random inputs per network")
+    p.add_argument("--restarts", type=int, default=8, help="gradient-ascent restarts")
+    p.add_argument("--steps", type=int, default=40, help="gradient-ascent steps")
+    p.add_argument("--certificates", action="store_true", help="also certify every network")
+    add_largest_arg(p)
+    p.add_argument("--out", default="runs/verify", help="directory for verify.json, gaps.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    search = SearchConfig(samples=args.samples, restarts=args.restarts, steps=args.steps)
+    p = make_plan(args)
+    out: dict[str, Any] = {"plan": p.to_dict()}
+    if not args.quiet:
+        print(report.plan_table(out["plan"]))
+    with tqdm(total=args.trials, desc="verify", unit="net", disable=args.quiet) as bar:
+        rep = verify(
+            p, trials=args.trials, seed=args.seed, search=search, confidence=args.confidence,
+            certificates=args.certificates, progress=lambda done, _: bar.update(done - bar.n),
+        )  # fmt: skip
+    out["verify"] = rep.to_dict()
+    print(report.verify_summary(out["verify"]))
+    if args.largest > 0:
+        lf = largest_fraction(p, trials=args.largest, seed=args.seed, search=search)
+        out["largest_fraction"] = lf.to_dict()
+        print(report.largest_table(out["largest_fraction"]))
+    d = Path(args.out)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "verify.json").write_text(json.dumps(out, indent=1))
+    png = report.plot_gaps(out["verify"], d / "gaps.png")
+    print(f"results: {d / 'verify.json'}, {png}")
+    return 0

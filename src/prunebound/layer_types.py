@@ -1,0 +1,47 @@
+"""Which modules are prunable layers: the lowest concept of the library.
+
+`LINEAR`, `CONV` and `PRUNABLE` are the layer types pruned by default, `OPT_IN` those pruned only
+when selected explicitly, and `TRANSPOSED_LINEAR` names the Linear layers of other libraries that
+store their weight transposed (found by name, so prunebound never imports those libraries).
+`is_layer` and `output_axis` are the two questions every other module asks of a layer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+#: What a method prunes and `count_units` counts: single weights, or whole output units (the
+#: rows of a Linear weight, the channels of a Conv, the columns of a transposed linear).
+Unit = Literal["weight", "row"]
+
+LINEAR: tuple[type[nn.Module], ...] = (nn.Linear,)
+CONV: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRUNABLE: tuple[type[nn.Module], ...] = LINEAR + CONV
+#: Prunable only when selected explicitly (by exact name or by type), never by default or by glob.
+OPT_IN: tuple[type[nn.Module], ...] = (nn.Embedding,)
+
+#: Linear layers of other libraries that store their weight transposed, (in, out), found by
+#: (module prefix, class name) so that prunebound never imports those libraries: transformers'
+#: GPT-2-style `Conv1D` computes x @ W + b. They count as Linear wherever Linear is accepted.
+TRANSPOSED_LINEAR: tuple[tuple[str, str], ...] = (("transformers", "Conv1D"),)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether `module` is one of the `TRANSPOSED_LINEAR` layers (weight stored as (in, out))."""
+    return any(
+        (c.__module__.split(".")[0], c.__name__) in TRANSPOSED_LINEAR for c in type(module).__mro__
+    )
+
+
+def is_layer(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
+    """`isinstance(module, types)`, where a transposed linear (`TRANSPOSED_LINEAR`) is a Linear."""
+    if isinstance(module, types):
+        return True
+    return any(issubclass(nn.Linear, t) for t in types) and is_transposed_linear(module)
+
+
+def output_axis(module: nn.Module) -> int:
+    """Axis of the weight indexing output units (neurons): 1 for transposed linears, else 0."""
+    return 1 if is_transposed_linear(module) else 0

@@ -1,0 +1,224 @@
+"""Pruning schedules: one-shot, iterative (Han et al. 2015) and lottery ticket (Frankle & Carbin
+2019), each with any registered method (random pruning is the usual control).
+
+`Schedule` says what to prune and how fast; `prune_round` prunes a model to one round's
+sparsity. Round targets are cumulative and count-exact: after round r a layer of n weights
+(rows, for structured methods) has exactly `round(s_r * n)` pruned, with no drift from rounding
+a fraction of the survivors each round. `training.runner.run_schedule` runs the rounds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, get_args
+
+from torch import nn
+
+from prunebound._check import (
+    Seed,
+    as_generator,
+    check_choice,
+    check_float,
+    check_int,
+    in_interval,
+    is_float,
+)
+from prunebound._masks import count_units, prunable_layers
+from prunebound.layer_types import Unit
+from prunebound.methods import METHODS
+from prunebound.pruning import prune
+from prunebound.training.loop import TrainConfig
+
+ScheduleKind = Literal["oneshot", "iterative", "lottery"]
+RetrainLR = Literal["rewind", "restart", "constant"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What to prune, how fast, and what happens between rounds.
+
+    Attributes:
+        kind: "oneshot" (one round to the target), "iterative" (`rounds` rounds of magnitude /
+            random / ... pruning with retraining), "lottery" (iterative, rewinding the survivors
+            to their values after `rewind_epoch` epochs of the dense run before retraining).
+        method: a key of `prunebound.METHODS`.
+        target_sparsity: fraction of the prunable weights removed at the end, in [0, 1).
+        rounds: pruning rounds (oneshot: 1). Each removes the same fraction of the survivors,
+            `1 - (1 - target) ** (1 / rounds)`, unless `amount` or `steps` is given.
+        amount: optional fraction of the survivors pruned per round; `rounds` is then the
+            fewest that reach the target (the last round stops exactly at the target).
+        steps: optional explicit increasing sparsities after each round, e.g. (0.5, 0.8, 0.9);
+            overrides `rounds`, `amount` and `target_sparsity`.
+        retrain_epochs: epochs of retraining after each round (lottery: training from the
+            rewound weights).
+        scope: "layer" (every layer reaches the round's sparsity) or "global" (one ranking).
+        last_layer_scale: the output layer is pruned at this multiple of the per-round rate (it
+            is small and sensitive; 0.5 keeps it denser). 1.0 treats it like the others. The
+            other layers are pruned a little more to compensate, so the overall sparsity still
+            meets each round's target.
+        rewind_epoch: lottery only: 0 rewinds to the initial weights, k to those after epoch k.
+        rewind_step: lottery only, instead of `rewind_epoch`: rewind to the weights after k
+            optimizer steps (iterations) of the dense run (0: the initial weights), as in
+            Frankle et al. 2020 ("Linear mode connectivity and the lottery ticket hypothesis").
+        retrain_lr: learning rate while retraining k epochs after a dense run of T epochs:
+            "rewind" replays the dense schedule's last k epochs (learning-rate rewinding, Renda
+            et al. 2020; if k > T the whole schedule is stretched over k); "restart" runs the
+            whole dense schedule compressed into k epochs (learning-rate restarting, Le & Hua
+            2021); "constant" keeps the dense initial LR.
+        retrain_lr_scale: multiplies the dense `lr` while retraining (sparse networks often
+            recover faster with a larger step).
+    """
+
+    kind: ScheduleKind = "iterative"
+    method: str = "magnitude"
+    target_sparsity: float = 0.9
+    rounds: int = 5
+    amount: float | None = None
+    steps: tuple[float, ...] = ()
+    retrain_epochs: int = 2
+    scope: Literal["layer", "global"] = "layer"
+    last_layer_scale: float = 1.0
+    rewind_epoch: int = 0
+    rewind_step: int | None = None
+    retrain_lr: RetrainLR = "rewind"
+    retrain_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
+        check_choice("schedule.method", self.method, sorted(METHODS))
+        t = check_float("schedule.target_sparsity", self.target_sparsity, 0, 1, closed="left")
+        check_int("schedule.rounds", self.rounds, 1)
+        a = self.amount
+        if a is not None:  # else rounds set the pace
+            check_float("schedule.amount", a, 0, 1, closed="neither")
+        steps = tuple(self.steps)
+        if steps and (
+            not all(is_float(x) and in_interval(x, 0, 1, "left") for x in steps)
+            or any(b <= a for a, b in itertools.pairwise(steps))
+        ):
+            raise ValueError(
+                f"schedule.steps must be floats increasing within [0, 1), got {self.steps!r}"
+            )
+        check_int("schedule.retrain_epochs", self.retrain_epochs, 0)
+        check_choice("schedule.scope", self.scope, ("layer", "global"))
+        c = check_float("schedule.last_layer_scale", self.last_layer_scale, 0, 1, ints=True)
+        check_int("schedule.rewind_epoch", self.rewind_epoch, 0)
+        k = check_int("schedule.rewind_step", self.rewind_step, 0, optional=True)
+        if k is not None and self.rewind_epoch != 0:
+            raise ValueError("schedule: give rewind_epoch or rewind_step, not both")
+        check_choice("schedule.retrain_lr", self.retrain_lr, get_args(RetrainLR))
+        f = check_float(
+            "schedule.retrain_lr_scale", self.retrain_lr_scale, 0, closed="neither", ints=True
+        )
+        if self.kind == "oneshot" and len(steps) > 1:
+            raise ValueError(f"schedule.steps must have one entry for oneshot, got {steps!r}")
+        # all checked: normalise (frozen, hence object.__setattr__)
+        if not steps:
+            if self.kind == "oneshot":
+                steps = (t,)
+            elif a is not None:
+                n = max(1, math.ceil(math.log(1 - t) / math.log(1 - a) - 1e-9)) if t > 0 else 1
+                steps = tuple(min(t, 1 - (1 - a) ** r) for r in range(1, n))
+                steps = (*steps, t)
+            else:
+                steps = tuple(1 - (1 - t) ** (r / self.rounds) for r in range(1, self.rounds + 1))
+                steps = (*steps[:-1], t)
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "rounds", len(steps))
+        object.__setattr__(self, "target_sparsity", steps[-1])
+        object.__setattr__(self, "last_layer_scale", float(c))
+        object.__setattr__(self, "retrain_lr_scale", float(f))
+
+    def cumulative(self, r: int) -> float:
+        """Overall sparsity after round r (1-based); 0 before round 1."""
+        return 0.0 if r <= 0 else self.steps[r - 1]
+
+    def rate(self, r: int) -> float:
+        """Fraction of the survivors pruned in round r (1-based)."""
+        return 1.0 - (1.0 - self.cumulative(r)) / (1.0 - self.cumulative(r - 1))
+
+    def layer_sparsity(self, r: int, *, last: bool) -> float:
+        """Target sparsity after round r of a layer (the output layer if `last`)."""
+        if not last or self.last_layer_scale == 1.0:
+            return self.cumulative(r)
+        density = 1.0
+        for i in range(1, r + 1):
+            density *= 1.0 - min(1.0, self.last_layer_scale * self.rate(i))
+        return 1.0 - density
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON (steps as a list)."""
+        d = asdict(self)
+        d["steps"] = list(self.steps)
+        return d
+
+
+def _pruned_units(module: nn.Module, unit: Unit) -> tuple[int, int]:
+    total, alive = count_units(module, unit)
+    return total, total - alive
+
+
+def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1) -> None:
+    """Prune `model` in place to the sparsity of round r (1-based) of `schedule`.
+
+    With `s = schedule.cumulative(r)` and N prunable units (weights, or rows for structured
+    methods) in all: the output layer, if kept denser, gets exactly
+    `round(s_last * n_last)` pruned (`Schedule.layer_sparsity`), and the other layers make up
+    the rest so that `round(s * N)` are pruned in all: exactly, in one ranking, for global
+    scope; for layer scope each of them reaches `round(s' * n)` with the common `s'` that
+    compensates, so the total is within one unit per layer. Sampling methods (Bernoulli) prune
+    each survivor with the round's rate instead, so they are not count-exact.
+    """
+    g = as_generator(seed)  # one generator for every prune call of the round
+    meth = METHODS[schedule.method]
+    layers = prunable_layers(model, types=meth.layer_types)
+    names = list(layers)
+    if not names:
+        raise ValueError(f"model has no layer that method {schedule.method!r} can prune")
+    separate = schedule.last_layer_scale != 1.0 and len(names) > 1
+    body = names[:-1] if separate else names
+    if meth.mask is not None:  # sampling method: no exact counts
+        prune(model, meth, schedule.rate(r), layers=body, seed=g)
+        if separate:
+            rate = 1 - (1 - schedule.layer_sparsity(r, last=True)) / (
+                1 - schedule.layer_sparsity(r - 1, last=True)
+            )
+            prune(model, meth, rate, layers=names[-1:], seed=g)
+        return
+    units = {n: _pruned_units(layers[n], meth.unit) for n in names}  # (total, pruned)
+    n_all = sum(u[0] for u in units.values())
+    zeros_all = round(schedule.cumulative(r) * n_all)
+    counts: dict[str, int] = {}
+    if separate:
+        total, pruned = units[names[-1]]
+        z_last = round(schedule.layer_sparsity(r, last=True) * total)
+        counts[names[-1]] = max(0, z_last - pruned)
+        zeros_all -= z_last
+    n_body = sum(units[n][0] for n in body)
+    pruned_body = sum(units[n][1] for n in body)
+    zeros_body = min(n_body, max(zeros_all, pruned_body))
+    if schedule.scope == "global" and len(body) > 1:
+        k = zeros_body - pruned_body
+        if k > 0:
+            alive = n_body - pruned_body
+            prune(model, meth, k / alive, scope="global", layers=body, seed=g)
+    else:
+        # without a denser output layer every layer reaches round(s * n) exactly
+        s_body = zeros_body / n_body if separate else schedule.cumulative(r)
+        for n in body:
+            counts[n] = max(0, round(s_body * units[n][0]) - units[n][1])
+    if counts:
+        prune(model, meth, counts=counts, seed=g)
+
+
+def retrain_config(dense: TrainConfig, schedule: Schedule) -> TrainConfig:
+    """The TrainConfig of each retraining round (see `Schedule.retrain_lr`)."""
+    k, total = schedule.retrain_epochs, dense.epochs
+    lr = dense.lr * schedule.retrain_lr_scale
+    if schedule.retrain_lr == "constant":
+        return replace(dense, epochs=k, lr=lr, lr_schedule="constant", lr_offset=0, lr_horizon=None)
+    if schedule.retrain_lr == "restart" or k >= total:
+        return replace(dense, epochs=k, lr=lr, lr_offset=0, lr_horizon=None)
+    return replace(dense, epochs=k, lr=lr, lr_offset=total - k, lr_horizon=total)

@@ -1,0 +1,79 @@
+"""Shared test helpers: small seeded models and experiments, a GPT-2 config without download.
+
+Imported by test modules as `helpers` (pytest's `pythonpath` has `tests/`); fixtures that use
+them live in `conftest.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from prunebound.training.config import DataSpec, Experiment, ModelSpec
+from prunebound.training.loop import TrainConfig
+from prunebound.training.schedule import Schedule
+
+
+def make_mlp(seed: int = 0, widths: tuple[int, ...] = (12, 16, 8, 3)) -> nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        lin = nn.Linear(a, b)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(b, a, generator=g))
+            lin.bias.copy_(torch.randn(b, generator=g))
+        layers.append(lin)
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def make_cnn(seed: int = 0) -> nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 5),
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return net
+
+
+def gpt2_config(*, n_embd: int, vocab: int, positions: int) -> Any:
+    """A 2-layer, 2-head GPT-2 config (no download); skips the test without transformers."""
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (pip install 'prunebound[hf]')"
+    )
+    return transformers.GPT2Config(
+        n_layer=2,
+        n_embd=n_embd,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=positions,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def tiny_experiment(out: Path, *, seed: int, **schedule: Any) -> Experiment:
+    """An MLP on 160 digits, 2 epochs of SGD, 2 iterative rounds to 75%: a run of seconds."""
+    sched = {"kind": "iterative", "target_sparsity": 0.75, "rounds": 2, **schedule}
+    return Experiment(
+        model=ModelSpec("mlp", {"widths": (64, 16, 10)}),
+        data=DataSpec("digits", max_train=160, max_test=100),
+        train=TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05),
+        schedule=Schedule(**sched),
+        seed=seed,
+        out_dir=str(out),
+        quiet=True,
+    )
