@@ -69,6 +69,14 @@ def test_certify_a_pruned_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([*common, "--radius", "2"]) == 0
     out = capsys.readouterr().out
     assert "||Delta||" in out and "sup_{||x||<=2}" in out
+    assert "VACUOUS" not in out and not got["vacuous"]
+    # issue 9 defect 6: at 90% the bound exceeds sup ||F||: the CLI says it is vacuous
+    heavy = pb.prune(
+        pb.models.build_model("lenet_300_100", in_features=64, seed=0), "magnitude", 0.9
+    )
+    pb.save(heavy, tmp_path / "heavy.safetensors")
+    assert main(["certify", str(tmp_path / "heavy.safetensors"), *common[2:]]) == 0
+    assert "VACUOUS: the bound is no better than the trivial bound" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:  # no --model and no results.json beside it
         main(["certify", str(path)])
     assert e.value.code == 2 and "pass --model" in capsys.readouterr().err

@@ -362,3 +362,35 @@ def test_theorem_plans_outside_the_benchmark_grid_are_valid(
         return pb.models.mlp(widths).eval()
 
     assert _violations(p, build, (widths[0],), 12) <= _allowance(12, delta)
+
+
+def test_leaky_relu_slopes_are_exact_in_float64() -> None:
+    # defect 9: torch.where on Python scalars gave float32 slopes (0.1 -> 0.10000000149):
+    # tight certificates fell 1e-9 to 1e-7 (relative) below attained gaps
+    from prunebound.theory.network import extract
+    from prunebound.theory.relax import _slopes
+
+    step = extract(nn.Sequential(nn.Linear(2, 3), nn.LeakyReLU(0.1))).steps[1]
+    lo = torch.tensor([-2.0, 1.0, -0.25], dtype=torch.float64)  # below, above, across 0
+    mid, hw = _slopes(step, lo, lo + 0.5)
+    assert mid.dtype == torch.float64
+    # float32's 0.1 is 1.5e-8 off; (mid, hw) themselves round at 1e-16 (the margin covers it)
+    assert (mid - hw).tolist() == pytest.approx([0.1, 1.0, 0.1], rel=1e-14, abs=0)
+    assert (mid + hw).tolist() == pytest.approx([0.1, 1.0, 1.0], rel=1e-14, abs=0)
+
+
+def test_an_exactly_tight_leaky_certificate_is_above_its_float64_gap() -> None:
+    torch.manual_seed(22)
+    gen = torch.Generator().manual_seed(22)
+    c = [int(torch.randint(1, 4, (1,), generator=gen)) for _ in range(3)]
+    model = nn.Sequential(
+        nn.Conv1d(c[0], c[1], 2), nn.LeakyReLU(0.1), nn.Identity(),
+        nn.Conv1d(c[1], c[2], 2), nn.LeakyReLU(0.1), nn.Identity(), nn.Flatten(),
+    ).eval()  # fmt: skip
+    model.append(nn.Linear(model(torch.zeros(1, c[0], 6)).shape[1], 3))
+    scale_biases(model, 30.0)
+    pb.prune(model, "neuron", 0.9)
+    cert = certify(model, radius=1e-3, input_shape=(c[0], 6))
+    found = worst_gap(model, radius=1e-3, input_shape=(c[0], 6))
+    assert cert.candidates["relax"] >= found * (1 - 1e-11)  # exact arithmetic, before the margin
+    assert cert.bound >= found

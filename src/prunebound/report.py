@@ -365,7 +365,13 @@ def certificate_table(cert: Mapping[str, Any]) -> str:
         f"({cert['method']}); output scale r_L = {cert['output_scale']:.5g}, "
         f"relative {cert['relative']:.4g}"
     )
-    return "\n".join([format_table(rows), bound, cert["assumptions"]])
+    lines = [format_table(rows), bound]
+    if cert.get("vacuous"):
+        lines.append(
+            "VACUOUS: the bound is no better than the trivial bound on the unpruned output "
+            f"(sup ||F(x)|| <= {cert['output_scale']:.5g})"
+        )
+    return "\n".join([*lines, cert["assumptions"]])
 
 
 def verify_summary(rep: Mapping[str, Any]) -> str:

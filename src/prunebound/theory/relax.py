@@ -146,9 +146,14 @@ def _slopes(step: Step, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tenso
     m = step.module
     if isinstance(m, nn.ReLU | nn.LeakyReLU):
         a = float(m.negative_slope) if isinstance(m, nn.LeakyReLU) else 0.0
-        smin = torch.where(hi <= 0, a, torch.where(lo >= 0, 1.0, min(a, 1.0)))
-        smax = torch.where(hi <= 0, a, torch.where(lo >= 0, 1.0, max(a, 1.0)))
-        smin, smax = smin.to(lo), smax.to(lo)
+
+        # the slopes as float64 tensors: torch.where on Python scalars makes float32, and a
+        # LeakyReLU slope of 0.1 in float32 is 1.5e-8 off (certificates fell 1e-8 below gaps)
+        def full(v: float) -> torch.Tensor:
+            return torch.full_like(lo, v)
+
+        smin = torch.where(hi <= 0, full(a), torch.where(lo >= 0, full(1.0), full(min(a, 1.0))))
+        smax = torch.where(hi <= 0, full(a), torch.where(lo >= 0, full(1.0), full(max(a, 1.0))))
     else:
         smin, smax = torch.zeros_like(lo), torch.ones_like(lo)
     return (smin + smax) / 2, (smax - smin) / 2
