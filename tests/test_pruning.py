@@ -257,3 +257,28 @@ def test_numpy_float_amounts_count_like_python_floats() -> None:
     with pytest.raises(ValueError, match="amount must be in"):
         pb.prune(lin, "magnitude", np.float32("nan"))
     assert pb.masks(lin) == {}
+
+
+def test_random_masks_follow_torch_manual_seed_without_a_seed() -> None:
+    # issue 10 item 5: without seed= the masks ignored torch.manual_seed
+    def masks_after(global_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+        torch.manual_seed(global_seed)
+        return pb.masks(pb.prune(model, "random", 0.5))
+
+    a, b, c = masks_after(1), masks_after(1), masks_after(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    explicit = pb.masks(pb.prune(model, "random", 0.5, seed=7))
+    torch.manual_seed(0)
+    again = pb.masks(
+        pb.prune(
+            nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), "random", 0.5, seed=7
+        )
+    )
+    assert all(
+        torch.equal(explicit[k], again[k]) for k in explicit
+    )  # seed= wins over the global RNG

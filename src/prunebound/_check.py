@@ -108,12 +108,16 @@ def finite(t: torch.Tensor) -> bool:
 
 
 def as_generator(seed: Seed, *, name: str = "seed") -> torch.Generator:
-    """The generator a `seed` argument stands for (see `Seed`); never the global RNG."""
+    """The generator a `seed` argument stands for (see `Seed`).
+
+    None draws the seed from torch's global generator (one draw), so `torch.manual_seed(0)`
+    makes a run reproducible as PyTorch users expect; an int or a Generator always wins.
+    """
     if isinstance(seed, torch.Generator):
         return seed
     g = torch.Generator()
     if seed is None:
-        g.seed()  # fresh entropy, not the global RNG state
+        g.manual_seed(int(torch.randint(0, 2**62, (1,))))
     elif is_int(seed):
         g.manual_seed(seed)
     else:

@@ -308,7 +308,8 @@ def prune(
             with one mask on each. See `prunable_layers`.
         counts: exact number of surviving units to prune per layer, instead of `amount`.
         plan: a `prunebound.theory.Plan`; applies its method and per-layer counts.
-        seed: int or `torch.Generator` for random methods (global RNG state is never used).
+        seed: int or `torch.Generator` for random methods; None draws one from torch's global
+            generator, so `torch.manual_seed` reproduces the masks.
         norm: 1 or 2, the row norm of "neuron" / "filter" (default 2: L2; "neuron_l1" and
             "filter_l1" are the same as norm=1).
 
