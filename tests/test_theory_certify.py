@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from soundness import worst_gap
 from torch import nn
 
 import prunebound as pb
@@ -53,33 +54,6 @@ def _dense(module: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
     with torch.no_grad():
         zero = m(torch.zeros(1, *in_shape, dtype=torch.float64)).reshape(1, -1)
         return (m(eye).reshape(n, -1) - zero).T
-
-
-def _pga_gap(
-    model: nn.Module,
-    shape: tuple[int, ...],
-    radius: float,
-    *,
-    starts: int = 64,
-    steps: int = 150,
-    seed: int = 0,
-) -> float:
-    """Lower bound on sup_{||x|| <= R} ||f(x) - F(x)||: projected gradient ascent in the ball."""
-    f, ref = copy.deepcopy(model).double().eval(), _reference(model).double().eval()
-    x = torch.randn(starts, *shape, generator=_gen(seed), dtype=torch.float64)
-    x = (x * radius / x.flatten(1).norm(dim=1).view(-1, *[1] * len(shape))).requires_grad_()
-    best = 0.0
-    for _ in range(steps):
-        gap = (f(x) - ref(x)).flatten(1).norm(dim=1)
-        best = max(best, float(gap.detach().max()))
-        (g,) = torch.autograd.grad(gap.sum(), x)
-        with torch.no_grad():
-            gn = g.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * len(shape))
-            x += 0.2 * radius * g / gn
-            nx = x.flatten(1).norm(dim=1).view(-1, *[1] * len(shape))
-            x *= torch.clamp(radius / nx, max=1.0)
-    with torch.no_grad():
-        return max(best, float((f(x) - ref(x)).flatten(1).norm(dim=1).max()))
 
 
 def _disk_gap(model: nn.Module, radius: float, n_r: int = 60, n_t: int = 720) -> float:
@@ -206,7 +180,7 @@ def test_certificate_bounds_1d_input_with_batchnorm() -> None:
 def test_certificate_bounds_gradient_ascent_mlp(seed: int) -> None:
     net = pb.prune(_mlp((20, 30, 30, 5), seed), "magnitude", 0.6)
     cert = certify(net, radius=1.0)
-    low = _pga_gap(net, (20,), 1.0, seed=seed)
+    low = worst_gap(net, input_shape=(20,), seed=seed)
     assert 0 < low <= cert.bound
     assert cert.bound / low < 20  # sanity: not absurdly loose on a small net
 
@@ -228,7 +202,7 @@ def test_certificate_bounds_gradient_ascent_cnn() -> None:
     net = nn.Sequential(*body, nn.Linear(width, 3))
     pb.prune(net, "magnitude", 0.5)
     cert = certify(net, radius=1.0, input_shape=shape)
-    low = _pga_gap(net, shape, 1.0)
+    low = worst_gap(net, input_shape=shape)
     assert 0 < low <= cert.bound
     assert [t.name for t in cert.layers] == ["0", "3", "7"]
 
@@ -411,7 +385,7 @@ def test_non_finite_weights_raise() -> None:
 def test_mnist_mlp_tightness_against_gradient_ascent() -> None:
     net = pb.prune(pb.models.mlp([784, 300, 100, 10]).eval(), "magnitude", 0.3)
     cert = certify(net, radius=1.0)
-    low = _pga_gap(net, (784,), 1.0, starts=32, steps=100)
+    low = worst_gap(net, input_shape=(784,), starts=32, steps=100)
     assert 0 < low <= cert.bound
     assert cert.bound <= cert.candidates["lemma_a"]
     assert cert.bound / low < 50
@@ -498,7 +472,7 @@ def test_relax_bounds_gradient_ascent_conv_and_batchnorm(seed: int) -> None:
     net = nn.Sequential(*body, nn.Linear(width, 3)).eval()
     pb.prune(net, "magnitude", 0.5)
     cert = certify(net, radius=1.0, input_shape=shape, relax=True)
-    low = _pga_gap(net, shape, 1.0, seed=seed)
+    low = worst_gap(net, input_shape=shape, seed=seed)
     assert 0 < low <= cert.candidates["relax"]
 
 
@@ -543,7 +517,7 @@ def test_large_layer_path_bounds_exact_norms(
         for bound, mat in ((t.norm_w, w), (t.norm_pruned, wt), (t.norm_delta, w - wt)):
             exact = float(torch.linalg.matrix_norm(mat, ord=2))
             assert exact * (1 - 1e-9) <= bound
-    low = _pga_gap(net, (20,), 1.0)
+    low = worst_gap(net, input_shape=(20,))
     assert 0 < low <= cert.bound
     monkeypatch.setattr(cmod, "_EXACT_MAX", 1024)
     exact_cert = certify(net, radius=1.0, relax=False)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from soundness import worst_gap
 from torch import nn
 
 import prunebound as pb
@@ -349,13 +350,6 @@ def test_gaussian_magnitude_plan_is_finite_without_warnings() -> None:
 # --- layers before the first prunable layer (audit bug 1) ---------------------------------------
 
 
-def _worst_gap(pruned: nn.Module, ref: nn.Module, d: int, n: int = 20000) -> float:
-    x = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
-    x = x / x.norm(dim=1, keepdim=True)
-    with torch.no_grad():
-        return float((pruned(x) - ref(x)).norm(dim=1).max())
-
-
 def test_plan_and_bound_account_for_a_leading_batchnorm() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -363,13 +357,13 @@ def test_plan_and_bound_account_for_a_leading_batchnorm() -> None:
     model.eval()
     p = plan(model, eps=0.5, delta=0.05, law="trained")
     pruned = pb.prune(copy.deepcopy(model), plan=p)
-    assert _worst_gap(pruned, model, 8) <= 0.5
+    assert worst_gap(pruned, model, input_shape=(8,)) <= 0.5
     # bound sees the 10x gain of the BatchNorm: the same counts without it certify less
     b = bound(model, p.counts, 0.05, law="trained")
     b_plain = bound(copy.deepcopy(model)[1:], p.counts, 0.05, law="trained")
     assert b.eps <= 0.5 + 1e-9
     assert b.eps > 5 * b_plain.eps
-    assert _worst_gap(pruned, model, 8) <= b.eps
+    assert worst_gap(pruned, model, input_shape=(8,)) <= b.eps
 
 
 def test_leading_relu_and_dropout_map_the_ball_into_itself() -> None:
