@@ -443,10 +443,8 @@ def certify(
                 )
     used_fail = extra_fail + sum(n.nw.fail_prob + n.nt.fail_prob for n in norms.values())
     used_fail += sum(n.nd.fail_prob for n in norms.values() if n.refine is None)
-    # floating-point margin (docs §7.2): every candidate is an upper bound in exact arithmetic
-    # of float64 values; the relative 1e-9 covers the rounding of norms and sums, the absolute
-    # term a gap evaluated in float64 next to outputs of size up to `scale`
-    # (`candidates` keep the exact-arithmetic values; `bound` is the winner with the margin)
+    # `candidates` keep their exact-arithmetic values; the bound is the winner plus the
+    # floating-point margin (docs/theory.md §7.3b)
     method = min(cands, key=lambda k: cands[k])
     bound = float_margin(cands[method], scale, float(radius))
     vacuous = bound >= scale

@@ -148,7 +148,7 @@ def _slopes(step: Step, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tenso
         a = float(m.negative_slope) if isinstance(m, nn.LeakyReLU) else 0.0
 
         # the slopes as float64 tensors: torch.where on Python scalars makes float32, and a
-        # LeakyReLU slope of 0.1 in float32 is 1.5e-8 off (certificates fell 1e-8 below gaps)
+        # LeakyReLU slope of 0.1 in float32 is 1.5e-8 off (tight certificates fell below gaps)
         def full(v: float) -> torch.Tensor:
             return torch.full_like(lo, v)
 
