@@ -24,7 +24,7 @@ from global_prune import build  # the same model (this script's folder is on sys
 
 import prunebound as pb
 from prunebound._masks import effective_weight, original_weight
-from prunebound.theory.certify import certify
+from prunebound.theory.certificate import certify
 from prunebound.theory.norms import norm_bound
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     model = pb.prune(build(args.layers, args.width), "magnitude", args.amount, scope="global")
     print("built and pruned", file=sys.stderr)
     t0 = time.perf_counter()
-    cert = certify(model, radius=1.0, generator=torch.Generator().manual_seed(0))
+    cert = certify(model, radius=1.0, seed=0)
     seconds = time.perf_counter() - t0
     print(f"certify: {seconds:.1f} s", file=sys.stderr)
     load_after = os.getloadavg()
@@ -52,7 +52,7 @@ def main() -> None:
         row: dict[str, object] = {"layer": lt.name}
         for key, mat, bound in (
             ("W", w, lt.norm_w),
-            ("W_pruned", wt, lt.norm_pruned),
+            ("W_pruned", wt, lt.norm_kept),
             ("Delta", w - wt, lt.norm_delta),
         ):
             t1 = time.perf_counter()
@@ -74,7 +74,7 @@ def main() -> None:
             w = original_weight(mod).detach()
             wt = effective_weight(mod).detach()
             for mat in (w, wt, w - wt):
-                norm_bound(mat, method="lanczos", steps=100, fail_prob=1e-9 / 18, generator=gen)
+                norm_bound(mat, method="lanczos", steps=100, fail_prob=1e-9 / 18, seed=gen)
         took = time.perf_counter() - t1
         baseline = {
             "method": "dense float64 Lanczos on W, W~, Delta of every layer (previous certify)",
@@ -85,7 +85,7 @@ def main() -> None:
         }
         print(f"baseline {k} layers: {took:.1f} s", file=sys.stderr)
         t0 = time.perf_counter()
-        certify(model, radius=1.0, generator=torch.Generator().manual_seed(2))
+        certify(model, radius=1.0, seed=2)
         baseline["certify_again_seconds"] = time.perf_counter() - t0
         baseline["load_average_after_certify_again"] = os.getloadavg()
         print(f"certify again: {baseline['certify_again_seconds']:.1f} s", file=sys.stderr)
@@ -111,7 +111,7 @@ def main() -> None:
                     {
                         "name": lt.name,
                         "norm_w": lt.norm_w,
-                        "norm_pruned": lt.norm_pruned,
+                        "norm_kept": lt.norm_kept,
                         "norm_delta": lt.norm_delta,
                         "method": lt.norm_method,
                     }

@@ -1,8 +1,9 @@
 """A-priori plans from sampled certificates vs the theorem plans (docs/theory.md §6b).
 
-Widths 784-300-100-10 at PyTorch's default initialisation, delta = alpha = 0.05, eps relative to the
-theorem plan's output scale r_L (as benchmarks/validity.py). For each (rel eps, method): the theorem
-plan, `plan(..., bound="sampled")`, the empirically largest pruning along its direction
+Widths 784-300-100-10 at PyTorch's default initialisation, delta = 0.05, confidence 0.95, eps
+relative to the theorem plan's output scale r_L (as benchmarks/validity.py). For each (rel eps,
+method): the theorem plan, `sampled_plan(plan(...))`, the empirically largest pruning along its
+direction
 (`pb.largest_fraction`, a worst-gap search: optimistic) and a `pb.verify` check. Prints JSON.
 """
 
@@ -17,8 +18,8 @@ from typing import Any
 import torch
 
 import prunebound as pb
+from prunebound.check.sampled import sampled_plan
 from prunebound.theory import plan
-from prunebound.theory.sampled import sampled_plan
 
 WIDTHS = [784, 300, 100, 10]
 DELTA = 0.05
@@ -68,7 +69,7 @@ def main() -> None:
     search = pb.SearchConfig(samples=64, restarts=4, steps=20)
     t0 = time.perf_counter()
     rows = [case(r, m, search) for r in args.rel for m in ("magnitude", "random")]
-    out = {"benchmark": "sampled_plans", "widths": WIDTHS, "delta": DELTA, "alpha": 0.05}
+    out = {"benchmark": "sampled_plans", "widths": WIDTHS, "delta": DELTA, "confidence": 0.95}
     out |= {"rows": rows, "seconds": time.perf_counter() - t0}
     print(json.dumps(out, indent=1))
 

@@ -1,7 +1,7 @@
 """Soundness benchmark: certify random architectures and compare with the worst gap found.
 
 Draws `--examples` models from the test suite's strategy (`tests/soundness.py`: everything
-`prunebound.theory.certify` accepts), certifies each and runs the independent worst-gap search
+`prunebound.theory.certificate` accepts), certifies each and runs the independent worst-gap search
 (float64 sphere sampling + projected gradient ascent). Prints JSON: examples tried, refusals by
 reason, min / median certificate-to-gap ratio, violations (certificate below the found gap by more
 than the relative 1e-6 slack), the worst cases, and wall time.
@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from soundness import TOL, architectures, worst_gap
 
-from prunebound.theory.certify import certify
+from prunebound.theory.certificate import certify
 
 
 def main() -> None:

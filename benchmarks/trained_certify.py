@@ -23,7 +23,7 @@ import torch
 
 import prunebound as pb
 from prunebound.data import load_dataset
-from prunebound.theory.certify import certify
+from prunebound.theory.certificate import certify
 from prunebound.training.loop import TrainConfig, evaluate, train
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)

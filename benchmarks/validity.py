@@ -15,7 +15,7 @@ theory (Lemma A's r_L with the plan's norm bounds, valid w.p. >= 1 - delta); eps
    along the plan's per-layer fractions) as width grows, magnitude vs random at equal eps.
 3. conv: both, for the CNN with random pruning.
 4. sampled random: the theorem plans for random pruning of MLPs prune (almost) nothing at these
-   eps, so their validity says little; plans from sampled certificates (`bound="sampled"`,
+   eps, so their validity says little; plans from sampled certificates (`sampled_plan`,
    docs/theory.md 6b) prune something, and are checked the same way.
 
 Plans that prune nothing have gap 0 on every network; they are reported with "trivial": true
@@ -43,9 +43,10 @@ import matplotlib.pyplot as plt
 import torch
 
 import prunebound as pb
+from prunebound.check.sampled import sampled_plan
 from prunebound.theory import plan
-from prunebound.theory.network import conv_specs
-from prunebound.theory.types import LayerSpec
+from prunebound.theory.resolve import conv_specs
+from prunebound.theory.values import LayerSpec
 
 DELTA = 0.05
 SMALL = pb.SearchConfig(samples=64, restarts=4, steps=20)
@@ -66,7 +67,8 @@ def search_for(target: list[Any]) -> pb.SearchConfig:
 def relative_plan(target: list[Any], rel: float, method: str, bound: str = "theorem") -> Any:
     """eps = rel * r_L; r_L bounds the target only, so it does not depend on eps."""
     r_l = plan(target, 1.0, DELTA, method=method).output_scale
-    return plan(target, rel * r_l, DELTA, method=method, bound=bound, seed=0)
+    theorem = plan(target, rel * r_l, DELTA, method=method)
+    return theorem if bound == "theorem" else sampled_plan(theorem, seed=0).plan
 
 
 def cell(

@@ -5,7 +5,7 @@ reference F by random points on the sphere plus projected gradient ascent with r
 float64, written from scratch (it shares no code with `prunebound.theory` or `prunebound.check`).
 A certificate must never be below what it finds (relative `TOL`).
 
-`architectures()` is a hypothesis strategy over everything `prunebound.theory.certify` accepts:
+`architectures()` is a hypothesis strategy over everything `prunebound.theory.certificate` accepts:
 Linear (flat or token-wise inputs), Conv1d/Conv2d with stride/padding/dilation, ReLU, LeakyReLU,
 Tanh, Sigmoid, GELU, MaxPool/AvgPool, eval BatchNorm with random running statistics, Flatten,
 Identity, Dropout, biases up to 30x the weights, radii 1e-3 to 10, and magnitude, random, neuron

@@ -30,21 +30,11 @@ ALLOWED = {
     "training": {"core", "deploy", "training"},
     "face": {"core", *WINGS, "face"},
 }
-# moves to check/ with the theory re-housing: the sampled planner runs the batched networks
-KNOWN_UPWARD = {("prunebound.theory.sampled", "prunebound.check.batch")}
-# theory/ is re-housed separately (its owner is fixing soundness bugs there); until then its
-# files keep their size, their function-level imports and the functions named like their module
-THEORY_LATER = "theory/"
 MAX_LINES = 400
 # the only imports inside functions: heavy or optional dependencies loaded on first use
 LAZY_IMPORTS = {
     ("prunebound.data", "load_digits"): "scikit-learn: about 1 s of import time, digits only",
     ("prunebound.deploy.kernels", "_numba_kernels"): "numba: optional, and it compiles",
-}
-SHADOWING_LATER = {
-    "prunebound.theory.plan",
-    "prunebound.theory.certify",
-    "prunebound.theory.propagate",
 }
 
 
@@ -89,7 +79,7 @@ def test_imports_flow_one_way() -> None:
         f"{m} ({_wing(m)}) imports {target} ({_wing(target)})"
         for m in FILES
         for _, target, _ in _imports(m)
-        if _wing(target) not in ALLOWED[_wing(m)] and (m, target) not in KNOWN_UPWARD
+        if _wing(target) not in ALLOWED[_wing(m)]
     ]
     assert upward == []
 
@@ -126,7 +116,6 @@ def test_no_module_imports_another_modules_private_names() -> None:
     private = [
         f"{m}: from {target} import {n}"
         for m in FILES
-        if not str(FILES[m].relative_to(SRC)).startswith(THEORY_LATER)
         for _, target, names in _imports(m)
         for n in names
         if n.startswith("_") and not n.startswith("__")
@@ -137,8 +126,6 @@ def test_no_module_imports_another_modules_private_names() -> None:
 def test_no_function_level_imports() -> None:
     found = []
     for m, path in FILES.items():
-        if str(path.relative_to(SRC)).startswith(THEORY_LATER):
-            continue
         for fn in ast.walk(ast.parse(path.read_text())):
             if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and (
                 (m, fn.name) not in LAZY_IMPORTS
@@ -153,10 +140,7 @@ def test_no_function_level_imports() -> None:
 
 def test_modules_stay_under_400_lines() -> None:
     long = {
-        m: n
-        for m, path in FILES.items()
-        if (n := len(path.read_text().splitlines())) > MAX_LINES
-        and not str(path.relative_to(SRC)).startswith(THEORY_LATER)
+        m: n for m, path in FILES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}
 
@@ -172,8 +156,6 @@ def _all_modules() -> list[str]:
 
 @pytest.mark.parametrize("name", [n for n in _all_modules() if n.count(".") >= 1])
 def test_no_public_function_shadows_its_module(name: str) -> None:
-    if name in SHADOWING_LATER:
-        pytest.skip("theory re-housing: private implementation modules for plan/certify/propagate")
     module = importlib.import_module(name)
     parent, _, leaf = name.rpartition(".")
     assert getattr(importlib.import_module(parent), leaf) is module, (

@@ -103,8 +103,8 @@ def test_plan_sampled_bound_matches_the_library(capsys: pytest.CaptureFixture[st
     out = capsys.readouterr()
     got = json.loads(out.out)  # stdout holds the JSON alone; the search is shown on stderr
     assert "sampled plan: search on 32 networks" in out.err
-    ref = plan([16, 12, 8, 4], 0.4, 0.05, method="random", bound="sampled")
-    assert got["counts"] == ref.counts and got["split"] == "sampled"
+    ref = pb.sampled_plan(plan([16, 12, 8, 4], 0.4, 0.05, method="random")).plan
+    assert got["counts"] == ref.counts and got["guarantee"] == "sampled"
     assert ref.total_pruned > plan([16, 12, 8, 4], 0.4, 0.05, method="random").total_pruned
 
 

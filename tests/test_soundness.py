@@ -16,7 +16,7 @@ from torch.nn.utils import prune as torch_prune
 
 import prunebound as pb
 from prunebound._masks import original_weight, set_mask
-from prunebound.theory.certify import certify
+from prunebound.theory.certificate import certify
 
 
 def _scaled_mlp(
@@ -343,7 +343,8 @@ def _allowance(n: int, delta: float) -> int:
 
 
 def test_sampled_plan_of_a_strided_cnn_is_valid_on_fresh_networks() -> None:
-    p = pb.theory.plan(_strided_cnn(0), eps=0.5, delta=0.2, input_shape=CNN_SHAPE, bound="sampled")
+    theorem = pb.theory.plan(_strided_cnn(0), eps=0.5, delta=0.2, input_shape=CNN_SHAPE)
+    p = pb.sampled_plan(theorem).plan
     assert p.total_pruned > 0
     assert _violations(p, _strided_cnn, CNN_SHAPE, 25) <= _allowance(25, 0.2)
 
@@ -368,7 +369,7 @@ def test_leaky_relu_slopes_are_exact_in_float64() -> None:
     # defect 9: torch.where on Python scalars gave float32 slopes (0.1 -> 0.10000000149):
     # tight certificates fell 1e-9 to 1e-7 (relative) below attained gaps
     from prunebound.theory.network import extract
-    from prunebound.theory.relax import _slopes
+    from prunebound.theory.slopes import _slopes
 
     step = extract(nn.Sequential(nn.Linear(2, 3), nn.LeakyReLU(0.1))).steps[1]
     lo = torch.tensor([-2.0, 1.0, -0.25], dtype=torch.float64)  # below, above, across 0
@@ -392,5 +393,5 @@ def test_an_exactly_tight_leaky_certificate_is_above_its_float64_gap() -> None:
     pb.prune(model, "neuron", 0.9)
     cert = certify(model, radius=1e-3, input_shape=(c[0], 6))
     found = worst_gap(model, radius=1e-3, input_shape=(c[0], 6))
-    assert cert.candidates["relax"] >= found * (1 - 1e-11)  # exact arithmetic, before the margin
+    assert cert.candidates["slopes"] >= found * (1 - 1e-11)  # exact arithmetic, before the margin
     assert cert.bound >= found

@@ -15,13 +15,12 @@ from torch import nn
 
 import prunebound as pb
 from prunebound._masks import set_mask
-from prunebound.theory.certify import certify, float_margin
+from prunebound.theory.certificate import certify, float_margin
+from prunebound.theory.lemma_a import propagate
 from prunebound.theory.network import (
     GELU_LIPSCHITZ,
     SILU_LIPSCHITZ,
-    conv_specs,
     extract,
-    from_widths,
     pool_multiplicity,
 )
 from prunebound.theory.norms import (
@@ -33,7 +32,7 @@ from prunebound.theory.norms import (
     schur,
     spectral_norm,
 )
-from prunebound.theory.propagate import propagate
+from prunebound.theory.resolve import conv_specs, from_widths
 
 torch.set_num_threads(1)
 
@@ -123,10 +122,10 @@ def test_unpruned_model_certifies_zero() -> None:
 
 def test_lemma_a_candidate_equals_propagate() -> None:
     net = pb.prune(_mlp((10, 12, 8, 4), 1), "magnitude", 0.4)
-    cert = certify(net, radius=2.0, relax=False)
+    cert = certify(net, radius=2.0, slopes=False)
     prop = propagate(
         [t.norm_w for t in cert.layers],
-        [t.norm_pruned for t in cert.layers],
+        [t.norm_kept for t in cert.layers],
         [t.norm_delta for t in cert.layers],
         [float(net[i].bias.detach().norm()) for i in (0, 2, 4)],
         2.0,
@@ -140,7 +139,7 @@ def test_lemma_a_candidate_equals_propagate() -> None:
     both = certify(net, radius=2.0)  # relax on: output scale is the min of two valid bounds
     assert both.output_scale <= cert.output_scale
     assert both.bound == float_margin(min(both.candidates.values()), both.output_scale, 2.0)
-    assert set(both.candidates) == {"lemma_a", "lemma_a_mixed", "triangle", "relax", "hybrid"}
+    assert set(both.candidates) == {"lemma_a", "lemma_a_mixed", "triangle", "slopes", "hybrid"}
 
 
 # ------------------------------------------------------------------------ brute-force soundness
@@ -216,11 +215,11 @@ def test_matrix_norm_bounds_are_upper_and_tight() -> None:
     assert exact <= spectral_norm(a) <= exact * (1 + 1e-9)
     assert exact <= spectral_norm(a.T) <= exact * (1 + 1e-9)
     assert exact <= frobenius(a) and exact <= schur(a)
-    lz = lanczos_bound(a, steps=100, fail_prob=1e-9, generator=_gen(1))
+    lz = lanczos_bound(a, steps=100, fail_prob=1e-9, seed=_gen(1))
     assert exact <= lz.value <= exact * 1.03
     assert lz.lower <= exact * (1 + 1e-9)
     assert lz.fail_prob == 1e-9
-    nb = norm_bound(a, exact_max=50, generator=_gen(2))
+    nb = norm_bound(a, exact_max=50, seed=_gen(2))
     assert nb.method in ("lanczos", "frobenius/schur") and nb.value >= exact
     assert norm_bound(a).method == "gram"
 
@@ -231,7 +230,7 @@ def test_lanczos_bound_holds_on_hard_spectra() -> None:
     s = torch.linspace(1.0, 0.0, 400, dtype=torch.float64) ** 0.05
     a = u * s
     for seed in range(5):
-        assert lanczos_bound(a, steps=30, generator=_gen(seed)).value >= float(s[0])
+        assert lanczos_bound(a, steps=30, seed=_gen(seed)).value >= float(s[0])
 
 
 def test_kw_epsilon_solves_its_equation() -> None:
@@ -407,8 +406,8 @@ def test_relax_hand_two_layers() -> None:
     stacked = float(torch.linalg.matrix_norm(torch.cat([bx / tx, bv / tv], 1), ord=2))
     stacked *= math.sqrt(tx**2 + tv**2)
     assert stacked < (math.sqrt(2) + golden) / 2
-    assert cert.candidates["relax"] == pytest.approx(stacked, rel=1e-9)
-    assert cert.method == "relax"
+    assert cert.candidates["slopes"] == pytest.approx(stacked, rel=1e-9)
+    assert cert.method == "slopes"
     assert cert.bound >= math.sqrt(2)  # the exact sup (see the Lemma A hand test)
 
 
@@ -417,7 +416,7 @@ def test_relax_single_layer_is_exact() -> None:
     cert = certify(net, radius=2.0)
     delta = (pb.original_weight(net[0]) - net[0].weight).detach().double()
     exact = 2.0 * float(torch.linalg.matrix_norm(delta, ord=2))
-    assert cert.candidates["relax"] == pytest.approx(exact, rel=1e-9)
+    assert cert.candidates["slopes"] == pytest.approx(exact, rel=1e-9)
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh])
@@ -425,9 +424,9 @@ def test_relax_single_layer_is_exact() -> None:
 def test_relax_bounds_dense_grid_on_2d_disk(act: type[nn.Module], radius: float) -> None:
     for seed in range(3):
         net = pb.prune(_mlp((2, 16, 16, 2), seed, act), "magnitude", 0.5)
-        cert = certify(net, radius=radius, relax=True)
+        cert = certify(net, radius=radius, slopes=True)
         brute = _disk_gap(net, radius)
-        assert 0 < brute <= cert.candidates["relax"] * (1 + 1e-12)
+        assert 0 < brute <= cert.candidates["slopes"] * (1 + 1e-12)
         assert 0 < brute <= cert.candidates["hybrid"] * (1 + 1e-12)
         assert cert.candidates["hybrid"] <= cert.candidates["lemma_a"] * (1 + 1e-12)
 
@@ -446,8 +445,8 @@ def test_relax_exact_when_all_neurons_stable() -> None:
     b = net[0].bias.detach().double()
     const = float(torch.linalg.vector_norm((w2 - t2) @ b))
     # sup_x ||A x + c|| <= ||A|| + ||c|| (relax's bound) and >= max(||A||, ||c||)
-    assert max(lin, const) <= cert.candidates["relax"] <= (lin + const) * (1 + 1e-9)
-    assert cert.candidates["relax"] < cert.candidates["lemma_a"]
+    assert max(lin, const) <= cert.candidates["slopes"] <= (lin + const) * (1 + 1e-9)
+    assert cert.candidates["slopes"] < cert.candidates["lemma_a"]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -471,9 +470,9 @@ def test_relax_bounds_gradient_ascent_conv_and_batchnorm(seed: int) -> None:
         width = body(torch.zeros(1, *shape)).shape[1]
     net = nn.Sequential(*body, nn.Linear(width, 3)).eval()
     pb.prune(net, "magnitude", 0.5)
-    cert = certify(net, radius=1.0, input_shape=shape, relax=True)
+    cert = certify(net, radius=1.0, input_shape=shape, slopes=True)
     low = worst_gap(net, input_shape=shape, seed=seed)
-    assert 0 < low <= cert.candidates["relax"]
+    assert 0 < low <= cert.candidates["slopes"]
 
 
 def test_relax_skipped_with_note_for_max_pool() -> None:
@@ -486,17 +485,17 @@ def test_relax_skipped_with_note_for_max_pool() -> None:
     )
     pb.prune(net, "magnitude", 0.5)
     cert = certify(net, input_shape=(1, 14))
-    assert "relax" not in cert.candidates
+    assert "slopes" not in cert.candidates
     assert any("MaxPool1d" in n for n in cert.notes)
-    with pytest.raises(ValueError, match="relax=True"):
-        certify(net, input_shape=(1, 14), relax=True)
+    with pytest.raises(ValueError, match="slopes=True"):
+        certify(net, input_shape=(1, 14), slopes=True)
 
 
 def test_relax_wins_on_default_init_mlp_and_halves_lemma_a() -> None:
     torch.manual_seed(0)
     net = pb.prune(pb.models.mlp([784, 300, 100, 10]).eval(), "magnitude", 0.3)
     cert = certify(net, radius=1.0)
-    assert cert.method in ("relax", "hybrid")
+    assert cert.method in ("slopes", "hybrid")
     assert cert.bound < 0.6 * cert.candidates["lemma_a"]
 
 
@@ -507,20 +506,20 @@ def test_relax_wins_on_default_init_mlp_and_halves_lemma_a() -> None:
 def test_large_layer_path_bounds_exact_norms(
     amount: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cmod = importlib.import_module("prunebound.theory.certify")  # the package exports the function
-    monkeypatch.setattr(cmod, "_EXACT_MAX", 8)  # force Lanczos operators (CSR at 90%)
+    cmod = importlib.import_module("prunebound.theory.certificate")
+    monkeypatch.setattr(cmod, "EXACT_MAX", 8)  # force Lanczos operators (CSR at 90%)
     net = pb.prune(_mlp((20, 30, 30, 5), 2), "magnitude", amount)
-    cert = certify(net, radius=1.0, relax=False, generator=_gen(0))
+    cert = certify(net, radius=1.0, slopes=False, seed=_gen(0))
     for t, i in zip(cert.layers, (0, 2, 4), strict=True):
         w = pb.original_weight(net[i]).detach().double()
         wt = net[i].weight.detach().double()
-        for bound, mat in ((t.norm_w, w), (t.norm_pruned, wt), (t.norm_delta, w - wt)):
+        for bound, mat in ((t.norm_w, w), (t.norm_kept, wt), (t.norm_delta, w - wt)):
             exact = float(torch.linalg.matrix_norm(mat, ord=2))
             assert exact * (1 - 1e-9) <= bound
     low = worst_gap(net, input_shape=(20,))
     assert 0 < low <= cert.bound
-    monkeypatch.setattr(cmod, "_EXACT_MAX", 1024)
-    exact_cert = certify(net, radius=1.0, relax=False)
+    monkeypatch.setattr(cmod, "EXACT_MAX", 1024)
+    exact_cert = certify(net, radius=1.0, slopes=False)
     assert cert.bound >= exact_cert.bound * (1 - 1e-9)
 
 

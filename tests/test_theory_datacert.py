@@ -12,13 +12,10 @@ import torch
 from torch import nn
 
 import prunebound as pb
+from prunebound.stats import clopper_pearson_upper
 from prunebound.theory.assumptions import check_law, check_model
-from prunebound.theory.datacert import (
-    clopper_pearson_upper,
-    data_certificate,
-    search_data_plan,
-    shared_samples,
-)
+from prunebound.theory.datacert import data_certificate, dense_reference, shared_samples
+from prunebound.theory.heldout_plan import search_data_plan
 
 torch.set_num_threads(1)
 
@@ -79,7 +76,7 @@ def test_data_certificate_counts_match_manual() -> None:
         flips = int((net(x).argmax(1) != ref(x).argmax(1)).sum())
         new_err = int(((ref(x).argmax(1) == y) & (net(x).argmax(1) != y)).sum())
     eps = float(gaps.median())
-    cert = data_certificate(net, (x, y), eps, 0.05)
+    cert = data_certificate(net, (x, y), eps, confidence=0.95)
     assert cert.exceed == int((gaps > eps).sum())
     assert cert.flips == flips and cert.new_errors == new_err
     assert cert.exceed_upper == pytest.approx(clopper_pearson_upper(cert.exceed, 500, 0.05))
@@ -92,14 +89,14 @@ def test_data_certificate_counts_match_manual() -> None:
 
 def test_data_certificate_unpruned_is_zero_and_covers_population() -> None:
     net = _net(1)
-    cert = data_certificate(net, torch.randn(300, 8, generator=_gen(0)), 1e-6, 0.05)
+    cert = data_certificate(net, torch.randn(300, 8, generator=_gen(0)), 1e-6, confidence=0.95)
     assert cert.exceed == 0 and cert.flips == 0 and cert.new_errors is None
     assert cert.exceed_upper == pytest.approx(1 - 0.05 ** (1 / 300))
     # against a large "population" sample: the certified upper limit covers the true rate
     pruned = pb.prune(_net(2), "magnitude", 0.7)
     eps = 0.05
-    cert = data_certificate(pruned, torch.randn(400, 8, generator=_gen(3)), eps, 0.01)
-    pop = data_certificate(pruned, torch.randn(40000, 8, generator=_gen(4)), eps, 0.01)
+    cert = data_certificate(pruned, torch.randn(400, 8, generator=_gen(3)), eps, confidence=0.99)
+    pop = data_certificate(pruned, torch.randn(40000, 8, generator=_gen(4)), eps, confidence=0.99)
     assert 0 < pop.exceed_rate <= cert.exceed_upper
 
 
@@ -107,13 +104,13 @@ def test_data_certificate_bad_input() -> None:
     net = _net()
     x = torch.randn(10, 8)
     with pytest.raises(ValueError, match="eps must be"):
-        data_certificate(net, x, -1.0, 0.1)
-    with pytest.raises(ValueError, match="delta must be in"):
-        data_certificate(net, x, 0.1, 1.0)
+        data_certificate(net, x, -1.0, confidence=0.9)
+    with pytest.raises(ValueError, match=r"confidence must be a float in \(0, 1\)"):
+        data_certificate(net, x, 0.1, confidence=1.0)
     with pytest.raises(ValueError, match="labels must match"):
-        data_certificate(net, (x, torch.zeros(3, dtype=torch.long)), 0.1, 0.1)
+        data_certificate(net, (x, torch.zeros(3, dtype=torch.long)), 0.1, confidence=0.9)
     with pytest.raises(TypeError, match="data must be"):
-        data_certificate(net, [1, 2, 3], 0.1, 0.1)  # type: ignore[arg-type]
+        data_certificate(net, [1, 2, 3], 0.1, confidence=0.9)  # type: ignore[arg-type]
 
 
 def test_search_data_plan_searches_then_certifies_on_other_split() -> None:
@@ -122,7 +119,9 @@ def test_search_data_plan_searches_then_certifies_on_other_split() -> None:
     xs = torch.randn(400, 8, generator=_gen(0))
     xc = torch.randn(400, 8, generator=_gen(1))
     eps, delta, alpha = 0.1, 0.05, 0.2
-    counts, cert = search_data_plan(net, xs, xc, eps, delta, alpha, grid=(0.25, 0.5, 0.75))
+    counts, cert = search_data_plan(
+        net, xs, xc, eps, max_gap_rate=alpha, confidence=1 - delta, grid=(0.25, 0.5, 0.75)
+    )
     assert not pb.is_pruned(net)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert set(counts) == {"0", "2", "4"} and sum(counts.values()) > 0
@@ -131,10 +130,10 @@ def test_search_data_plan_searches_then_certifies_on_other_split() -> None:
     pruned = pb.prune(
         copy.deepcopy(net), "magnitude", counts={k: v for k, v in counts.items() if v}
     )
-    on_search = data_certificate(pruned, xs, eps, delta)
+    on_search = data_certificate(pruned, xs, eps, confidence=1 - delta)
     assert on_search.exceed_upper <= alpha
     # ...and the certify-split certificate is that of the same pruned model
-    again = data_certificate(pruned, xc, eps, delta)
+    again = data_certificate(pruned, xc, eps, confidence=1 - delta)
     assert again.exceed == cert.exceed
     # one more grid step in any layer would break the target on the search split (maximality)
     sizes = {k: pb.original_weight(m).numel() for k, m in pb.prunable_layers(net).items()}
@@ -146,15 +145,15 @@ def test_search_data_plan_searches_then_certifies_on_other_split() -> None:
             t = pb.prune(
                 copy.deepcopy(net), "magnitude", counts={k: v for k, v in trial.items() if v}
             )
-            assert data_certificate(t, xs, eps, delta).exceed_upper > alpha
+            assert data_certificate(t, xs, eps, confidence=1 - delta).exceed_upper > alpha
 
 
 def test_search_data_plan_rejects_same_split() -> None:
     x = torch.randn(50, 8)
     with pytest.raises(ValueError, match="disjoint"):
-        search_data_plan(_net(), x, x, 0.1, 0.05, 0.2)
-    with pytest.raises(ValueError, match="alpha must be in"):
-        search_data_plan(_net(), x, x.clone(), 0.1, 0.05, 1.5)
+        search_data_plan(_net(), x, x, 0.1, max_gap_rate=0.2, confidence=0.95)
+    with pytest.raises(ValueError, match="max_gap_rate must be a float in"):
+        search_data_plan(_net(), x, x.clone(), 0.1, max_gap_rate=1.5, confidence=0.95)
 
 
 # --------------------------------------------------------------------------------- assumptions
@@ -215,27 +214,25 @@ def test_check_law_bad_input() -> None:
 
 
 def test_random_data_plan_prunes_the_certified_mask() -> None:
-    from prunebound.theory.datacert import _pruned_copy, _reference
-
     net = _net(3)
     xs = torch.randn(300, 8, generator=_gen(0))
     xc = torch.randn(300, 8, generator=_gen(1))
     eps, delta, alpha = 0.3, 0.05, 0.3
-    p = pb.theory.plan(
-        net, eps, delta, law="data", method="random", data=(xs, xc), alpha=alpha, seed=7
+    p = pb.theory.data_plan(
+        net, (xs, xc), eps, max_gap_rate=alpha, confidence=1 - delta, method="random", seed=7
     )
     assert p.seed == 7 and p.to_dict()["seed"] == 7 and p.total_pruned > 0
-    certified = pb.masks(_pruned_copy(_reference(net), p.counts, "random", 7))
+    certified = pb.masks(pb.prune(dense_reference(net), "random", counts=p.counts, seed=7))
     applied = pb.masks(pb.prune(copy.deepcopy(net), plan=p))
     assert applied.keys() == certified.keys()
     assert all(torch.equal(applied[k], certified[k]) for k in certified)
     # the certificate in the notes is that of the pruned model
-    cert = data_certificate(pb.prune(copy.deepcopy(net), plan=p), xc, eps, delta)
+    cert = data_certificate(pb.prune(copy.deepcopy(net), plan=p), xc, eps, confidence=1 - delta)
     assert f"<= {cert.exceed_upper:.4g}" in p.notes[0]
     # an explicit seed still wins; magnitude plans record none
     other = pb.masks(pb.prune(copy.deepcopy(net), plan=p, seed=8))
     assert any(not torch.equal(other[k], certified[k]) for k in certified if p.counts[k])
-    pm = pb.theory.plan(net, eps, delta, law="data", data=(xs, xc), alpha=alpha)
+    pm = pb.theory.data_plan(net, (xs, xc), eps, max_gap_rate=alpha, confidence=1 - delta)
     assert pm.seed is None
 
 
@@ -244,14 +241,14 @@ def test_data_plan_failing_certification_prunes_nothing() -> None:
     xs = 1e-3 * torch.randn(300, 8, generator=_gen(0))  # tiny inputs: every pruning passes
     xc = 1e3 * torch.randn(300, 8, generator=_gen(1))  # huge ones: the searched pruning fails
     eps, delta, alpha = 0.1, 0.05, 0.2
-    counts, cert = search_data_plan(net, xs, xc, eps, delta, alpha)
+    counts, cert = search_data_plan(net, xs, xc, eps, max_gap_rate=alpha, confidence=1 - delta)
     assert sum(counts.values()) > 0 and cert.exceed_upper > alpha  # the scenario
-    p = pb.theory.plan(net, eps, delta, law="data", data=(xs, xc), alpha=alpha)
+    p = pb.theory.data_plan(net, (xs, xc), eps, max_gap_rate=alpha, confidence=1 - delta)
     assert p.total_pruned == 0
     assert "FAILED" in p.notes[0] and f"{cert.exceed_upper:.4g}" in p.notes[0]
-    assert f"alpha = {alpha:.4g}" in p.notes[0]
+    assert f"max_gap_rate = {alpha:.4g}" in p.notes[0]
     pruned = pb.prune(copy.deepcopy(net), plan=p)
-    assert data_certificate(pruned, xc, eps, delta).exceed == 0
+    assert data_certificate(pruned, xc, eps, confidence=1 - delta).exceed == 0
 
 
 def test_data_plan_refuses_inputs_labels_and_overlapping_splits() -> None:
@@ -259,17 +256,19 @@ def test_data_plan_refuses_inputs_labels_and_overlapping_splits() -> None:
     x = torch.randn(100, 8, generator=_gen(0))
     y = torch.randint(0, 4, (100,), generator=_gen(1))
     with pytest.raises(ValueError, match=r"looks like data=\(inputs, labels\)"):
-        pb.theory.plan(net, 0.1, 0.05, law="data", data=(x, y), alpha=0.2)
+        pb.theory.data_plan(net, (x, y), 0.1, max_gap_rate=0.2, confidence=0.95)
     with pytest.raises(ValueError, match="differ in sample shape"):
-        pb.theory.plan(net, 0.1, 0.05, law="data", data=(x, torch.randn(100)), alpha=0.2)
+        pb.theory.data_plan(net, (x, torch.randn(100)), 0.1, max_gap_rate=0.2, confidence=0.95)
     with pytest.raises(ValueError, match="disjoint"):
-        pb.theory.plan(net, 0.1, 0.05, law="data", data=(x[:60], x[40:]), alpha=0.2)
+        pb.theory.data_plan(net, (x[:60], x[40:]), 0.1, max_gap_rate=0.2, confidence=0.95)
     with pytest.raises(ValueError, match="disjoint"):
-        search_data_plan(net, (x[:60], y[:60]), (x[40:], y[40:]), 0.1, 0.05, 0.2)
+        search_data_plan(
+            net, (x[:60], y[:60]), (x[40:], y[40:]), 0.1, max_gap_rate=0.2, confidence=0.95
+        )
     # the supported forms: disjoint views of one tensor, with or without labels
     for data in [(x[:50], x[50:]), ((x[:50], y[:50]), (x[50:], y[50:])), (x[::2], x[1::2])]:
-        p = pb.theory.plan(net, 0.1, 0.05, law="data", data=data, alpha=0.3)
-        assert p.law == "data"
+        p = pb.theory.data_plan(net, data, 0.1, max_gap_rate=0.3, confidence=0.95)
+        assert p.guarantee == "data" and p.law is None
 
 
 def test_splits_are_compared_by_content_not_storage() -> None:
@@ -283,7 +282,7 @@ def test_splits_are_compared_by_content_not_storage() -> None:
         (x[:100].clone(), torch.cat([x[150:], x[:1].clone()]), 1),  # one row in common
     ]:
         with pytest.raises(ValueError, match=rf"got {shared} of the {cert.shape[0]} certify"):
-            search_data_plan(net, search, cert, 0.1, 0.05, 0.2)
+            search_data_plan(net, search, cert, 0.1, max_gap_rate=0.2, confidence=0.95)
     assert shared_samples(x[:100], x[100:].clone()) == 0
 
 
@@ -293,11 +292,11 @@ def test_a_model_retrained_after_pruning_needs_its_reference() -> None:
     dense = copy.deepcopy(net)
     x = torch.randn(64, 8, generator=_gen(0))
     pb.prune(net, "magnitude", 0.5)
-    data_certificate(copy.deepcopy(net), x, 0.1, 0.05)  # not retrained: the default is F
+    data_certificate(copy.deepcopy(net), x, 0.1, confidence=0.95)  # not retrained: the default is F
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     net(x).square().mean().backward()
     opt.step()
     with pytest.raises(ValueError, match=r"trained after pruning.*pass reference="):
-        data_certificate(net, x, 0.1, 0.05)
-    cert = data_certificate(net, x, 0.1, 0.05, reference=dense)
+        data_certificate(net, x, 0.1, confidence=0.95)
+    cert = data_certificate(net, x, 0.1, confidence=0.95, reference=dense)
     assert cert.n == 64

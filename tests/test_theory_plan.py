@@ -1,9 +1,9 @@
-"""Probabilistic plans (prunebound.theory.plan): validation, arithmetic, Monte Carlo guarantee."""
+"""Probabilistic plans (prunebound.theory.planner): validation, arithmetic, Monte Carlo guarantee."""
 
 from __future__ import annotations
 
 import copy
-import itertools
+import inspect
 import math
 
 import pytest
@@ -13,64 +13,11 @@ from torch import nn
 
 import prunebound as pb
 from prunebound.theory import LayerSpec, bound, plan, propagate
-from prunebound.theory.pruned import magnitude_delta_bound, weight_norm_bound
+from prunebound.theory.prior_bounds import magnitude_delta_bound, weight_norm_bound
 from prunebound.theory.randmat import bias_norm_bound
-from prunebound.theory.types import Law
+from prunebound.theory.values import Law
 
 WIDTHS = [32, 64, 64, 10]
-
-
-# --- a small batched worst-gap search (projected gradient ascent on the ball) -------------------
-
-Layers = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _sample(n: int, widths: list[int], gen: torch.Generator) -> Layers:
-    out = []
-    for a, b in itertools.pairwise(widths):
-        s = 1 / math.sqrt(a)
-        out.append(
-            (
-                (torch.rand(n, b, a, generator=gen) * 2 - 1) * s,
-                (torch.rand(n, b, generator=gen) * 2 - 1) * s,
-            )
-        )
-    return out
-
-
-def _prune(w: torch.Tensor, m: int, method: str, gen: torch.Generator) -> torch.Tensor:
-    flat = w.flatten(1)
-    keys = flat.abs() if method == "magnitude" else torch.rand(flat.shape, generator=gen)
-    out = flat.clone().scatter_(1, keys.argsort(dim=1)[:, :m], 0.0)
-    return out.reshape(w.shape)
-
-
-def _forward(layers: Layers, x: torch.Tensor) -> torch.Tensor:
-    for i, (w, b) in enumerate(layers):
-        x = torch.baddbmm(b[:, None, :], x, w.transpose(1, 2))
-        if i < len(layers) - 1:
-            x = torch.relu(x)
-    return x
-
-
-def _sup_gap(
-    a: Layers, b: Layers, gen: torch.Generator, restarts: int = 16, steps: int = 40
-) -> torch.Tensor:
-    n, d = a[0][0].shape[0], a[0][0].shape[2]
-    x = torch.randn(n, restarts, d, generator=gen)
-    x = x / x.norm(dim=-1, keepdim=True)
-    best = torch.zeros(n)
-    for it in range(steps):
-        x.requires_grad_(True)
-        gap = (_forward(a, x) - _forward(b, x)).norm(dim=-1)
-        best = torch.maximum(best, gap.detach().max(dim=1).values)
-        (g,) = torch.autograd.grad(gap.sum(), x)
-        with torch.no_grad():
-            x = x + (0.5 * (1 - it / steps) + 0.01) * g / g.norm(dim=-1, keepdim=True).clamp_min(
-                1e-12
-            )
-            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1.0)
-    return best
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -79,16 +26,16 @@ def _sup_gap(
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"eps": -1.0}, r"eps must be > 0 and finite, got -1.0"),
-        ({"eps": math.nan}, "eps must be > 0"),
-        ({"delta": 0.0}, r"delta must be in \(0, 1\), got 0.0"),
-        ({"delta": 1.0}, "delta must be in"),
-        ({"radius": 0.0}, "radius must be > 0"),
-        ({"method": "taylor"}, r"method must be one of \['magnitude', 'random'\], got 'taylor'"),
+        ({"eps": -1.0}, r"eps must be a finite number > 0, got -1.0"),
+        ({"eps": math.nan}, "eps must be a finite number > 0"),
+        ({"delta": 0.0}, r"delta must be a float in \(0, 1\), got 0.0"),
+        ({"delta": 1.0}, "delta must be a float in"),
+        ({"radius": 0.0}, "radius must be a finite number > 0"),
+        ({"method": "taylor"}, r"method must be one of 'magnitude', 'random', got 'taylor'"),
         ({"law": "cauchy"}, "law must be one of"),
-        ({"split": "even"}, r"split must be one of \['optimized', 'equal', 'params'\]"),
+        ({"split": "even"}, r"split must be one of 'optimized', 'equal', 'params'"),
         ({"sampling": "bernoulli"}, "needs method='random'"),
-        ({"scale": -2.0}, "scale must be > 0"),
+        ({"law": Law("uniform", -2.0)}, "law.scale must be a finite number > 0"),
     ],
 )
 def test_plan_rejects_invalid_input(kwargs: dict[str, object], match: str) -> None:
@@ -233,16 +180,8 @@ def test_trained_magnitude_is_exact_lemma_a() -> None:
     assert res.norm_w[1] == pytest.approx(float(torch.linalg.matrix_norm(w2, 2)), rel=1e-6)
     assert res.eps <= 0.5
     # the certificate holds for this very model: worst gap found is below eps
-    pruned = pb.models.mlp([16, 24, 5])
-    pruned.load_state_dict(model.state_dict())
-    pb.prune(pruned, plan=p)
-    a = [(lin.weight.detach()[None], lin.bias.detach()[None]) for lin in layers]
-    b = [
-        (lin.weight.detach()[None], lin.bias.detach()[None])
-        for lin in pruned
-        if isinstance(lin, nn.Linear)
-    ]
-    assert float(_sup_gap(b, a, torch.Generator().manual_seed(0))[0]) <= 0.5
+    pruned = pb.prune(copy.deepcopy(model), plan=p)
+    assert 0 < worst_gap(pruned, model, radius=1.0, input_shape=(16,)) <= 0.5
 
 
 # --- Monte Carlo: the guarantee holds -------------------------------------------------------------
@@ -254,19 +193,13 @@ def test_monte_carlo_plan_guarantee(method: str, eps: float) -> None:
     delta, n = 0.1, 100
     p = plan(WIDTHS, eps, delta, method=method)
     assert p.total_pruned > 0
-    gen = torch.Generator().manual_seed(123)
-    nets = _sample(n, WIDTHS, gen)
-    pruned = [
-        (_prune(w, lp.count, method, gen), b) for (w, b), lp in zip(nets, p.layers, strict=True)
-    ]
-    gaps = _sup_gap(pruned, nets, gen)
-    violations = int((gaps > eps).sum())
+    # networks drawn from the plan's law, pruned as the plan says, worst gap searched (the
+    # batched engine is itself checked against tests/soundness.worst_gap in tests/check)
+    rep = pb.verify(p, trials=n, seed=123)
     # a valid bound: violations ~ 0; allow the delta rate itself (binomial 99.9% upper limit ~ 20)
-    assert violations <= 20, (
-        f"{violations}/{n} gaps above eps={eps}; max gap {float(gaps.max()):.4f}"
-    )
-    assert violations == 0, f"unexpected (but within delta) violations: {violations}"
-    assert float(gaps.max()) > 0.0
+    assert rep.violations <= 20, f"{rep.violations}/{n} gaps above eps={eps}: {rep.gap_max:.4f}"
+    assert rep.violations == 0, f"unexpected (but within delta) violations: {rep.violations}"
+    assert rep.gap_max > 0.0
 
 
 def test_trained_random_plan_meets_eps_over_masks() -> None:
@@ -289,16 +222,29 @@ def test_law_rejected_by_ks_is_noted() -> None:
     assert not any("layer 3" in n for n in p.notes)
 
 
-def test_data_plan_delegates() -> None:
+def test_plan_has_no_data_or_sampled_mode_any_more() -> None:
+    """One planner per guarantee: data and sampled plans are their own functions."""
+    model = pb.models.mlp([8, 16, 3])
+    with pytest.raises(ValueError, match="law must be one of 'uniform', 'gaussian', 'trained'"):
+        plan(model, 0.5, 0.1, law="data")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bound'"):
+        plan(model, 0.5, 0.1, bound="sampled")  # type: ignore[call-arg]
+    params = inspect.signature(plan).parameters
+    assert len(params) <= 10, list(params)
+
+
+def test_data_plan_is_its_own_planner() -> None:
     torch.manual_seed(0)  # default init draws from the global RNG: independent of test order
     model = pb.models.mlp([8, 16, 3])
     gen = torch.Generator().manual_seed(0)
     x1, x2 = torch.randn(200, 8, generator=gen), torch.randn(200, 8, generator=gen)
-    p = plan(model, 0.5, 0.1, law="data", data=(x1, x2), alpha=0.1)
-    assert p.law == "data" and set(p.counts) == {"1", "3"}
+    p = pb.theory.data_plan(model, (x1, x2), 0.5, max_gap_rate=0.1, confidence=0.9)
+    assert p.guarantee == "data" and p.law is None and set(p.counts) == {"1", "3"}
+    assert p.confidence == 0.9 and p.max_gap_rate == 0.1
     assert "not a sup over the ball" in p.notes[0]
-    with pytest.raises(ValueError, match="alpha must be in"):
-        plan(model, 0.5, 0.1, law="data", data=(x1, x2))
+    assert "Plan (data, magnitude)" in str(p) and "P_x(gap > eps) <= 0.1" in str(p)
+    with pytest.raises(TypeError, match="max_gap_rate"):
+        pb.theory.data_plan(model, (x1, x2), 0.5)  # type: ignore[call-arg]
 
 
 def test_trained_conv_plan_uses_conv_norms() -> None:
@@ -329,13 +275,7 @@ def test_trained_tightened_plan_prunes_more_and_is_certified() -> None:
     pruned = pb.prune(copy.deepcopy(model), plan=tight)
     cert = pb.theory.certify(pruned, radius=1.0)
     assert cert.bound <= 0.3
-    layers = [m for m in model if isinstance(m, nn.Linear)]
-    a = [(lin.weight.detach()[None], lin.bias.detach()[None]) for lin in layers]
-    b = [
-        (m.weight.detach()[None], m.bias.detach()[None]) for m in pruned if isinstance(m, nn.Linear)
-    ]
-    gap = float(_sup_gap(b, a, torch.Generator().manual_seed(0))[0])
-    assert 0 < gap <= cert.bound
+    assert 0 < worst_gap(pruned, model, radius=1.0, input_shape=(16,)) <= cert.bound
     with pytest.raises(ValueError, match="tighten=True needs law='trained'"):
         plan(model, 0.3, 0.1, law="uniform", tighten=True)
 

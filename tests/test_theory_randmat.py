@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from prunebound.theory import randmat
-from prunebound.theory.pruned import (
+from prunebound.theory.prior_bounds import (
     magnitude_delta_bound,
     random_delta_bound,
     random_kept_bound,
@@ -28,7 +28,7 @@ from prunebound.theory.randmat import (
     order_stat_upper,
     uniform_mixture,
 )
-from prunebound.theory.types import Law
+from prunebound.theory.values import Law
 
 DELTA = 0.05
 N_MC = 200
@@ -76,9 +76,9 @@ def test_gaussian_comparison_hand_computed() -> None:
 
 
 def test_invalid_delta_names_parameter() -> None:
-    with pytest.raises(ValueError, match=r"delta must be in \(0, 1\), got 0"):
+    with pytest.raises(ValueError, match=r"delta must be a float in \(0, 1\), got 0"):
         gaussian_comparison_bound(2, 2, c=1.0, delta=0)
-    with pytest.raises(ValueError, match="delta must be in"):
+    with pytest.raises(ValueError, match="delta must be a float in"):
         bernstein_bound(2, 2, entry_bound=1.0, variance_sum=1.0, delta=1.5)
     with pytest.raises(ValueError, match="weights must sum"):
         EntryLaw(pieces=((0.7, 0, 1), (0.7, 0, 1)))

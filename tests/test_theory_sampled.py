@@ -1,4 +1,4 @@
-"""Sampled-certificate plans (`theory.plan(..., bound="sampled")`, docs/theory.md §6b)."""
+"""Sampled-certificate plans (`check.sampled_plan(theory.plan(...))`, docs/theory.md §6b)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import prunebound as pb
-from prunebound.theory import plan
-from prunebound.theory.datacert import clopper_pearson_upper
-from prunebound.theory.sampled import (
+from prunebound.check.sampled import (
     SEARCH_STREAM,
     default_n_cert,
     network_generator,
     sampled_plan,
 )
+from prunebound.stats import clopper_pearson_upper
+from prunebound.theory import plan
 
 WIDTHS = [16, 12, 8, 4]
 DELTA = 0.05
@@ -33,7 +33,7 @@ def random_sp() -> object:
 
 
 def test_default_n_cert_is_the_smallest_zero_failure_sample() -> None:
-    n = default_n_cert(0.05, DELTA, 3)
+    n = default_n_cert(0.95, DELTA, 3)
     assert n == 80  # log(0.05 / 3) / log(0.95) = 79.8
     assert (
         clopper_pearson_upper(0, n, 0.05 / 3) <= DELTA < clopper_pearson_upper(0, n - 1, 0.05 / 3)
@@ -47,7 +47,8 @@ def test_accepted_only_when_clopper_pearson_limit_is_at_most_delta(random_sp: ob
     assert last.accepted and last.upper == clopper_pearson_upper(last.k, last.n, 0.05 / 3)
     assert last.upper + last.fail_prob <= DELTA
     assert all(not a.accepted and a.upper > DELTA for a in sp.attempts[:-1])
-    assert sp.plan.split == "sampled" and f"k={last.k}" in sp.plan.notes[-1]
+    assert sp.plan.guarantee == "sampled" and f"k={last.k}" in sp.plan.notes[-1]
+    assert sp.plan.confidence == 0.95 and "Plan (sampled, random)" in str(sp.plan)
     assert tuple(sp.plan.counts.values()) == last.counts
 
 
@@ -64,7 +65,7 @@ def test_sampled_prunes_more_than_theorem_when_theorem_is_tiny(random_sp: object
     assert th.total_pruned == 0  # Theorem R' prunes nothing here
     assert random_sp.plan.total_pruned >= 250  # measured: 320 of 336 at seed 3
     # the slope decomposition (default) is what buys it: Lemma A variants alone allow 35
-    lemma_a = sampled_plan(th, n_search=8, seed=3, relax=False).plan
+    lemma_a = sampled_plan(th, n_search=8, seed=3, slopes=False).plan
     assert 0 < lemma_a.total_pruned <= 50
 
 
@@ -75,13 +76,14 @@ def test_verify_finds_no_violation_of_a_sampled_plan(random_sp: object) -> None:
     assert rep.rate_upper <= DELTA
 
 
-def test_plan_dispatch_matches_sampled_plan_and_is_reproducible() -> None:
+def test_sampled_plan_is_reproducible_and_prunes_more() -> None:
     th = _theorem("magnitude")
-    a = plan(WIDTHS, th.eps, DELTA, method="magnitude", bound="sampled", n_search=4, seed=1)
-    b = sampled_plan(th, n_search=4, seed=1).plan
+    a = sampled_plan(th, n_search=4, seed=1).plan
+    b = pb.sampled_plan(th, n_search=4, seed=1).plan
     assert a.counts == b.counts and a.total_pruned > th.total_pruned
     default = plan(WIDTHS, th.eps, DELTA, method="magnitude")
     assert default.counts == th.counts and default.split == "optimized"
+    assert default.guarantee == "prior" and a.guarantee == "sampled"
     assert pb.prune(pb.models.mlp(WIDTHS), plan=a) is not None
 
 
@@ -105,7 +107,7 @@ def test_search_and_certification_streams_are_disjoint(random_sp: object) -> Non
     [
         ({"n_search": 0}, "n_search"),
         ({"n_cert": 0}, "n_cert"),
-        ({"alpha": 1.5}, "alpha"),
+        ({"confidence": 1.5}, "confidence"),
         ({"shrink": 1.0}, "shrink"),
         ({"attempts": 0}, "attempts"),
         ({"search_allowed": 8, "n_search": 8}, "search_allowed"),
@@ -119,10 +121,8 @@ def test_bad_arguments_raise(kwargs: dict[str, object], match: str) -> None:
 
 
 def test_bad_plan_arguments_raise() -> None:
-    with pytest.raises(ValueError, match="bound must be one of"):
-        plan(WIDTHS, 0.5, DELTA, bound="closed")
-    with pytest.raises(ValueError, match="law 'uniform' or 'gaussian'"):
-        plan(pb.models.mlp(WIDTHS), 0.5, DELTA, law="trained", bound="sampled")
+    with pytest.raises(ValueError, match="needs a prior plan"):
+        sampled_plan(plan(pb.models.mlp(WIDTHS), 0.5, DELTA, law="trained"))
     with pytest.raises(ValueError, match="sampling='count'"):
         sampled_plan(plan(WIDTHS, 0.5, DELTA, method="random", sampling="bernoulli"))
     with pytest.raises(TypeError, match="Plan"):

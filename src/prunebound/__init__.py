@@ -17,6 +17,7 @@ Every exported name, by wing (defining module in brackets; the design: docs/desi
               save_export, load_export                 [deploy.export_file]
               SparseLinear, SparseConv2d               [deploy.sparse]
     check     verify, VerifyReport, largest_fraction, LargestFraction   [check.verify]
+              sampled_plan, SampledPlan                [check.sampled]
               SearchConfig                             [check.batch]
     theory    theory                                   (module: plans, bounds, certificates)
               __version__
@@ -38,6 +39,7 @@ from prunebound._masks import (
     sparsity,
 )
 from prunebound.check.batch import SearchConfig
+from prunebound.check.sampled import SampledPlan, sampled_plan
 from prunebound.check.verify import LargestFraction, VerifyReport, largest_fraction, verify
 from prunebound.checkpoint import (
     export_torch_prune,
@@ -76,6 +78,7 @@ __all__ = [
     "Method",
     "ModelSpec",
     "RunResult",
+    "SampledPlan",
     "Schedule",
     "SearchConfig",
     "SparseConv2d",
@@ -106,6 +109,7 @@ __all__ = [
     "run",
     "run_distributed",
     "run_schedule",
+    "sampled_plan",
     "save",
     "save_export",
     "snapshot",

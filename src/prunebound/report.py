@@ -317,7 +317,7 @@ def plan_table(plan: Mapping[str, Any]) -> str:
             "fraction": lp["fraction"],
             "threshold": _g(lp["threshold"]),
             "eps share": lp["eps_share"],
-            "||Delta|| <=": _g(lp["norm_bound"]),
+            "||Delta|| <=": _g(lp["norm_delta"]),
         }
         for lp, spec in zip(plan["layers"], plan["specs"], strict=True)
     ]
@@ -353,7 +353,7 @@ def certificate_table(cert: Mapping[str, Any]) -> str:
             "layer": t["name"],
             "pruned": f"{t['pruned']}/{t['total']}",
             "||W||": t["norm_w"],
-            "||W~||": t["norm_pruned"],
+            "||W~||": t["norm_kept"],
             "||Delta||": t["norm_delta"],
             "r_in": t["r_in"],
             "contribution": t["contribution"],

@@ -22,8 +22,8 @@ from prunebound.check.batch import (
 )
 from prunebound.stats import clopper_pearson_lower
 from prunebound.theory import plan
-from prunebound.theory.network import conv_specs
-from prunebound.theory.types import Law, LayerPlan, LayerSpec
+from prunebound.theory.resolve import conv_specs
+from prunebound.theory.values import Law, LayerPlan, LayerSpec
 
 FAST = pb.SearchConfig(samples=32, restarts=4, steps=15)
 

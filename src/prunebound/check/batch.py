@@ -19,7 +19,7 @@ from torch import nn
 
 from prunebound._check import check_int
 from prunebound._masks import set_mask
-from prunebound.theory.types import Law, LayerSpec, Plan
+from prunebound.theory.values import Law, LayerSpec, Plan
 
 
 @dataclass(frozen=True)

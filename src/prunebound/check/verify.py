@@ -36,8 +36,8 @@ from prunebound.check.batch import (
     worst_gap,
 )
 from prunebound.stats import clopper_pearson_upper
-from prunebound.theory.certify import certify
-from prunebound.theory.types import Plan
+from prunebound.theory.certificate import certify
+from prunebound.theory.values import Plan
 
 OnProgress = Callable[[int, int], None]  # (networks done, total)
 
@@ -137,7 +137,7 @@ def _certificate(batch: Batch, pruned: Sequence[torch.Tensor], i: int, radius: f
     """`theory.certify` of network i, rebuilt as an nn.Sequential with prunebound masks."""
     model = to_module(batch, pruned, i)
     gen = torch.Generator().manual_seed(0)
-    cert = certify(model, radius=radius, input_shape=batch.specs[0].in_shape, generator=gen)
+    cert = certify(model, radius=radius, input_shape=batch.specs[0].in_shape, seed=gen)
     return cert.bound
 
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from prunebound import report
 from prunebound.check.batch import SearchConfig
+from prunebound.check.sampled import sampled_plan
 from prunebound.check.verify import largest_fraction, verify
 from prunebound.commands._args import (
     add_checkpoint_args,
@@ -23,7 +24,7 @@ from prunebound.commands._args import (
     positive_float,
 )
 from prunebound.theory import Plan, certify, plan
-from prunebound.theory.network import conv_specs
+from prunebound.theory.resolve import conv_specs
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
@@ -85,10 +86,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if not args.rel_eps > 0:
             raise ValueError(f"--rel-eps must be > 0, got {args.rel_eps}")
         eps = args.rel_eps * plan(target, 1.0, args.delta, **kw).output_scale
-    if args.bound == "sampled":  # minutes for wide layers: show the search as it goes
-        print("sampled plan: search on 32 networks, then certify on fresh ones", file=sys.stderr)
-        logging.getLogger("prunebound.theory.sampled").setLevel(logging.INFO)
-    return plan(target, eps, args.delta, bound=args.bound, **kw)
+    theorem = plan(target, eps, args.delta, **kw)
+    if args.bound == "theorem":
+        return theorem
+    # minutes for wide layers: show the search as it goes
+    print("sampled plan: search on 32 networks, then certify on fresh ones", file=sys.stderr)
+    logging.getLogger("prunebound.check.sampled").setLevel(logging.INFO)
+    return sampled_plan(theorem).plan
 
 
 def add_plan_parser(sub: Any) -> None:

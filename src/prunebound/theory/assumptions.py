@@ -15,6 +15,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from prunebound._check import check_choice, check_float
 from prunebound._masks import original_weight, prunable_layers
 
 LawKind = Literal["uniform", "gaussian"]
@@ -80,12 +81,10 @@ def check_law(
         alpha: test level in (0, 1).
         name: layer name, carried into the result.
     """
-    if law not in ("uniform", "gaussian"):
-        raise ValueError(f"law must be 'uniform' or 'gaussian', got {law!r}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if scale is not None and (not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be a finite number > 0 or None, got {scale}")
+    check_choice("law", law, ("uniform", "gaussian"))
+    check_float("alpha", alpha, 0.0, 1.0, closed="neither")
+    if scale is not None:
+        check_float("scale", scale, 0.0, math.inf, closed="neither", ints=True)
     w = weight.detach().to(torch.float64).cpu()
     if w.numel() < 2 or not bool(torch.isfinite(w).all()):
         raise ValueError(f"weight must hold >= 2 finite entries, got shape {tuple(w.shape)}")

@@ -8,7 +8,6 @@ Derived for prunebound in the setting of Qian & Klabjan (2021).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 
 from prunebound._masks import Mask, effective_weight, original_weight
-from prunebound.theory.types import Kind, LayerSpec
+from prunebound.theory.values import LayerKind, LayerSpec
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
@@ -245,7 +244,7 @@ def _spec(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> LayerSpec:
     assert isinstance(m, nn.Conv1d | nn.Conv2d)
     if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise _unsupported(name, m, " unless groups=1 and numeric zero padding")
-    kind: Kind = "conv1d" if isinstance(m, nn.Conv1d) else "conv2d"
+    kind: LayerKind = "conv1d" if isinstance(m, nn.Conv1d) else "conv2d"
     pad = tuple(int(p) for p in m.padding)
     return LayerSpec(name, kind, shape, in_shape, tuple(m.stride), pad, tuple(m.dilation), has_bias)
 
@@ -377,50 +376,3 @@ def _check_chain(model: nn.Module, net: Network) -> None:
             f"(max deviation {float((y - z).abs().max()):.3g}): a custom forward, hook or "
             "override changes what it computes; the theory refuses to certify it"
         )
-
-
-def from_widths(widths: Sequence[int], *, bias: bool = True) -> tuple[LayerSpec, ...]:
-    """LayerSpecs of an MLP with widths (n_0, ..., n_L), named "1", "3", ... like the Linear
-    modules of `prunebound.models.mlp(widths)` (Flatten first, activations between)."""
-    if len(widths) < 2 or any(
-        isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths
-    ):
-        raise ValueError(f"widths must be >= 2 positive ints, got {list(widths)!r}")
-    return tuple(
-        LayerSpec(str(2 * i + 1), "linear", (b, a), (a,), bias=bias)
-        for i, (a, b) in enumerate(itertools.pairwise(widths))
-    )
-
-
-def conv_specs(
-    channels: Sequence[int],
-    kernel: int,
-    in_size: Sequence[int],
-    *,
-    stride: int = 1,
-    padding: int = 0,
-    bias: bool = True,
-) -> tuple[LayerSpec, ...]:
-    """LayerSpecs of a plain conv stack (Conv2d for 2-D `in_size`, Conv1d for 1-D), for
-    widths-only planning targets; spatial sizes follow the usual output-size formula."""
-    d = len(in_size)
-    if d not in (1, 2) or len(channels) < 2 or kernel < 1 or stride < 1 or padding < 0:
-        raise ValueError(
-            f"conv_specs needs 1-2 spatial dims, >= 2 channels, kernel/stride >= 1, padding >= 0; "
-            f"got in_size={tuple(in_size)}, channels={list(channels)}, kernel={kernel}, "
-            f"stride={stride}, padding={padding}"
-        )
-    kind: Kind = "conv1d" if d == 1 else "conv2d"
-    size = [int(s) for s in in_size]
-    out: list[LayerSpec] = []
-    for i, (a, b) in enumerate(itertools.pairwise(channels)):
-        shape = (b, a, *([kernel] * d))
-        out.append(
-            LayerSpec(
-                str(i), kind, shape, (a, *size), (stride,) * d, (padding,) * d, (1,) * d, bias
-            )
-        )
-        size = [(s + 2 * padding - kernel) // stride + 1 for s in size]
-        if min(size) < 1:
-            raise ValueError(f"conv_specs: spatial size shrinks below 1 at layer {i}, got {size}")
-    return tuple(out)

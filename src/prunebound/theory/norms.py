@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from prunebound._check import Seed, as_generator, check_float, check_int, finite
+
 NormMethod = Literal["auto", "gram", "lanczos", "frobenius", "schur"]
 _U64 = 2.0**-53  # unit roundoff of float64
 _KW_C = 1.648  # Kuczynski & Wozniakowski (1992), Thm 4.2(a), Lanczos
@@ -43,17 +45,11 @@ class NormBound:
         return asdict(self)
 
 
-def _finite(a: torch.Tensor) -> bool:
-    """All entries finite. Fast path: a finite sum implies no NaN/Inf (a NaN or Inf entry makes
-    the sum NaN or infinite); only an overflowing sum needs the full elementwise check."""
-    return bool(torch.isfinite(a.sum())) or bool(torch.isfinite(a).all())
-
-
 def _as_matrix(a: torch.Tensor) -> torch.Tensor:
     if a.dim() != 2:
         raise ValueError(f"a must be a matrix (2-D), got shape {tuple(a.shape)}")
     a = a.detach().to(torch.float64)
-    if not _finite(a):
+    if not finite(a):
         raise ValueError("a must be finite, got a matrix containing NaN or Inf")
     return a.T if a.shape[0] < a.shape[1] else a  # tall: Gram is (min dim)^2
 
@@ -99,7 +95,7 @@ def lanczos_bound(
     *,
     steps: int = 100,
     fail_prob: float = 1e-9,
-    generator: torch.Generator | None = None,
+    seed: Seed = 0,
 ) -> NormBound:
     """Probabilistic upper bound on ||A||_2 by Lanczos on A^T A (docs/theory.md §7.2).
 
@@ -107,6 +103,7 @@ def lanczos_bound(
     theta_k satisfies P(theta_k < (1 - eps) lambda_1) <= 1.648 sqrt(n) exp(-sqrt(eps)(2k - 1))
     (Kuczynski & Wozniakowski 1992). So ||A||^2 <= theta_k / (1 - eps) with probability
     >= 1 - fail_prob. Full reorthogonalisation in float64; a 1e-10 relative margin covers rounding.
+    `seed` (`_check.Seed`, default 0) draws the random start.
     """
     _check_lanczos(steps, fail_prob)
     a = _as_matrix(a)
@@ -119,16 +116,14 @@ def lanczos_bound(
         float(torch.linalg.vector_norm(a)) ** 2,
         steps=steps,
         fail_prob=fail_prob,
-        generator=generator,
+        seed=seed,
         device=a.device,
     )
 
 
 def _check_lanczos(steps: int, fail_prob: float) -> None:
-    if not 0 < fail_prob < 1:
-        raise ValueError(f"fail_prob must be in (0, 1), got {fail_prob}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_float("fail_prob", fail_prob, 0.0, 1.0, closed="neither")
+    check_int("steps", steps, 1)
 
 
 def lanczos_operator(
@@ -139,7 +134,7 @@ def lanczos_operator(
     *,
     steps: int = 100,
     fail_prob: float = 1e-9,
-    generator: torch.Generator | None = None,
+    seed: Seed = 0,
     device: torch.device | str = "cpu",
 ) -> NormBound:
     """`lanczos_bound` for a matrix A given as functions: gram_mv(q) = A^T A q, apply(v) = A v
@@ -149,7 +144,7 @@ def lanczos_operator(
     if n == 0 or fro2 == 0:
         return NormBound(0.0, "lanczos", 0.0)
     k = min(steps, n)
-    q = torch.randn(n, dtype=torch.float64, generator=generator).to(device)
+    q = torch.randn(n, dtype=torch.float64, generator=as_generator(seed)).to(device)
     q /= torch.linalg.vector_norm(q)
     basis = torch.zeros((k, n), dtype=torch.float64, device=device)
     alpha = torch.zeros(k, dtype=torch.float64, device=device)
@@ -200,7 +195,7 @@ def norm_bound(
     exact_max: int = 1024,
     steps: int = 100,
     fail_prob: float = 1e-9,
-    generator: torch.Generator | None = None,
+    seed: Seed = 0,
 ) -> NormBound:
     """Upper bound on ||A||_2 with the chosen method (docs/theory.md §7.2).
 
@@ -219,7 +214,7 @@ def norm_bound(
         return NormBound(schur(mat), "schur")
     if method not in ("auto", "lanczos"):
         raise ValueError(f"method must be one of auto/gram/lanczos/frobenius/schur, got {method!r}")
-    lz = lanczos_bound(mat, steps=steps, fail_prob=fail_prob, generator=generator)
+    lz = lanczos_bound(mat, steps=steps, fail_prob=fail_prob, seed=seed)
     if method == "lanczos":
         return lz
     cheap = min(frobenius(mat), schur(mat))
@@ -250,7 +245,7 @@ def conv_norm(
         )
     st, pad, dil = _expand(stride, d), _expand(padding, d), _expand(dilation, d)
     w = weight.detach().to(torch.float64)
-    if not _finite(w):
+    if not finite(w):
         raise ValueError("weight must be finite, got a kernel containing NaN or Inf")
     c_out, c_in = w.shape[:2]
     ext = [dil[i] * (w.shape[2 + i] - 1) + 1 for i in range(d)]

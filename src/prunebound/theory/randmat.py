@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from prunebound._check import check_float
+
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
 
@@ -165,7 +167,7 @@ def gaussian_comparison_bound(
 
 
 @dataclass(frozen=True)
-class NormBound:
+class IidNormBound:
     """An operator-norm bound and the inequality that gave it."""
 
     value: float
@@ -179,7 +181,7 @@ class NormBound:
 
 def iid_norm_bound(
     d1: int, d2: int, law: EntryLaw, delta: float, *, dense: float = 1.0, orthant: bool = False
-) -> NormBound:
+) -> IidNormBound:
     """Bound on ||X|| for a d1 x d2 matrix with i.i.d. entries from `law`, w.p. >= 1 - delta.
 
     Minimum of matrix Bernstein and the Gaussian comparison (both at delta; docs/theory.md §3.3).
@@ -192,7 +194,7 @@ def iid_norm_bound(
     v = max(d1, d2) * law.variance
     b = bernstein_bound(d1, d2, entry_bound=law.bound, variance_sum=v, delta=d_eff)
     g = gaussian_comparison_bound(d1, d2, c=domination_constant(law), delta=d_eff, orthant=orthant)
-    return NormBound(
+    return IidNormBound(
         value=min(b, g), method="bernstein" if b < g else "gaussian", bernstein=b, gaussian=g
     )
 
@@ -244,5 +246,4 @@ def bias_norm_bound(n: int, law_name: str, scale: float, delta: float) -> float:
 
 
 def _check_delta(delta: float) -> None:
-    if not (0.0 < delta < 1.0):
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    check_float("delta", delta, 0.0, 1.0, closed="neither", ints=False)

@@ -20,7 +20,7 @@ from prunebound.theory.randmat import (
     order_stat_upper,
     uniform_mixture,
 )
-from prunebound.theory.types import Law
+from prunebound.theory.values import Law
 
 #: Bernoulli comparison slack: count-form subsets are compared with Bernoulli(q) masks where
 #: P(Bin >= m) >= 1 - ETA; tail bounds are then solved at delta * (1 - ETA) (docs §4.1).

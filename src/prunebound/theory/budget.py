@@ -1,31 +1,16 @@
 """Sharing the budget eps across layers: fixed splits and the optimised (greedy) split.
 
 docs/theory.md §6. Both solvers only need, per layer, monotone norm bounds as functions of the
-pruned count (`Oracle`) and Lemma A (`propagate`) as a function of all counts. INFERRED: our
+pruned count (`oracles.Oracle`) and Lemma A (`propagate`) as a function of all counts. INFERRED: our
 construction in the setting of Qian & Klabjan (2021).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
-from prunebound.theory.propagate import Propagation
-
-
-class Oracle(Protocol):
-    """Per-layer norm bounds as functions of the pruned count m (see `theory.layers`)."""
-
-    numel: int
-
-    @property
-    def name(self) -> str: ...
-    def norm_w(self) -> float: ...
-    def norm_b(self) -> float: ...
-    def norm_delta(self, m: int) -> float: ...
-    def norm_kept(self, m: int) -> float: ...
-    def threshold(self, m: int) -> float | None: ...
-
+from prunebound.theory.lemma_a import Propagation
+from prunebound.theory.oracles import Oracle
 
 Lemma = Callable[[Sequence[int]], Propagation]
 

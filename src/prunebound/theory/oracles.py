@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from prunebound.theory.norms import conv_norm
-from prunebound.theory.pruned import (
+from prunebound.theory.prior_bounds import (
     conv_factor,
     magnitude_delta_bound,
     random_delta_bound,
@@ -21,7 +21,7 @@ from prunebound.theory.pruned import (
     weight_norm_bound,
 )
 from prunebound.theory.randmat import bernstein_bound, bias_norm_bound
-from prunebound.theory.types import Law, LayerSpec
+from prunebound.theory.values import Law, LayerSpec
 
 
 def out_positions(spec: LayerSpec) -> int:
@@ -53,7 +53,44 @@ def matrix_dims(spec: LayerSpec) -> tuple[int, int, float]:
     return d1, d2, conv_factor(spec.shape[2:], spec.stride, spec.dilation)
 
 
-class PriorLayer:
+class Oracle:
+    """Per-layer norm bounds as functions of the pruned count m: what `theory.budget` solves
+    with and `theory.planner` feeds to Lemma A. `PriorLayer` (weights from a law) and
+    `TrainedLayer` (the weights in hand) fill in `_norm_delta`, `_norm_kept` and `threshold`;
+    `norm_delta` and `norm_kept` are their cached forms (the solvers call them many times)."""
+
+    def __init__(self, spec: LayerSpec, method: str, delta: float, *, bernoulli: bool):
+        self.spec, self.method, self.delta, self.bernoulli = spec, method, delta, bernoulli
+        self.d1, self.d2, self.factor = matrix_dims(spec)
+        self.numel = spec.numel
+        self._nw = 0.0  # the bound on ||W|| used in r_l
+        self._nb = 0.0  # ||b|| as seen in the layer's output
+        self.norm_delta = lru_cache(maxsize=None)(self._norm_delta)
+        self.norm_kept = lru_cache(maxsize=None)(self._norm_kept)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def norm_w(self) -> float:
+        """Bound on ||W|| (PriorLayer: restricted to h >= 0 when the input is nonnegative)."""
+        return self._nw
+
+    def norm_b(self) -> float:
+        return self._nb
+
+    def _norm_delta(self, m: int) -> float:
+        raise NotImplementedError
+
+    def _norm_kept(self, m: int) -> float:
+        raise NotImplementedError
+
+    def threshold(self, m: int) -> float | None:
+        """For magnitude: the pruning threshold of m weights (an upper bound a priori)."""
+        raise NotImplementedError
+
+
+class PriorLayer(Oracle):
     """A priori oracle: weights i.i.d. from `law` (docs §4). `delta` is this layer's failure budget.
 
     Split: ||W|| delta/4, ||b|| delta/4, ||Delta|| delta/4 (magnitude: delta/2, t' event
@@ -75,12 +112,9 @@ class PriorLayer:
         bernoulli: bool,
         nonneg_input: bool = False,
     ):
-        self.spec, self.law, self.method = spec, law, method
-        self.bernoulli, self.nonneg = bernoulli, nonneg_input
         # each norm event gets its budget; halves when a restricted twin is needed
-        self.delta = delta / 2.0 if nonneg_input else delta
-        self.d1, self.d2, self.factor = matrix_dims(spec)
-        self.numel = spec.numel
+        super().__init__(spec, method, delta / 2.0 if nonneg_input else delta, bernoulli=bernoulli)
+        self.law, self.nonneg = law, nonneg_input
         d_w = self.delta / 4.0
         self._nw_full = self.factor * weight_norm_bound(self.d1, self.d2, law, d_w)
         self._nw = self._nw_full
@@ -89,25 +123,11 @@ class PriorLayer:
                 self._nw_full,
                 self.factor * weight_norm_bound(self.d1, self.d2, law, d_w, orthant=True),
             )
-        self._nb = 0.0
         if spec.bias:
             self._nb = math.sqrt(out_positions(spec)) * bias_norm_bound(
                 spec.shape[0], law.name, law.scale, delta / 4.0
             )
-        self.norm_delta = lru_cache(maxsize=None)(self._norm_delta)
-        self.norm_kept = lru_cache(maxsize=None)(self._norm_kept)
         self._full_delta = lru_cache(maxsize=None)(self._delta_bound)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def norm_w(self) -> float:
-        """Bound on ||W|| (restricted to h >= 0 when the input is nonnegative): used in r_l."""
-        return self._nw
-
-    def norm_b(self) -> float:
-        return self._nb
 
     def _delta_bound(self, m: int, orthant: bool = False) -> tuple[float, float | None]:
         if self.method == "magnitude":
@@ -166,7 +186,7 @@ def _opnorm(w: torch.Tensor, spec: LayerSpec) -> float:
     )
 
 
-class TrainedLayer:
+class TrainedLayer(Oracle):
     """Trained oracle: the weights are in hand (docs §5).
 
     Magnitude pruning is deterministic: ||Delta(m)|| and ||W~(m)|| are computed exactly (linear:
@@ -187,28 +207,13 @@ class TrainedLayer:
         *,
         bernoulli: bool,
     ):
-        self.spec, self.method, self.delta, self.bernoulli = spec, method, delta, bernoulli
-        self.d1, self.d2, self.factor = matrix_dims(spec)
-        self.numel = spec.numel
+        super().__init__(spec, method, delta, bernoulli=bernoulli)
         self.w = weight.detach().reshape(self.d1, -1).double()
         self._nw = _opnorm(self.w, spec)
         self._nw_mat = float(torch.linalg.matrix_norm(self.w, ord=2))
-        self._nb = 0.0
         if bias is not None:
             self._nb = math.sqrt(out_positions(spec)) * float(bias.detach().double().norm())
         self._order = torch.argsort(self.w.abs().flatten(), stable=True)
-        self.norm_delta = lru_cache(maxsize=None)(self._norm_delta)
-        self.norm_kept = lru_cache(maxsize=None)(self._norm_kept)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def norm_w(self) -> float:
-        return self._nw
-
-    def norm_b(self) -> float:
-        return self._nb
 
     def pruned_matrix(self, m: int) -> torch.Tensor:
         """Delta for magnitude pruning of the m smallest |w| (ties by index, as a stable sort)."""

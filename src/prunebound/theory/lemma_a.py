@@ -35,7 +35,7 @@ class Propagation:
 
 def propagate(
     norm_w: Sequence[float],
-    norm_pruned: Sequence[float],
+    norm_kept: Sequence[float],
     norm_delta: Sequence[float],
     bias_norms: Sequence[float],
     radius: float,
@@ -45,7 +45,7 @@ def propagate(
 
     Args:
         norm_w: upper bounds on the operator norms ||W_l|| of the target's layers.
-        norm_pruned: upper bounds on ||W~_l|| = ||M_l * W_l|| (pruned layers).
+        norm_kept: upper bounds on ||W~_l|| = ||M_l * W_l|| (pruned layers).
         norm_delta: upper bounds on ||Delta_l|| = ||W_l - W~_l||.
         bias_norms: ||b_l|| (0 for no bias).
         radius: R, the input ball's radius.
@@ -54,18 +54,18 @@ def propagate(
             default 1 everywhere. Applied to both r and e.
     """
     n = len(norm_w)
-    if not (len(norm_pruned) == len(norm_delta) == len(bias_norms) == n):
+    if not (len(norm_kept) == len(norm_delta) == len(bias_norms) == n):
         raise ValueError("propagate: all per-layer sequences must have the same length")
     lips = [1.0] * n if lipschitz is None else list(lipschitz)
     r = [float(radius)]
     e = [0.0]
     for l in range(n):
         r.append(lips[l] * (norm_w[l] * r[l] + bias_norms[l]))
-        e.append(lips[l] * (norm_pruned[l] * e[l] + norm_delta[l] * r[l]))
+        e.append(lips[l] * (norm_kept[l] * e[l] + norm_delta[l] * r[l]))
     terms = []
     for l in range(n):
         t = norm_delta[l] * r[l] * lips[l]
         for k in range(l + 1, n):
-            t *= norm_pruned[k] * lips[k]
+            t *= norm_kept[k] * lips[k]
         terms.append(t)
     return Propagation(r=tuple(r), e=tuple(e), terms=tuple(terms))

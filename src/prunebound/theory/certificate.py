@@ -15,29 +15,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-import scipy.sparse as sps
 import torch
 from torch import nn
 
+from prunebound._check import Seed, as_generator, check_float, finite
 from prunebound._masks import (
     effective_weight,
     mask_module,
     original_weight,
     trained_since_masked,
 )
-from prunebound.theory.layers import out_positions
+from prunebound.theory.layer_norms import EXACT_MAX, LargeLinear, step_norm
 from prunebound.theory.network import Step, extract
-from prunebound.theory.norms import (
-    NormBound,
-    NormMethod,
-    _finite,
-    conv_norm,
-    frobenius,
-    lanczos_operator,
-    norm_bound,
-)
-from prunebound.theory.relax import RelaxBound, relax_bound, relax_cost, supported
+from prunebound.theory.norms import NormBound, NormMethod
+from prunebound.theory.oracles import out_positions
+from prunebound.theory.slopes import SlopeBound, slope_bound, slope_cost, supported
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +40,7 @@ class LayerTerm:
 
     name: str
     norm_w: float  # ||W_l|| (target)
-    norm_pruned: float  # ||W~_l|| (pruned)
+    norm_kept: float  # ||W~_l|| (the kept weights)
     norm_delta: float  # ||Delta_l|| = ||W_l - W~_l||
     r_in: float  # bound r_{l-1} on ||h_{l-1}(x)|| of the target over the ball
     contribution: float  # ||Delta_l|| r_{l-1} times the gains of every later step, as in (A)
@@ -122,11 +114,9 @@ def float_margin(bound: float, output_scale: float, radius: float) -> float:
 
 
 def _check(model: nn.Module, radius: float) -> None:
-    ok = isinstance(radius, int | float) and not isinstance(radius, bool)
-    if not ok or not math.isfinite(radius) or radius <= 0:
-        raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+    check_float("radius", radius, 0.0, math.inf, closed="neither", ints=True)
     for name, p in model.named_parameters():
-        if not _finite(p.detach()):
+        if not finite(p.detach()):
             raise ValueError(f"parameter {name!r} must be finite, got NaN or Inf")
     for name, m in model.named_modules():
         if m.training and isinstance(m, _MODE_DEPENDENT):
@@ -139,113 +129,6 @@ def _check(model: nn.Module, radius: float) -> None:
 
 # modules whose forward depends on `training` (Dropout variants, BatchNorm/InstanceNorm)
 _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
-
-
-_EXACT_MAX = 1024  # norm_bound's default: exact Gram eigenvalue up to this min dimension
-_SPARSE_MAX_DENSITY = 0.25  # scipy CSR matvecs beat dense ones below this density
-
-
-def _layer_norm(
-    step: Step,
-    weight: torch.Tensor,
-    method: NormMethod,
-    fail_prob: float,
-    generator: torch.Generator,
-    steps: int,
-) -> NormBound:
-    spec = step.spec
-    assert spec is not None
-    if spec.kind == "linear":
-        return norm_bound(
-            weight, method=method, fail_prob=fail_prob, generator=generator, steps=steps
-        )
-    v = conv_norm(
-        weight, spec.in_shape[1:], stride=spec.stride, padding=spec.padding, dilation=spec.dilation
-    )
-    return NormBound(v, "conv: min(circular DFT, Lemma C)")
-
-
-class _LargeLinear:
-    """Lanczos operators for W, W~ and Delta = W - W~ of one large Linear layer (docs §7.6).
-
-    W is converted to float64 once; W~ is a scipy CSR matrix when sparse (<= 25% kept), and
-    Delta is never formed: Delta q = W q - W~ q. Matrices are oriented so the Gram side is the
-    smaller dimension.
-    """
-
-    def __init__(self, w: torch.Tensor, wt: torch.Tensor):
-        wd = w.detach().to(torch.float64)
-        flip = wd.shape[0] < wd.shape[1]
-        self.wd = wd.T if flip else wd
-        self.n = self.wd.shape[1]
-        self.fro_w = frobenius(wd)
-        self.sparse_t: Any = None
-        self.sparse_tt: Any = None
-        self.wtd: torch.Tensor | None = None
-        keep = wt.detach() != 0
-        if float(keep.float().mean()) <= _SPARSE_MAX_DENSITY and wd.device.type == "cpu":
-            rows, cols = torch.nonzero(keep, as_tuple=True)
-            vals = wt.detach()[rows, cols].to(torch.float64)
-            self.fro_t = frobenius(vals)
-            r, c = (cols, rows) if flip else (rows, cols)
-            shape = tuple(self.wd.shape)
-            self.sparse_t = sps.csr_matrix((vals.numpy(), (r.numpy(), c.numpy())), shape=shape)
-            self.sparse_tt = self.sparse_t.T.tocsr()
-        else:
-            wtd = wt.detach().to(torch.float64)
-            self.fro_t = frobenius(wtd)
-            self.wtd = wtd.T if flip else wtd
-
-    def _t(self, q: torch.Tensor) -> torch.Tensor:
-        if self.wtd is not None:
-            return torch.mv(self.wtd, q)
-        return torch.from_numpy(np.asarray(self.sparse_t @ q.numpy()))
-
-    def _tt(self, y: torch.Tensor) -> torch.Tensor:
-        if self.wtd is not None:
-            return torch.mv(self.wtd.T, y)
-        return torch.from_numpy(np.asarray(self.sparse_tt @ y.numpy()))
-
-    def _run(
-        self,
-        av: Callable[[torch.Tensor], torch.Tensor],
-        atv: Callable[[torch.Tensor], torch.Tensor],
-        fro: float,
-        steps: int,
-        p: float,
-        gen: torch.Generator,
-    ) -> NormBound:
-        lz = lanczos_operator(
-            lambda q: atv(av(q)), av, self.n, fro**2, steps=steps, fail_prob=p, generator=gen
-        )
-        return lz if lz.value <= fro else NormBound(fro, "frobenius", 0.0, lz.lower)
-
-    def norm_w(self, steps: int, p: float, gen: torch.Generator) -> NormBound:
-        w = self.wd
-        return self._run(
-            lambda q: torch.mv(w, q), lambda y: torch.mv(w.T, y), self.fro_w, steps, p, gen
-        )
-
-    def norm_t(self, steps: int, p: float, gen: torch.Generator) -> NormBound:
-        return self._run(self._t, self._tt, self.fro_t, steps, p, gen)
-
-    def norm_d(self, steps: int, p: float, gen: torch.Generator) -> NormBound:
-        w = self.wd
-        if self.wtd is not None:  # W~ dense: one product with Delta beats W q - W~ q
-            d = w - self.wtd
-            fro = frobenius(d)
-            return self._run(
-                lambda q: torch.mv(d, q), lambda y: torch.mv(d.T, y), fro, steps, p, gen
-            )
-        fro = self.fro_w + self.fro_t  # >= ||Delta||_F and covers |W| + |W~| in the margin
-        return self._run(
-            lambda q: torch.mv(w, q) - self._t(q),
-            lambda y: torch.mv(w.T, y) - self._tt(y),
-            fro,
-            steps,
-            p,
-            gen,
-        )
 
 
 @dataclass
@@ -265,13 +148,13 @@ def _chain(
     steps: Sequence[Step],
     norms: dict[int, _Norms],
     radius: float,
-    rel: RelaxBound | None,
+    rel: SlopeBound | None,
     delta_value: Callable[[_Norms], float],
 ) -> tuple[dict[str, float], list[float], list[float], float]:
     """Candidates (docs §7.4-7.5), per-layer contributions, r_in, and r_L."""
     r, rt = float(radius), float(radius)
     e_a, e_mix, e_hyb = 0.0, 0.0, 0.0
-    r_h = float(radius)  # hybrid: min of Lemma A's r and the relax bound on ||h||
+    r_h = float(radius)  # hybrid: min of Lemma A's r and the slope bound on ||h||
     contribs: list[float] = []
     r_in: list[float] = []
     for i, step in enumerate(steps):
@@ -294,7 +177,7 @@ def _chain(
             r_h = min(r_h, rel.out_after[i])
     cands = {"lemma_a": e_a, "lemma_a_mixed": e_mix, "triangle": r + rt}
     if rel is not None:
-        cands["relax"] = rel.bound
+        cands["slopes"] = rel.bound
         cands["hybrid"] = e_hyb
     return cands, contribs, r_in, min(r, r_h) if rel is not None else r
 
@@ -307,9 +190,9 @@ def certify(
     norm_method: NormMethod = "auto",
     fail_prob: float = 1e-9,
     lanczos_steps: int = 100,
-    generator: torch.Generator | None = None,
-    relax: bool | None = None,
-    relax_max_elements: int = 30_000_000,
+    seed: Seed = 0,
+    slopes: bool | None = None,
+    slopes_max_elements: int = 30_000_000,
 ) -> Certificate:
     """Certify sup_{||x|| <= radius} ||f(x) - F(x)||_2 for a pruned model (docs/theory.md §7).
 
@@ -318,9 +201,9 @@ def certify(
     - ``lemma_a_mixed``: per layer the min of that and ||W_l|| e_{l-1} + ||Delta_l|| r~_{l-1}
       (r~ bounds the pruned network's activations) (§7.4);
     - ``triangle``: r_L + r~_L (§7.4);
-    - ``relax``: slope decomposition of the difference network (§7.5), when every step is
+    - ``slopes``: slope decomposition of the difference network (§7.5), when every step is
       supported (Linear/Conv, ReLU-like activations, affine maps; no max-pool) and affordable;
-    - ``hybrid``: Lemma A whose e_l and r_l are capped, step by step, by the relax bounds.
+    - ``hybrid``: Lemma A whose e_l and r_l are capped, step by step, by the slope bounds.
 
     Args:
         model: nn.Sequential (nested allowed), pruned with prunebound masks or not (bound 0).
@@ -329,13 +212,14 @@ def certify(
         norm_method: matrix norm method (`norms.norm_bound`); conv norms are deterministic.
         fail_prob: total failure probability allowed to Lanczos norms (split evenly).
         lanczos_steps: Lanczos steps per large matrix (100: <= 1% over the true norm at 4096).
-        generator: random start of Lanczos; default: fresh OS entropy.
-        relax: compute the relax/hybrid candidates: True (error if unsupported), False, or None
-            (default: when supported and the atom matrices stay under `relax_max_elements`).
+        seed: the random start of Lanczos (`_check.Seed`; default 0, reproducible).
+        slopes: compute the slopes/hybrid candidates: True (error if unsupported), False, or
+            None (default: when supported and the atom matrices stay under
+            `slopes_max_elements`).
 
     Example:
         >>> import torch, prunebound as pb
-        >>> from prunebound.theory.certify import certify
+        >>> from prunebound.theory.certificate import certify
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> cert = certify(pb.prune(net, "magnitude", 0.3), radius=1.0)
         >>> 0 <= cert.bound <= cert.candidates["lemma_a"]
@@ -343,29 +227,26 @@ def certify(
     """
     t_start = time.perf_counter()
     _check(model, radius)
-    if not 0 < fail_prob < 1:
-        raise ValueError(f"fail_prob must be in (0, 1), got {fail_prob}")
+    check_float("fail_prob", fail_prob, 0.0, 1.0, closed="neither")
     net = extract(model, input_shape)
-    gen = generator if generator is not None else torch.Generator()
-    if generator is None:
-        gen.seed()
+    gen = as_generator(seed)
     notes: list[str] = []
-    rel: RelaxBound | None = None
+    rel: SlopeBound | None = None
     why = supported(net)
-    if relax is True and why is not None:
-        raise ValueError(f"relax=True but the model is not supported: {why}")
-    if relax is None and why is None and relax_cost(net) > relax_max_elements:
-        why = f"atom matrices would exceed relax_max_elements={relax_max_elements}"
-    if relax is not False and why is None:
+    if slopes is True and why is not None:
+        raise ValueError(f"slopes=True but the model is not supported: {why}")
+    if slopes is None and why is None and slope_cost(net) > slopes_max_elements:
+        why = f"atom matrices would exceed slopes_max_elements={slopes_max_elements}"
+    if slopes is not False and why is None:
         try:
             with torch.no_grad():
-                rel = relax_bound(net, radius, max_elements=relax_max_elements)
+                rel = slope_bound(net, radius, max_elements=slopes_max_elements)
         except ValueError as err:  # only the size guard raises here (support was checked)
-            if relax:
+            if slopes:
                 raise
-            notes.append(f"relax candidate skipped: {err}")
-    elif relax is None:
-        notes.append(f"relax candidate skipped: {why}")
+            notes.append(f"slopes candidate skipped: {err}")
+    elif slopes is None:
+        notes.append(f"slopes candidate skipped: {why}")
     # four Lanczos runs at most per linear layer (W, W~, short and full Delta): union bound
     n_lin = 4 * sum(1 for s in net.specs if s.kind == "linear")
     per = fail_prob / max(n_lin, 1)
@@ -381,10 +262,10 @@ def certify(
             large = (
                 step.spec.kind == "linear"
                 and norm_method in ("auto", "lanczos")
-                and min(w.shape) > _EXACT_MAX
+                and min(w.shape) > EXACT_MAX
             )
             if large:
-                ops = _LargeLinear(w, wt)
+                ops = LargeLinear(w, wt)
                 nw = ops.norm_w(lanczos_steps, per, gen)
                 if wt is w:
                     norms[i] = _Norms(nw, nw, NormBound(0.0, "zero"), b, 0, w.numel())
@@ -393,17 +274,17 @@ def certify(
                 # ||Delta|| <= ||W|| + ||W~||, and >= (Ritz lower of ||W||) - ||W~|| (lazy)
                 nd = NormBound(nw.value + nt.value, "triangle", 0.0, max(nw.lower - nt.value, 0.0))
 
-                def refine(ops: _LargeLinear = ops, k: int = lanczos_steps) -> NormBound:
+                def refine(ops: LargeLinear = ops, k: int = lanczos_steps) -> NormBound:
                     return ops.norm_d(k, per, gen)
 
                 norms[i] = _Norms(nw, nt, nd, b, pruned, w.numel(), refine)
                 continue
-            nw = _layer_norm(step, w, norm_method, per, gen, lanczos_steps)
+            nw = step_norm(step, w, norm_method, per, gen, lanczos_steps)
             if wt is w:
                 nt, nd = nw, NormBound(0.0, "zero")
             else:
-                nt = _layer_norm(step, wt, norm_method, per, gen, lanczos_steps)
-                nd = _layer_norm(step, w - wt, norm_method, per, gen, lanczos_steps)
+                nt = step_norm(step, wt, norm_method, per, gen, lanczos_steps)
+                nd = step_norm(step, w - wt, norm_method, per, gen, lanczos_steps)
             norms[i] = _Norms(nw, nt, nd, b, pruned, w.numel())
         cands, contribs, r_in, scale = _chain(net.steps, norms, radius, rel, lambda n: n.nd.value)
         lazy = [n for n in norms.values() if n.refine is not None]
@@ -475,7 +356,7 @@ def certify(
             LayerTerm(
                 name=net.steps[i].name,
                 norm_w=nm.nw.value,
-                norm_pruned=nm.nt.value,
+                norm_kept=nm.nt.value,
                 norm_delta=nm.nd.value,
                 r_in=rin,
                 contribution=c,

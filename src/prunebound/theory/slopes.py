@@ -128,8 +128,8 @@ def _map(rep: _Rep, fn: Any, opabs: float, n_terms: int, rho: dict[str, float]) 
 
 
 @dataclass(frozen=True)
-class RelaxBound:
-    """Result of `relax_bound`: sup ||f - F|| <= bound, sup ||F|| <= output_scale.
+class SlopeBound:
+    """Result of `slope_bound`: sup ||f - F|| <= bound, sup ||F|| <= output_scale.
 
     `gap_after[i]` / `out_after[i]` bound sup ||h~_i - h_i|| / sup ||h_i|| after step i (for
     the hybrid with Lemma A); `unstable` counts the neurons whose slope was not fixed."""
@@ -160,7 +160,7 @@ def _slopes(step: Step, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tenso
 
 
 def supported(net: Network) -> str | None:
-    """None if `relax_bound` handles every step of `net`, else the reason it does not."""
+    """None if `slope_bound` handles every step of `net`, else the reason it does not."""
     for s in net.steps:
         m = s.module
         if s.spec is not None:
@@ -216,9 +216,9 @@ def _affine_fn(step: Step) -> Any:
     return fn, zero[0]
 
 
-def relax_bound(
+def slope_bound(
     net: Network, radius: float, *, max_elements: int = 30_000_000, per_step: bool = True
-) -> RelaxBound:
+) -> SlopeBound:
     """Upper bound on sup_{||x|| <= radius} ||f(x) - F(x)|| by slope decomposition (module doc).
 
     `per_step=False` skips the per-step bounds (`gap_after`/`out_after` then hold only the
@@ -229,7 +229,7 @@ def relax_bound(
     """
     why = supported(net)
     if why is not None:
-        raise ValueError(f"relax_bound does not support {why}")
+        raise ValueError(f"slope_bound does not support {why}")
     n0 = math.prod(net.input_shape)
     rho: dict[str, float] = {"x": float(radius)}
     h = _Rep({"x": torch.eye(n0, dtype=torch.float64)}, torch.zeros(n0, dtype=torch.float64), 0.0)
@@ -286,16 +286,16 @@ def relax_bound(
         size = sum(a.numel() for a in h.atoms.values()) + sum(a.numel() for a in d.atoms.values())
         if size > max_elements:
             raise ValueError(
-                f"relax_bound: atom matrices need {size} entries after step {step.name!r}, "
+                f"slope_bound: atom matrices need {size} entries after step {step.name!r}, "
                 f"over max_elements={max_elements}"
             )
         if per_step or i == len(net.steps) - 1:
             gaps.append(d.norm(rho))
             outs.append(h.norm(rho))
-    return RelaxBound(gaps[-1], outs[-1], tuple(gaps), tuple(outs), unstable)
+    return SlopeBound(gaps[-1], outs[-1], tuple(gaps), tuple(outs), unstable)
 
 
-def relax_cost(net: Network) -> int:
+def slope_cost(net: Network) -> int:
     """Rough count of float64 entries the atom matrices reach (to skip huge models)."""
     widths: Sequence[int] = [math.prod(s.in_shape) for s in net.steps]
     n0 = math.prod(net.input_shape)

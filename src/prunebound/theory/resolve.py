@@ -8,14 +8,16 @@ model with `prunebound.prune(model, plan=plan)`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from prunebound.theory.network import extract, from_widths
-from prunebound.theory.types import LayerSpec
+from prunebound._check import is_int
+from prunebound.theory.network import extract
+from prunebound.theory.values import LayerKind, LayerSpec
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Target:
         return self.prefix_lipschitz * float(radius) + self.prefix_offset
 
 
-def resolve(target: object, input_shape: tuple[int, ...] | None) -> Target:
+def resolve_target(target: object, input_shape: tuple[int, ...] | None) -> Target:
     """Widths, LayerSpecs or an nn.Module -> Target (ValueError/TypeError otherwise)."""
     if isinstance(target, nn.Module):
         return _from_module(target, input_shape)
@@ -150,4 +152,49 @@ def _extra_bias(net: Any) -> tuple[float, ...]:
             lip *= step.lipschitz
     if out:
         out[-1] = acc / lip if lip > 0 else 0.0
+    return tuple(out)
+
+
+def from_widths(widths: Sequence[int], *, bias: bool = True) -> tuple[LayerSpec, ...]:
+    """LayerSpecs of an MLP with widths (n_0, ..., n_L), named "1", "3", ... like the Linear
+    modules of `prunebound.models.mlp(widths)` (Flatten first, activations between)."""
+    if len(widths) < 2 or any(not is_int(w) or w < 1 for w in widths):
+        raise ValueError(f"widths must be >= 2 positive ints, got {list(widths)!r}")
+    return tuple(
+        LayerSpec(str(2 * i + 1), "linear", (b, a), (a,), bias=bias)
+        for i, (a, b) in enumerate(itertools.pairwise(widths))
+    )
+
+
+def conv_specs(
+    channels: Sequence[int],
+    kernel: int,
+    in_size: Sequence[int],
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    bias: bool = True,
+) -> tuple[LayerSpec, ...]:
+    """LayerSpecs of a plain conv stack (Conv2d for 2-D `in_size`, Conv1d for 1-D), for
+    widths-only planning targets; spatial sizes follow the usual output-size formula."""
+    d = len(in_size)
+    if d not in (1, 2) or len(channels) < 2 or kernel < 1 or stride < 1 or padding < 0:
+        raise ValueError(
+            f"conv_specs needs 1-2 spatial dims, >= 2 channels, kernel/stride >= 1, padding >= 0; "
+            f"got in_size={tuple(in_size)}, channels={list(channels)}, kernel={kernel}, "
+            f"stride={stride}, padding={padding}"
+        )
+    kind: LayerKind = "conv1d" if d == 1 else "conv2d"
+    size = [int(s) for s in in_size]
+    out: list[LayerSpec] = []
+    for i, (a, b) in enumerate(itertools.pairwise(channels)):
+        shape = (b, a, *([kernel] * d))
+        out.append(
+            LayerSpec(
+                str(i), kind, shape, (a, *size), (stride,) * d, (padding,) * d, (1,) * d, bias
+            )
+        )
+        size = [(s + 2 * padding - kernel) // stride + 1 for s in size]
+        if min(size) < 1:
+            raise ValueError(f"conv_specs: spatial size shrinks below 1 at layer {i}, got {size}")
     return tuple(out)

@@ -1,10 +1,11 @@
 """A priori plans from sampled certificates: search on one sample of networks, certify on a
 fresh one with an exact Clopper-Pearson test (docs/theory.md §6b).
 
-`plan(..., bound="sampled")` lands here. For a law (uniform / gaussian i.i.d. weights and
-biases) and a method, networks are drawn and pruned exactly as `prunebound.verify` does
-(`prunebound._batched.sample_batch` / `prune_batch`), and each pruned network gets the
-deterministic certificate of `theory.certify` (an upper bound on its sup gap over the ball).
+`sampled_plan(theory.plan(...))` starts from a prior-law plan. For its law (uniform / gaussian
+i.i.d. weights and biases) and method, networks are drawn and pruned exactly as
+`prunebound.verify` does (`check.batch.sample_batch` / `prune_batch`), and each pruned network
+gets the deterministic certificate of `theory.certify` (an upper bound on its sup gap over the
+ball).
 
 1. search (stream 0): the largest common scale s of per-layer fractions s * d_l whose search
    certificates are all (or all but `search_allowed`) <= eps, with mean + z sd <= eps too
@@ -13,10 +14,11 @@ deterministic certificate of `theory.certify` (an upper bound on its sup gap ove
    ("params": big layers first, as the optimized split does) and d = uniform; the direction
    with the largest total count on the search sample wins.
 2. certify (stream a + 1, a fresh sample per attempt): k = #{certificate > eps} of n_cert
-   networks; accepted iff CP_upper(k, n_cert; alpha / attempts) + fail_prob <= delta. On
-   rejection s shrinks by `shrink` and attempt a + 1 certifies on yet another fresh sample.
+   networks; accepted iff CP_upper(k, n_cert; level) + fail_prob <= delta, at the level
+   (1 - confidence) / attempts. On rejection s shrinks by `shrink` and attempt a + 1 certifies
+   on yet another fresh sample.
 
-Guarantee (statistical, NOT a closed-form theorem): with confidence >= 1 - alpha over the
+Guarantee (statistical, NOT a closed-form theorem): with probability >= confidence over the
 certification samples, P_{weights, mask}(sup_{||x|| <= R} ||f(x) - F(x)|| > eps) <= delta.
 Derived for prunebound in the setting of Qian & Klabjan (2021); not the paper's result.
 """
@@ -32,10 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from prunebound._check import check_float, check_int
 from prunebound.check.batch import check_chain, prune_batch, sample_batch, to_module
-from prunebound.theory.certify import certify
-from prunebound.theory.datacert import clopper_pearson_upper
-from prunebound.theory.types import LayerPlan, Plan
+from prunebound.stats import clopper_pearson_upper
+from prunebound.theory.certificate import certify
+from prunebound.theory.values import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
 SEARCH_STREAM = 0  # certification attempt a draws from stream a + 1
@@ -50,7 +53,7 @@ class Attempt:
     stream: int
     n: int
     k: int
-    alpha: float  # the attempt's share of alpha (Bonferroni)
+    level: float  # the attempt's test level: (1 - confidence) / attempts (Bonferroni)
     upper: float  # one-sided Clopper-Pearson upper limit of P(certificate > eps)
     fail_prob: float  # max Lanczos failure probability of the certificates (0 if exact)
     accepted: bool
@@ -88,16 +91,16 @@ def network_generator(seed: int, stream: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) >> 1)
 
 
-def default_n_cert(alpha: float, delta: float, attempts: int) -> int:
-    """Smallest n with (1 - delta)^n <= alpha / attempts: 0 failures then pass the CP test."""
-    return math.ceil(math.log(alpha / attempts) / math.log1p(-delta))
+def default_n_cert(confidence: float, delta: float, attempts: int) -> int:
+    """Smallest n with (1 - delta)^n <= (1 - confidence) / attempts: 0 failures then pass."""
+    return math.ceil(math.log((1 - confidence) / attempts) / math.log1p(-delta))
 
 
 class _Sample:
     """n networks of one stream, drawn once and certified at any counts (cached)."""
 
-    def __init__(self, template: Plan, seed: int, stream: int, n: int, relax: bool) -> None:
-        self.template, self.relax = template, relax
+    def __init__(self, template: Plan, seed: int, stream: int, n: int, slopes: bool) -> None:
+        self.template, self.slopes = template, slopes
         self.gens = [network_generator(seed, stream, i) for i in range(n)]
         self.batches = [sample_batch(template, 1, g) for g in self.gens]
         self.cache: dict[tuple[int, tuple[int, ...]], tuple[float, float]] = {}
@@ -111,8 +114,8 @@ class _Sample:
                 model,
                 radius=self.template.radius,
                 input_shape=b.specs[0].in_shape,
-                generator=self.gens[i],  # continues the network's own stream
-                relax=None if self.relax else False,
+                seed=self.gens[i],  # continues the network's own stream
+                slopes=None if self.slopes else False,
             )
             self.cache[(i, counts)] = (c.bound, c.fail_prob)
         return self.cache[(i, counts)]
@@ -152,38 +155,36 @@ def _search(
     return lo
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def sampled_plan(
     theorem: Plan,
     *,
     seed: int = 0,
     n_search: int = 32,
     n_cert: int | None = None,
-    alpha: float = 0.05,
+    confidence: float = 0.95,
     attempts: int = 3,
     shrink: float = 0.8,
     search_allowed: int = 0,
     search_z: float = 3.0,
     iters: int = 8,
-    relax: bool = True,
+    slopes: bool = True,
 ) -> SampledPlan:
     """Plan by search-then-certify on sampled networks (docs/theory.md §6b).
 
+    Guarantee (statistical): with probability >= `confidence` over the certification samples,
+    P_{weights, mask}(sup_{||x|| <= R} ||f(x) - F(x)|| > eps) <= delta, for the theorem plan's
+    eps, delta, radius, law and method.
+
     Args:
-        theorem: the closed-form plan (`plan(..., bound="theorem")`) of the same target, eps,
-            delta, method and law: it supplies the layer specs, laws, output scale and the
-            first search direction.
+        theorem: the closed-form prior plan (`theory.plan`, law uniform or gaussian) of the
+            target, eps, delta, method and law: it supplies the layer specs, laws, output
+            scale and the first search direction.
         seed: int; network i of stream t is drawn from `network_generator(seed, t, i)`
             (stream 0: search; stream a + 1: certification attempt a).
         n_search: networks in the search sample, >= 1.
-        n_cert: networks per certification attempt; default `default_n_cert(alpha, delta,
-            attempts)` (0 failures then suffice).
-        alpha: 1 - confidence, in (0, 1); each attempt tests at alpha / attempts.
+        n_cert: networks per certification attempt; default `default_n_cert(confidence,
+            delta, attempts)` (0 failures then suffice).
+        confidence: in (0, 1); each attempt tests at level (1 - confidence) / attempts.
         attempts: most certification attempts (Bonferroni over all of them), >= 1.
         shrink: factor in (0, 1) applied to the scale after a rejected attempt.
         search_allowed: search certificates allowed above eps, in [0, n_search).
@@ -192,7 +193,7 @@ def sampled_plan(
             (0 failures in n_cert) passes with high probability; a heuristic: validity rests
             on the certification sample only.
         iters: bisection steps of the search, >= 1.
-        relax: include the slope-decomposition candidate in each certificate (about 2.4x tighter
+        slopes: include the slope-decomposition candidate in each certificate (about 2.4x tighter
             on 784-300-100-10 and 2.4x slower: 0.11 s vs 0.045 s per certificate, 2 cores);
             False: Lemma A variants with exact norms only.
 
@@ -202,31 +203,32 @@ def sampled_plan(
     """
     if not isinstance(theorem, Plan):
         raise TypeError(f"theorem must be a Plan, got {type(theorem).__name__}")
-    if theorem.law not in ("uniform", "gaussian"):
-        raise ValueError(f"bound='sampled' needs law 'uniform' or 'gaussian', got {theorem.law!r}")
+    if theorem.guarantee != "prior" or theorem.law not in ("uniform", "gaussian"):
+        raise ValueError(
+            "sampled_plan needs a prior plan (theory.plan with law 'uniform' or 'gaussian'), "
+            f"got a {theorem.guarantee!r} plan with law {theorem.law!r}"
+        )
     if theorem.sampling != "count":
-        raise ValueError(f"bound='sampled' needs sampling='count', got {theorem.sampling!r}")
+        raise ValueError(f"sampled_plan needs sampling='count', got {theorem.sampling!r}")
     if theorem.activation != "relu":
-        raise ValueError("bound='sampled' needs a Linear/Conv chain with ReLU alone between")
+        raise ValueError("sampled_plan needs a Linear/Conv chain with ReLU alone between")
     check_chain(theorem.specs)
-    _check_int("seed", seed, 0)
-    _check_int("n_search", n_search, 1)
-    _check_int("attempts", attempts, 1)
-    _check_int("iters", iters, 1)
-    _check_int("search_allowed", search_allowed, 0)
+    check_int("seed", seed, 0)
+    check_int("n_search", n_search, 1)
+    check_int("attempts", attempts, 1)
+    check_int("iters", iters, 1)
+    check_int("search_allowed", search_allowed, 0)
     if search_allowed >= n_search:
         raise ValueError(f"search_allowed must be < n_search ({n_search}), got {search_allowed}")
-    if not (isinstance(alpha, float) and 0.0 < alpha < 1.0):
-        raise ValueError(f"alpha must be a float in (0, 1), got {alpha!r}")
-    if not (isinstance(search_z, int | float) and math.isfinite(search_z) and search_z >= 0):
-        raise ValueError(f"search_z must be a finite number >= 0, got {search_z!r}")
-    if not (isinstance(shrink, float) and 0.0 < shrink < 1.0):
-        raise ValueError(f"shrink must be a float in (0, 1), got {shrink!r}")
+    check_float("confidence", confidence, 0.0, 1.0, closed="neither")
+    check_float("search_z", search_z, 0.0, math.inf, closed="left", ints=True)
+    check_float("shrink", shrink, 0.0, 1.0, closed="neither")
     eps, delta = theorem.eps, theorem.delta
-    n = default_n_cert(alpha, delta, attempts) if n_cert is None else n_cert
-    _check_int("n_cert", n, 1)
+    n = default_n_cert(confidence, delta, attempts) if n_cert is None else n_cert
+    check_int("n_cert", n, 1)
+    level = (1 - confidence) / attempts
 
-    search = _Sample(theorem, seed, SEARCH_STREAM, n_search, relax)
+    search = _Sample(theorem, seed, SEARCH_STREAM, n_search, slopes)
     planned = [lp.fraction for lp in theorem.layers]
     numel = [spec.numel for spec in theorem.specs]
     dirs = [("params", [m / max(numel) for m in numel]), ("uniform", [1.0] * len(planned))]
@@ -250,14 +252,14 @@ def sampled_plan(
     for a in range(attempts):
         if sum(counts) == 0:
             break
-        cert = _Sample(theorem, seed, SEARCH_STREAM + 1 + a, n, relax)
+        cert = _Sample(theorem, seed, SEARCH_STREAM + 1 + a, n, slopes)
         vals = [cert.cert(i, counts) for i in range(n)]
         made += n
         k = sum(v > eps for v, _ in vals)
         fail = max(f for _, f in vals)
-        upper = clopper_pearson_upper(k, n, alpha / attempts)
+        upper = clopper_pearson_upper(k, n, level)
         ok = upper + fail <= delta
-        done.append(Attempt(s, counts, SEARCH_STREAM + 1 + a, n, k, alpha / attempts, upper,
+        done.append(Attempt(s, counts, SEARCH_STREAM + 1 + a, n, k, level, upper,
                             fail, ok))  # fmt: skip
         log.info("sampled certify %d: scale %.4g, k=%d/%d, CP %.4g", a, s, k, n, upper)
         if ok:
@@ -267,7 +269,7 @@ def sampled_plan(
     accepted = bool(done) and done[-1].accepted
     final = counts if accepted else (0,) * len(theorem.specs)
     return SampledPlan(
-        plan=_as_plan(theorem, final, done, accepted, alpha, attempts, n_search, seed),
+        plan=_as_plan(theorem, final, done, accepted, confidence, attempts, n_search, seed),
         accepted=accepted,
         direction=tuple(direction),
         direction_name=dname,
@@ -285,7 +287,7 @@ def _as_plan(
     counts: Sequence[int],
     done: Sequence[Attempt],
     accepted: bool,
-    alpha: float,
+    confidence: float,
     attempts: int,
     n_search: int,
     seed: int,
@@ -306,12 +308,13 @@ def _as_plan(
         for lp, spec, m in zip(theorem.layers, theorem.specs, counts, strict=True)
     )
     tests = "; ".join(
-        f"attempt {i}: n_cert={t.n}, k={t.k}, CP upper={t.upper:.4g} at alpha/{attempts}="
-        f"{t.alpha:.4g}" + (f", Lanczos fail_prob {t.fail_prob:.2g}" if t.fail_prob else "")
+        f"attempt {i}: n_cert={t.n}, k={t.k}, CP upper={t.upper:.4g} at level "
+        f"(1 - confidence)/{attempts}={t.level:.4g}"
+        + (f", Lanczos fail_prob {t.fail_prob:.2g}" if t.fail_prob else "")
         for i, t in enumerate(done)
     )
     verdict = (
-        f"with confidence >= {1 - alpha:.4g} over the certification samples, "
+        f"with confidence {confidence:.4g} over the certification samples, "
         f"P_weights(sup gap > eps) <= delta = {theorem.delta:.4g}"
         if accepted
         else "no attempt passed: the plan prunes nothing (trivially valid)"
@@ -320,6 +323,12 @@ def _as_plan(
         f"sampled plan (statistical guarantee on a deterministic certificate, not a closed-form "
         f"theorem; docs/theory.md §6b): search on {n_search} networks (stream 0, seed {seed}), "
         f"certified on fresh networks; {tests or 'no attempt (search found nothing)'}; "
-        f"alpha={alpha:.4g}; {verdict}"
+        f"confidence={confidence:.4g}; {verdict}"
     )
-    return replace(theorem, layers=layers, split="sampled", notes=(*theorem.notes, note))
+    return replace(
+        theorem,
+        layers=layers,
+        notes=(*theorem.notes, note),
+        guarantee="sampled",
+        confidence=confidence,
+    )
