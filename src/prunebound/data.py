@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from prunebound._check import Seed, as_generator
+
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -125,13 +127,11 @@ class Dataset:
         x_test, y_test = _take(self.x_test, self.y_test, max_test, gen, "max_test")
         return replace(self, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
-    def loaders(
-        self, batch_size: int, *, generator: torch.Generator | None = None
-    ) -> tuple[Batches, Batches]:
+    def loaders(self, batch_size: int, *, seed: Seed = 0) -> tuple[Batches, Batches]:
         """Return (train, test) DataLoaders of (x, y) batches.
 
-        The train loader reshuffles every epoch using `generator` (pass a seeded one for
-        reproducible order); the test loader keeps the stored order.
+        The train loader reshuffles every epoch with the generator `seed` stands for
+        (`_check.Seed`: default 0, reproducible); the test loader keeps the stored order.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size}")
@@ -139,7 +139,7 @@ class Dataset:
             TensorDataset(self.x_train, self.y_train),
             batch_size=batch_size,
             shuffle=True,
-            generator=generator,
+            generator=as_generator(seed),
         )
         test = DataLoader(
             TensorDataset(self.x_test, self.y_test), batch_size=batch_size, shuffle=False

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunebound._check import check_int
+from prunebound._check import Seed, as_generator, check_int
 from prunebound._masks import set_mask
 from prunebound.theory.values import Law, LayerSpec, Plan
 
@@ -99,14 +99,16 @@ def laws(plan: Plan) -> list[Law]:
 def sample_batch(
     plan: Plan,
     n: int,
-    generator: torch.Generator,
+    seed: Seed,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Batch:
     """Draw n target networks from the plan's laws: weights AND biases i.i.d. from the layer's
     law (U[-a, a] or N(0, a^2)), as the theory assumes (docs/theory.md §1). Drawn in `dtype`
-    on the CPU generator, then moved to `device`."""
+    on the CPU generator `seed` stands for (a Generator continues its stream), then moved to
+    `device`."""
+    generator = as_generator(seed)
     ws, bs, ks = [], [], []
     for spec, law in zip(plan.specs, laws(plan), strict=True):
 
@@ -219,11 +221,9 @@ def forward(
     return h.reshape(n, k, -1)
 
 
-def sphere(
-    n: int, k: int, shape: Sequence[int], radius: float, generator: torch.Generator
-) -> torch.Tensor:
+def sphere(n: int, k: int, shape: Sequence[int], radius: float, seed: Seed) -> torch.Tensor:
     """(n, k, *shape) points uniform on the sphere ||x|| = radius (float32, CPU)."""
-    x = torch.randn((n, k, math.prod(shape)), generator=generator)
+    x = torch.randn((n, k, math.prod(shape)), generator=as_generator(seed))
     x = radius * x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     out: torch.Tensor = x.reshape(n, k, *shape)
     return out

@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sps
 import torch
 
+from prunebound._check import Seed
 from prunebound.theory.network import Step
 from prunebound.theory.norms import (
     NormBound,
@@ -31,7 +32,7 @@ def step_norm(
     weight: torch.Tensor,
     method: NormMethod,
     fail_prob: float,
-    generator: torch.Generator,
+    seed: Seed,
     steps: int,
 ) -> NormBound:
     """An upper bound on the operator norm of `weight` as the step's layer applies it: matrix
@@ -39,7 +40,7 @@ def step_norm(
     spec = step.spec
     assert spec is not None
     if spec.kind == "linear":
-        return norm_bound(weight, method=method, fail_prob=fail_prob, seed=generator, steps=steps)
+        return norm_bound(weight, method=method, fail_prob=fail_prob, seed=seed, steps=steps)
     v = conv_norm(
         weight, spec.in_shape[1:], stride=spec.stride, padding=spec.padding, dilation=spec.dilation
     )
