@@ -34,8 +34,9 @@ def test_plan_relative_eps_and_conv(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*conv, "--rel-eps", "0.3", "--method", "random", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert [s["stride"] for s in got["specs"]] == [[2, 2], [2, 2]]
-    assert main(["plan", "--conv", "2,4", "--eps", "1"]) == 1  # no --in-size
-    assert "--in-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # no --in-size: a usage error (issue 10 item 11)
+        main(["plan", "--conv", "2,4", "--eps", "1"])
+    assert e.value.code == 2 and "--in-size" in capsys.readouterr().err
 
 
 def test_plan_bad_input_exits_nonzero(capsys: pytest.CaptureFixture[str]) -> None:
@@ -120,3 +121,60 @@ def test_plan_largest_prints_planned_vs_empirical(capsys: pytest.CaptureFixture[
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "empirically largest fractions along the plan" in out and "ratio" in out
+
+
+def test_plan_of_a_trained_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = pb.models.build_model("lenet_300_100", in_features=64, seed=0)
+    path = tmp_path / "dense.safetensors"
+    pb.save(model, path)
+    common = ["plan", "--checkpoint", str(path), "--model", "lenet_300_100"]
+    common += ["--model-arg", "in_features=64", "--eps", "0.5"]
+    assert main([*common, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ref = plan(model, 0.5, 0.05, law="trained")
+    assert got["guarantee"] == "trained" and got["counts"] == ref.counts
+    assert sum(ref.counts.values()) > 0
+    assert main(common) == 0
+    assert "guarantee (trained): for these trained weights" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # a law needs sampled networks: not a trained model
+        main([*common, "--bound", "sampled"])
+    assert e.value.code == 2 and "not with --law trained" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--widths", "784", "--eps", "0.1"], "--widths needs >= 2 positive widths"),
+        (["--widths", "8,4", "--eps", "-1"], "expected a number > 0, got '-1'"),
+        (["--widths", "8,4", "--eps", "0.1", "--law", "trained"], "--law trained needs"),
+        (["--conv", "1,4", "--eps", "0.1"], "--conv needs --in-size"),
+    ],
+)
+def test_plan_usage_errors_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["plan", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_data_certificate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense = pb.models.build_model("lenet_300_100", in_features=64, seed=0)
+    pruned = pb.prune(
+        pb.models.build_model("lenet_300_100", in_features=64, seed=0), "magnitude", 0.6
+    )
+    pb.save(pruned, tmp_path / "pruned.safetensors")
+    pb.save(dense, tmp_path / "dense.safetensors")
+    common = ["data-certificate", str(tmp_path / "pruned.safetensors"), "--model", "lenet_300_100"]
+    common += ["--model-arg", "in_features=64", "--eps", "0.05", "--confidence", "0.9"]
+    assert main([*common, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    digits = pb.data.load_dataset("digits").flat()
+    ref = pb.theory.data_certificate(
+        pruned.eval(), (digits.x_test, digits.y_test), 0.05, confidence=0.9
+    )
+    assert got == json.loads(json.dumps(ref.to_dict()))
+    assert got["n"] == digits.x_test.shape[0] and got["flips"] is not None
+    assert main([*common, "--reference", str(tmp_path / "dense.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert f"<= {ref.exceed_upper:.4g}" in out and "confidence 0.9" in out

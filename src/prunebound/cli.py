@@ -30,6 +30,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     theory.add_plan_parser,
     theory.add_certify_parser,
     theory.add_verify_parser,
+    theory.add_data_certificate_parser,
 ]
 
 

@@ -321,15 +321,29 @@ def plan_table(plan: Mapping[str, Any]) -> str:
         }
         for lp, spec in zip(plan["layers"], plan["specs"], strict=True)
     ]
-    p = plan
-    lines = [
-        format_table(rows),
-        f"guarantee: with probability >= {1 - p['delta']:.4g} over the weights"
-        f"{' and masks' if p['method'] == 'random' else ''}, sup_{{||x||<={p['radius']:g}}} "
-        f"||f(x) - F(x)|| <= eps = {p['eps']:.4g}",
+    p, kind = plan, plan.get("guarantee", "prior")
+    sup = f"sup_{{||x||<={p['radius']:g}}} ||f(x) - F(x)|| <= eps = {p['eps']:.4g}"
+    masks = " and masks" if p["method"] == "random" else ""
+    guarantee = {
+        "prior": f"with probability >= {1 - p['delta']:.4g} over the weights{masks}, {sup}",
+        "trained": f"for these trained weights, {sup}"
+        + (f", with probability >= {1 - p['delta']:.4g} over the mask" if masks else ""),
+        "sampled": f"with confidence {p.get('confidence')} over the certification samples, "
+        f"P_weights{masks}({sup.replace(' <= ', ' > ')}) <= delta = {p['delta']:.4g}",
+        "data": f"with confidence {p.get('confidence')} over the held-out sample, "
+        f"P_x(||f(x) - F(x)|| > eps = {p['eps']:.4g}) <= {p.get('max_gap_rate')}",
+    }[kind]
+    pruned = sum(lp["count"] for lp in p["layers"])
+    scale = (
         f"output scale r_L = {p['output_scale']:.4g} (bound on sup ||F(x)||); "
         f"eps / r_L = {p['eps'] / p['output_scale']:.4g}; "
-        f"pruned {sum(lp['count'] for lp in p['layers'])} weights",
+        if p["output_scale"] > 0
+        else ""
+    )
+    lines = [
+        format_table(rows),
+        f"guarantee ({kind}): {guarantee}",
+        f"{scale}pruned {pruned} weights",
     ]
     return "\n".join(lines + [f"note: {n}" for n in p["notes"]])
 
