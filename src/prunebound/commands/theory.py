@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 from tqdm import tqdm
 
-from prunebound import report
+from prunebound import report, theory_tables
 from prunebound.check.batch import SearchConfig
 from prunebound.check.sampled import sampled_plan
 from prunebound.check.verify import largest_fraction, verify
@@ -162,7 +162,7 @@ def add_plan_parser(sub: Any) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     p = make_plan(args)
     d: dict[str, Any] = p.to_dict()
-    table = report.plan_table(d)
+    table = theory_tables.plan_table(d)
     if args.largest > 0:
         lf = largest_fraction(p, trials=args.largest, seed=args.seed, search=SearchConfig())
         d["largest_fraction"] = lf.to_dict()
@@ -170,7 +170,7 @@ def run_plan(args: argparse.Namespace) -> int:
             "\nempirically largest fractions along the plan (bisection; the worst-gap search "
             "under-estimates each gap, so these may overshoot; 1 = saturated):\n"
         )
-        table += report.largest_table(d["largest_fraction"])
+        table += theory_tables.largest_table(d["largest_fraction"])
     print(json.dumps(d, indent=1) if args.json else table)
     return 0
 
@@ -190,7 +190,7 @@ def run_certify(args: argparse.Namespace) -> int:
     model = load_checkpoint(args)
     cert = certify(model.eval(), radius=args.radius, input_shape=args.input_shape)
     d = cert.to_dict()
-    print(json.dumps(d, indent=1) if args.json else report.certificate_table(d))
+    print(json.dumps(d, indent=1) if args.json else theory_tables.certificate_table(d))
     return 0
 
 
@@ -215,18 +215,18 @@ def run_verify(args: argparse.Namespace) -> int:
     p = make_plan(args)
     out: dict[str, Any] = {"plan": p.to_dict()}
     if not args.quiet:
-        print(report.plan_table(out["plan"]))
+        print(theory_tables.plan_table(out["plan"]))
     with tqdm(total=args.trials, desc="verify", unit="net", disable=args.quiet) as bar:
         rep = verify(
             p, trials=args.trials, seed=args.seed, search=search, confidence=args.confidence,
             certificates=args.certificates, progress=lambda done, _: bar.update(done - bar.n),
         )  # fmt: skip
     out["verify"] = rep.to_dict()
-    print(report.verify_summary(out["verify"]))
+    print(theory_tables.verify_summary(out["verify"]))
     if args.largest > 0:
         lf = largest_fraction(p, trials=args.largest, seed=args.seed, search=search)
         out["largest_fraction"] = lf.to_dict()
-        print(report.largest_table(out["largest_fraction"]))
+        print(theory_tables.largest_table(out["largest_fraction"]))
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
     (d / "verify.json").write_text(json.dumps(out, indent=1))
