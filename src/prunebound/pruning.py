@@ -13,7 +13,7 @@ import ctypes.util
 import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import nn
@@ -32,6 +32,8 @@ from prunebound._masks import (
 )
 from prunebound.layer_types import is_layer
 from prunebound.methods import Method, get_method
+from prunebound.outputs import leave_outputs
+from prunebound.plan_layers import PlanLike, plan_counts
 
 _BLOCK = 1 << 21  # elements scored at once (8 MB of float32 scores)
 _SAMPLE = 1 << 18  # scores sampled to bracket the k-th smallest
@@ -52,54 +54,6 @@ def _libc_trim() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-
-
-class PlanLike(Protocol):
-    """What `prune(plan=...)` needs of a theory plan."""
-
-    @property
-    def method(self) -> str: ...
-
-    @property
-    def counts(self) -> dict[str, int]: ...
-
-    @property
-    def specs(self) -> Sequence[Any]: ...  # LayerSpecs: .name and .shape of each planned layer
-
-
-def plan_counts(model: nn.Module, plan: PlanLike) -> dict[str, int]:
-    """The plan's per-layer counts keyed by `model`'s layer names, after checking that the model
-    has the layers the plan was made for (ValueError otherwise: the guarantee would not apply).
-
-    Layers match by name when every planned name is a prunable layer of `model`; otherwise by
-    position (a plan from widths names its layers "1", "3", ... as `models.mlp` does, a user's
-    own `nn.Sequential(Linear, ReLU, ...)` names them "0", "2", ...). Either way every weight
-    shape must equal the planned one.
-    """
-    layers = prunable_layers(model)
-    specs = list(plan.specs)
-    planned = [(sp.name, tuple(sp.shape)) for sp in specs]
-    if all(name in layers for name, _ in planned):
-        pairs = [(name, name, shape) for name, shape in planned]
-    elif len(layers) == len(planned):
-        pairs = [(mine, name, shape) for mine, (name, shape) in zip(layers, planned, strict=True)]
-    else:
-        raise ValueError(
-            f"plan is for {len(planned)} prunable layers {[n for n, _ in planned]}, but the model "
-            f"has {len(layers)}: {list(layers)}; make a plan for this model"
-        )
-    counts = plan.counts
-    out = {}
-    for mine, name, shape in pairs:
-        have = tuple(original_weight(layers[mine]).shape)
-        if have != shape:
-            raise ValueError(
-                f"plan layer {name!r} has weight shape {shape}, but model layer {mine!r} has "
-                f"{have}: the plan's guarantee is for another architecture; make a plan for "
-                "this model"
-            )
-        out[mine] = counts[name]
-    return out
 
 
 def _check_amount(amount: object) -> float:
@@ -305,7 +259,10 @@ def prune(
             (including transposed linears: transformers' GPT-2 `Conv1D`). Embeddings and tied
             weights are pruned only when selected by exact name or type; a tied weight needs
             all its holders selected (`["transformer.wte", "lm_head"]`) and is pruned once,
-            with one mask on each. See `prunable_layers`.
+            with one mask on each. Structured methods (unit "row": "neuron", "filter") leave
+            the output layers alone (the last layer, any layer whose outputs are the model's
+            outputs: see `prunebound.outputs.output_layers`) unless named exactly here or in
+            `counts`/`plan`: pruning a classifier row deletes its class. See `prunable_layers`.
         counts: exact number of surviving units to prune per layer, instead of `amount`.
         plan: a `prunebound.theory.Plan`; applies its method and per-layer counts.
         seed: int or `torch.Generator` for random methods; None draws one from torch's global
@@ -344,6 +301,14 @@ def prune(
         selected = prunable_layers(model, list(counts), types=meth.layer_types) if counts else {}
     else:
         selected = prunable_layers(model, layers, types=meth.layer_types)
+        if meth.unit == "row":  # a whole output row of the classifier is a class: not by default
+            selected, outs = leave_outputs(model, selected, layers, counts or ())
+            if outs and not selected:
+                raise ValueError(
+                    f"method {meth.name!r} leaves the output layer(s) {list(outs)} alone by "
+                    f"default and no other layer is selected; name them (layers={list(outs)}) "
+                    "to prune their output units"
+                )
     twins = _check_layers(model, selected, meth)
     g = as_generator(seed)
 

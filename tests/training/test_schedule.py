@@ -28,7 +28,7 @@ Conv1D.__module__ = "transformers.pytorch_utils"  # what `layer_types.TRANSPOSED
 
 def _gpt2_like() -> nn.Sequential:
     g = torch.Generator().manual_seed(0)
-    return nn.Sequential(Conv1D(4, 16, g), nn.ReLU(), Conv1D(6, 4, g))
+    return nn.Sequential(Conv1D(4, 16, g), nn.ReLU(), Conv1D(6, 4, g), nn.ReLU(), Conv1D(2, 6, g))
 
 
 def test_count_units_counts_conv1d_columns() -> None:
@@ -47,6 +47,7 @@ def test_neuron_schedule_prunes_conv1d_columns(scope: str) -> None:
     prune_round(model, schedule, torch.Generator().manual_seed(0), 1)
     masks = pb.masks(model)
     pruned_columns = {name: int((~m.any(dim=0)).sum()) for name, m in masks.items()}
+    assert set(masks) == {"0", "2"}  # the output layer "4" is left alone, as by `prune`
     if scope == "layer":  # every layer reaches round(0.5 * n) exactly
         assert pruned_columns == {"0": 2, "2": 3}
     else:  # one ranking: half of all 10 neurons
@@ -54,4 +55,4 @@ def test_neuron_schedule_prunes_conv1d_columns(scope: str) -> None:
     for m in masks.values():  # whole columns: a neuron goes with all its inputs
         assert torch.equal(m, m.any(dim=0, keepdim=True).expand_as(m))
     out = model(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)))
-    assert out.shape == (3, 6)
+    assert out.shape == (3, 2)

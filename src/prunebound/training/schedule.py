@@ -28,6 +28,7 @@ from prunebound._check import (
 from prunebound._masks import count_units, prunable_layers
 from prunebound.layer_types import Unit
 from prunebound.methods import METHODS
+from prunebound.outputs import leave_outputs
 from prunebound.pruning import prune
 from prunebound.training.loop import TrainConfig
 
@@ -174,6 +175,8 @@ def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1
     g = as_generator(seed)  # one generator for every prune call of the round
     meth = METHODS[schedule.method]
     layers = prunable_layers(model, types=meth.layer_types)
+    if meth.unit == "row":  # as `prune`: structured methods leave the output layers alone
+        layers = leave_outputs(model, layers, None)[0]
     names = list(layers)
     if not names:
         raise ValueError(f"model has no layer that method {schedule.method!r} can prune")
