@@ -238,10 +238,13 @@ def plot_gaps(report: Mapping[str, Any], path: str | Path) -> Path:
 
 def round_line(r: Mapping[str, Any]) -> str:
     """One line of a run's progress: a `Round.to_dict()`."""
-    return (
+    line = (
         f"round {r['round']}: sparsity {r['sparsity']:6.1%}  "
         f"accuracy {r['accuracy']:6.1%}  loss {r['loss']:.3f}"
     )
+    if r.get("target_of") and r["target_of"] != "weights of all prunable layers":
+        line += f"  ({r['achieved']:.1%} of the {r['target_of']}; target {r['target']:.1%})"
+    return line
 
 
 def comparison_table(runs: Mapping[str, Mapping[str, Any]]) -> str:

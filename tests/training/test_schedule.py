@@ -1,4 +1,5 @@
-"""Schedules count units as `prune` does: GPT-2 `Conv1D` neurons are columns."""
+"""Schedules count units as `prune` does (GPT-2 `Conv1D` neurons are columns) and report the
+quantity their target speaks of."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import torch
 from torch import nn
 
 import prunebound as pb
+from prunebound import report
 from prunebound._masks import count_units
-from prunebound.training.schedule import Schedule, prune_round
+from prunebound.data import Dataset
+from prunebound.training.loop import TrainConfig
+from prunebound.training.runner import Round, run_schedule
+from prunebound.training.schedule import Schedule, prune_round, target_fraction
 
 
 class Conv1D(nn.Module):
@@ -56,3 +61,36 @@ def test_neuron_schedule_prunes_conv1d_columns(scope: str) -> None:
         assert torch.equal(m, m.any(dim=0, keepdim=True).expand_as(m))
     out = model(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)))
     assert out.shape == (3, 2)
+
+
+def test_structured_schedule_reports_the_quantity_its_target_speaks_of() -> None:
+    # issue 10 item 7: a filter schedule's target is on the filters of the conv layers, while
+    # `sparsity` counts all prunable weights (the Linear head too): report both, and say which
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 1, 8, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+    data = Dataset("toy", x, y, x, y, 3, (1, 8, 8))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 3),
+    )  # fmt: skip
+    sched = Schedule(kind="oneshot", method="filter", target_sparsity=0.5, retrain_epochs=0)
+    first, last = run_schedule(model, data, TrainConfig(epochs=0), sched, seed=0)
+    assert (first.target, first.achieved) == (0.0, 0.0)
+    assert (last.target, last.achieved) == (0.5, 0.5)  # 2 of 4 and 3 of 6 filters
+    assert last.target_of == "rows of layers 0, 2"
+    assert last.sparsity == (2 * 9 + 3 * 36) / (36 + 216 + 288)  # all prunable weights
+    assert target_fraction(model, sched) == (0.5, "rows of layers 0, 2")
+    line = report.round_line(last.to_dict())
+    assert "sparsity  23.3%" in line and "(50.0% of the rows of layers 0, 2; target 50.0%)" in line
+    old = {k: v for k, v in last.to_dict().items() if k not in ("target", "achieved", "target_of")}
+    assert Round(**old).target is None  # rounds of older checkpoints still load
+
+
+def test_unstructured_schedule_target_is_the_reported_sparsity() -> None:
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    sched = Schedule(kind="oneshot", target_sparsity=0.4)
+    prune_round(model, sched, 0, 1)
+    assert target_fraction(model, sched) == (
+        pb.sparsity(model).sparsity,
+        "weights of all prunable layers",
+    )

@@ -29,7 +29,7 @@ from prunebound.training.loop import (
     steps_per_epoch,
     train,
 )
-from prunebound.training.schedule import Schedule, prune_round, retrain_config
+from prunebound.training.schedule import Schedule, prune_round, retrain_config, target_fraction
 
 if TYPE_CHECKING:
     from prunebound.training.distributed import DistContext
@@ -43,6 +43,10 @@ class Round:
 
     `sparsity`/`compression` are over all prunable weights; `layers` maps each prunable layer
     to its sparsity; FLOPs are multiply-adds x 2 of one batch-1 forward (`pb.sparsity`).
+    `target` is the schedule's sparsity for this round and `achieved` the same quantity
+    measured, which `target_of` names: the pruned share of the schedule's units (weights, or
+    rows for structured methods) in the layers it prunes (`schedule.target_fraction`). For
+    structured methods it differs from `sparsity`: they prune some layers only.
     """
 
     round: int
@@ -54,6 +58,9 @@ class Round:
     sparse_flops: int | None
     layers: dict[str, float]
     seconds: float
+    target: float | None = None
+    achieved: float | None = None
+    target_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -91,10 +98,14 @@ class RunProgress:
         return bool(self.rounds) and self.rounds[-1].round == self.round
 
 
-def measure(model: nn.Module, data: Dataset, r: int, seconds: float) -> Round:
-    """Evaluate `model` on the test set and count its sparsity and FLOPs as round r."""
+def measure(
+    model: nn.Module, data: Dataset, r: int, seconds: float, schedule: Schedule | None = None
+) -> Round:
+    """Evaluate `model` on the test set and count its sparsity and FLOPs as round r (and, given
+    the `schedule`, the round's target and the same quantity achieved)."""
     ev = evaluate(model, data)
     sp = sparsity(model, data.input_shape)
+    achieved, what = target_fraction(model, schedule) if schedule else (None, None)
     return Round(
         round=r,
         sparsity=sp.sparsity,
@@ -105,6 +116,9 @@ def measure(model: nn.Module, data: Dataset, r: int, seconds: float) -> Round:
         sparse_flops=sp.sparse_flops,
         layers={ls.name: ls.sparsity for ls in sp.layers},
         seconds=seconds,
+        target=schedule.cumulative(r) if schedule else None,
+        achieved=achieved,
+        target_of=what,
     )
 
 
@@ -215,7 +229,7 @@ def run_schedule(
             e.round = r
             raise
         start, elapsed = None, 0.0
-        rounds.append(measure(model, data, r, time.perf_counter() - t0))
+        rounds.append(measure(model, data, r, time.perf_counter() - t0, schedule))
         logger.info(
             "round %d: sparsity %.4f, accuracy %.4f", r, rounds[-1].sparsity, rounds[-1].accuracy
         )

@@ -45,7 +45,12 @@ class Schedule:
             random / ... pruning with retraining), "lottery" (iterative, rewinding the survivors
             to their values after `rewind_epoch` epochs of the dense run before retraining).
         method: a key of `prunebound.METHODS`.
-        target_sparsity: fraction of the prunable weights removed at the end, in [0, 1).
+        target_sparsity: fraction removed at the end, in [0, 1), of the units the schedule
+            prunes (weights; rows/filters for structured methods) in the layers it prunes (its
+            method's layers; structured methods leave the output layers alone, as `prune`
+            does): see `schedule_layers` and `target_fraction`. Each `Round` reports this
+            quantity as `achieved` beside `sparsity` (zeros among all prunable weights); the
+            two agree for unstructured methods, which prune every layer.
         rounds: pruning rounds (oneshot: 1). Each removes the same fraction of the survivors,
             `1 - (1 - target) ** (1 / rounds)`, unless `amount` or `steps` is given.
         amount: optional fraction of the survivors pruned per round; `rounds` is then the
@@ -156,6 +161,33 @@ class Schedule:
         return d
 
 
+def schedule_layers(model: nn.Module, schedule: Schedule) -> dict[str, nn.Module]:
+    """The layers `prune_round` prunes: those of the schedule's method, without the output
+    layers for structured methods (`prunebound.outputs.leave_outputs`)."""
+    meth = METHODS[schedule.method]
+    layers = prunable_layers(model, types=meth.layer_types)
+    return leave_outputs(model, layers, None)[0] if meth.unit == "row" else layers
+
+
+def target_fraction(model: nn.Module, schedule: Schedule) -> tuple[float, str]:
+    """(fraction, what it counts) of the quantity `schedule.target_sparsity` speaks of: the
+    pruned share of the schedule's units (weights, or rows) in `schedule_layers`, now."""
+    unit = METHODS[schedule.method].unit
+    layers = schedule_layers(model, schedule)
+    total = pruned = 0
+    for m in layers.values():
+        t, p = _pruned_units(m, unit)
+        total, pruned = total + t, pruned + p
+    kind = "weights" if unit == "weight" else "rows"
+    if unit == "weight" and len(layers) == len(prunable_layers(model)):
+        what = "weights of all prunable layers"
+    elif len(layers) <= 4:
+        what = f"{kind} of layers {', '.join(layers)}"
+    else:
+        what = f"{kind} of {len(layers)} layers"
+    return (pruned / total if total else 0.0), what
+
+
 def _pruned_units(module: nn.Module, unit: Unit) -> tuple[int, int]:
     total, alive = count_units(module, unit)
     return total, total - alive
@@ -174,9 +206,7 @@ def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1
     """
     g = as_generator(seed)  # one generator for every prune call of the round
     meth = METHODS[schedule.method]
-    layers = prunable_layers(model, types=meth.layer_types)
-    if meth.unit == "row":  # as `prune`: structured methods leave the output layers alone
-        layers = leave_outputs(model, layers, None)[0]
+    layers = schedule_layers(model, schedule)  # as `prune`: not the output layer, if structured
     names = list(layers)
     if not names:
         raise ValueError(f"model has no layer that method {schedule.method!r} can prune")
