@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal
 
@@ -30,7 +31,7 @@ from prunebound._masks import (
     set_mask,
     unit_view,
 )
-from prunebound.layer_types import is_layer
+from prunebound.layer_types import CONV_TRANSPOSE, is_layer, unpruned_weights
 from prunebound.methods import Method, get_method
 from prunebound.outputs import leave_outputs
 from prunebound.plan_layers import PlanLike, plan_counts
@@ -92,6 +93,12 @@ def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method
         if not is_layer(m, method.layer_types):
             raise ValueError(
                 f"method {method.name!r} cannot prune layer {name!r} ({type(m).__name__})"
+            )
+        if method.unit == "row" and isinstance(m, CONV_TRANSPOSE) and m.groups > 1:
+            raise ValueError(  # dim 1 holds out/groups channels per group: no whole filters
+                f"method {method.name!r}: layer {name!r} is a grouped {type(m).__name__} "
+                f"(groups={m.groups}), whose output channels are not whole rows of its weight; "
+                "use an unstructured method or exclude it"
             )
     owners = holders(model)
     first: dict[int, str] = {}
@@ -310,6 +317,15 @@ def prune(
                     "to prune their output units"
                 )
     twins = _check_layers(model, selected, meth)
+    if skipped := unpruned_weights(model):
+        more = f" and {len(skipped) - 6} more" if len(skipped) > 6 else ""
+        warnings.warn(
+            f"prune: {len(skipped)} weights of {sorted({n.rpartition('.')[0] for n in skipped})}"
+            f" stay dense: {skipped[:6]}{more} (LSTM/GRU/RNN weights and "
+            "MultiheadAttention.in_proj_weight are not pruned; its out_proj is a Linear and is); "
+            "pb.sparsity(model).model_sparsity counts them",
+            stacklevel=2,
+        )
     g = as_generator(seed)
 
     if amount is not None:

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from prunebound import report
-from prunebound._masks import prunable_layers, sparsity
+from prunebound._masks import prunable_layers
 from prunebound.checkpoint import save
 from prunebound.commands._args import (
     UsageError,
@@ -29,6 +29,7 @@ from prunebound.deploy.export_file import save_export
 from prunebound.methods import get_method
 from prunebound.outputs import leave_outputs
 from prunebound.pruning import prune
+from prunebound.sparsity_stats import sparsity
 
 
 def add_prune_parser(sub: Any) -> None:

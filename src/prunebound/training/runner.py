@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from prunebound._check import Seed, as_generator
-from prunebound._masks import sparsity
 from prunebound.checkpoint import rewind, snapshot
 from prunebound.data import Dataset
+from prunebound.sparsity_stats import sparsity
 from prunebound.training.loop import (
     NonFiniteError,
     TrainConfig,
