@@ -94,3 +94,16 @@ def test_unstructured_schedule_target_is_the_reported_sparsity() -> None:
         pb.sparsity(model).sparsity,
         "weights of all prunable layers",
     )
+
+
+def test_schedule_layers_opt_in_the_output_layer_and_keep_old_hashes() -> None:
+    model = _gpt2_like()
+    sched = Schedule(kind="oneshot", method="neuron", target_sparsity=0.5, layers=("2", "4"))
+    prune_round(model, sched, 0, 1)
+    pruned = {name: int((~m.any(dim=0)).sum()) for name, m in pb.masks(model).items()}
+    assert pruned == {"2": 3, "4": 1}  # named: the output layer "4" is pruned too
+    assert target_fraction(model, sched) == (0.5, "rows of layers 2, 4")
+    assert "layers" not in Schedule().to_dict()  # configs without layers keep their hash
+    assert Schedule(layers=("a*",)).to_dict()["layers"] == ["a*"]
+    with pytest.raises(ValueError, match=r"schedule\.layers must be layer names"):
+        Schedule(layers=(3,))  # type: ignore[arg-type]

@@ -75,6 +75,9 @@ class Schedule:
             2021); "constant" keeps the dense initial LR.
         retrain_lr_scale: multiplies the dense `lr` while retraining (sparse networks often
             recover faster with a larger step).
+        layers: names or glob patterns of the layers to prune (as `prune(layers=...)`); empty:
+            every layer of the method, where structured methods leave the output layers alone
+            unless named here exactly.
     """
 
     kind: ScheduleKind = "iterative"
@@ -90,6 +93,7 @@ class Schedule:
     rewind_step: int | None = None
     retrain_lr: RetrainLR = "rewind"
     retrain_lr_scale: float = 1.0
+    layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
@@ -118,6 +122,8 @@ class Schedule:
         f = check_float(
             "schedule.retrain_lr_scale", self.retrain_lr_scale, 0, closed="neither", ints=True
         )
+        if not all(isinstance(n, str) for n in self.layers):
+            raise ValueError(f"schedule.layers must be layer names, got {self.layers!r}")
         if self.kind == "oneshot" and len(steps) > 1:
             raise ValueError(f"schedule.steps must have one entry for oneshot, got {steps!r}")
         # all checked: normalise (frozen, hence object.__setattr__)
@@ -158,15 +164,20 @@ class Schedule:
         """Plain dict for JSON (steps as a list)."""
         d = asdict(self)
         d["steps"] = list(self.steps)
+        if self.layers:  # absent when empty: configs of before `layers` keep their hash
+            d["layers"] = list(self.layers)
+        else:
+            del d["layers"]
         return d
 
 
 def schedule_layers(model: nn.Module, schedule: Schedule) -> dict[str, nn.Module]:
-    """The layers `prune_round` prunes: those of the schedule's method, without the output
-    layers for structured methods (`prunebound.outputs.leave_outputs`)."""
+    """The layers `prune_round` prunes: `schedule.layers` (default: those of its method), without
+    the output layers not named there for structured methods (`outputs.leave_outputs`)."""
     meth = METHODS[schedule.method]
-    layers = prunable_layers(model, types=meth.layer_types)
-    return leave_outputs(model, layers, None)[0] if meth.unit == "row" else layers
+    chosen = list(schedule.layers) or None
+    layers = prunable_layers(model, chosen, types=meth.layer_types)
+    return leave_outputs(model, layers, chosen)[0] if meth.unit == "row" else layers
 
 
 def target_fraction(model: nn.Module, schedule: Schedule) -> tuple[float, str]:
