@@ -346,9 +346,12 @@ def test_output_layers_are_found_by_tracing_and_opted_in_only_by_name() -> None:
 
 
 def test_structured_pruning_of_only_an_output_layer_asks_for_its_name() -> None:
-    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    with pytest.raises(ValueError, match=r"leaves the output layer\(s\) \['1'\] alone"):
-        pb.prune(net, "neuron", 0.5)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"leaves the output layer\(s\) \['2'\] alone"):
+        pb.prune(net, "neuron", 0.5)  # the Linear is neuron's only layer, and the output
     assert not pb.is_pruned(net)
-    pb.prune(net, "neuron", 0.5, layers=["1"])
-    assert int((~pb.masks(net)["1"].any(dim=1)).sum()) == 2
+    pb.prune(net, "neuron", 0.5, layers=["2"])
+    assert int((~pb.masks(net)["2"].any(dim=1)).sum()) == 2
+    single = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))  # one prunable layer: the one asked
+    assert output_layers(single) == ()
+    assert int((~pb.masks(pb.prune(single, "neuron", 0.5))["1"].any(dim=1)).sum()) == 2

@@ -56,11 +56,11 @@ def output_layers(model: nn.Module) -> tuple[str, ...]:
 
     A layer counts when a model output is computed from its output without passing through
     another Linear/Conv layer (several heads give several). Models that `torch.fx` cannot trace
-    get the last prunable layer in module order. A model that is itself one layer has none: it
-    is the layer the caller asked for.
+    get the last prunable layer in module order. A model with one prunable layer (or that is
+    itself one) has none: that layer is the one the caller asked to prune.
     """
-    layers = [n for n in maskable_layers(model) if n]
-    if not layers:
+    layers = list(maskable_layers(model))
+    if len(layers) <= 1:
         return ()
     traced = _traced_outputs(model, layers)
     return traced if traced is not None else (layers[-1],)
