@@ -107,3 +107,18 @@ def test_schedule_layers_opt_in_the_output_layer_and_keep_old_hashes() -> None:
     assert Schedule(layers=("a*",)).to_dict()["layers"] == ["a*"]
     with pytest.raises(ValueError, match=r"schedule\.layers must be layer names"):
         Schedule(layers=(3,))  # type: ignore[arg-type]
+
+
+def test_rounds_table_shows_target_and_achieved_when_they_differ_from_sparsity() -> None:
+    rows = [
+        {"round": 0, "sparsity": 0.0, "compression": 1.0, "accuracy": 0.5, "loss": 1.0,
+         "sparse_flops": None, "target": 0.0, "achieved": 0.0, "target_of": "rows of layers 0, 2"},
+        {"round": 1, "sparsity": 0.2333, "compression": 1.3, "accuracy": 0.4, "loss": 1.1,
+         "sparse_flops": None, "target": 0.5, "achieved": 0.5, "target_of": "rows of layers 0, 2"},
+    ]  # fmt: skip
+    lines = report.rounds_table({"rounds": rows}).splitlines()
+    assert lines[0].split()[-4:] == ["target", "sparsity", "achieved", "sparsity"]
+    assert lines[3].split()[-2:] == ["50.0%", "50.0%"] and "23.3%" in lines[3]
+    assert lines[-1] == "target / achieved: share of the rows of layers 0, 2 pruned"
+    plain = [{**r, "target_of": "weights of all prunable layers"} for r in rows]
+    assert "target" not in report.rounds_table({"rounds": plain})

@@ -29,6 +29,7 @@ from prunebound._masks import count_units, prunable_layers
 from prunebound.layer_types import Unit
 from prunebound.methods import METHODS
 from prunebound.outputs import leave_outputs
+from prunebound.report import ALL_WEIGHTS
 from prunebound.pruning import prune
 from prunebound.training.loop import TrainConfig
 
@@ -191,7 +192,7 @@ def target_fraction(model: nn.Module, schedule: Schedule) -> tuple[float, str]:
         total, pruned = total + t, pruned + p
     kind = "weights" if unit == "weight" else "rows"
     if unit == "weight" and len(layers) == len(prunable_layers(model)):
-        what = "weights of all prunable layers"
+        what = ALL_WEIGHTS
     elif len(layers) <= 4:
         what = f"{kind} of layers {', '.join(layers)}"
     else:
