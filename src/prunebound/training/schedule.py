@@ -29,8 +29,8 @@ from prunebound._masks import count_units, prunable_layers
 from prunebound.layer_types import Unit
 from prunebound.methods import METHODS
 from prunebound.outputs import leave_outputs
-from prunebound.report import ALL_WEIGHTS
 from prunebound.pruning import prune
+from prunebound.report import ALL_WEIGHTS
 from prunebound.training.loop import TrainConfig
 
 ScheduleKind = Literal["oneshot", "iterative", "lottery"]
