@@ -101,6 +101,8 @@ class VerifyReport:
 
     def __str__(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
+        if not self.passed and self.violations == 0:
+            verdict += " (no violation, but too few trials to bound the rate by delta)"
         g = sorted(self.gaps)
         lines = [
             f"VerifyReport: {verdict}: {self.violations}/{self.trials} networks with gap > eps "
