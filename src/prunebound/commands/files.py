@@ -103,7 +103,12 @@ def run_prune(args: argparse.Namespace) -> int:
     save(model, out)
     sp = sparsity(model)
     print(report.sparsity_table(sp.to_dict(), shapes=False))
-    print(f"compression {sp.compression:.2f}x; saved {out}")
+    print(
+        f"compression {sp.compression:.2f}x of the prunable weights; "
+        f"{sp.model_sparsity:.1%} of all parameters zero; saved {out}"
+    )
+    if sp.unpruned:
+        print(f"not prunable here: {', '.join(sp.unpruned)}")
     return 0
 
 
