@@ -50,6 +50,7 @@ def test_prune_and_report_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     assert pb.sparsity(fresh).sparsity == pytest.approx(0.25, abs=1e-3)
     out = capsys.readouterr().out
     assert "compression 1.33x" in out and "25.0%" in out
+    assert "24.8% of all parameters zero" in out  # 12,550 of 50,610: the biases stay
     few = ["--epochs", "1", "--retrain-epochs", "0", "--rounds", "1", "--quiet"]
     rc = main(["demo", "--out", str(tmp_path / "d"), *few])
     assert rc == 0
@@ -231,3 +232,47 @@ def test_report_on_a_malformed_results_file_exits_1(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "is not a prunebound results file" in err and key in err, err
+
+
+def test_prune_layers_exclude_counts_and_norm(tmp_path: Path) -> None:
+    ckpt = pb.save(pb.models.lenet_300_100(in_features=64), tmp_path / "dense.safetensors")
+    model = ["--model", "lenet_300_100", "--model-arg", "in_features=64"]
+
+    def pruned_rows(*flags: str) -> dict[str, int]:
+        out = tmp_path / "p.safetensors"
+        assert (
+            main(["prune", str(ckpt), *model, "--method", "neuron", *flags, "--out", str(out)]) == 0
+        )
+        fresh = pb.load(pb.models.lenet_300_100(in_features=64), out)
+        return {k: int((~v.any(dim=1)).sum()) for k, v in pb.masks(fresh).items()}
+
+    assert pruned_rows("--amount", "0.5", "--norm", "1") == {"1": 150, "3": 50}  # not the head
+    assert pruned_rows("--amount", "0.5", "--layers", "1,3", "--layers", "5") == {
+        "1": 150, "3": 50, "5": 5
+    }  # fmt: skip
+    assert pruned_rows("--amount", "0.5", "--exclude", "3") == {"1": 150}
+    assert pruned_rows("--amount", "0.5", "--layers", "*", "--exclude", "1") == {"3": 50}
+    assert pruned_rows("--counts", "5=2", "--counts", "1=7") == {"1": 7, "5": 2}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--amount", "0.5", "--counts", "1=2"], "give exactly one of --amount or --counts"),
+        ([], "give exactly one of --amount or --counts"),
+        (["--counts", "1=x"], "expected LAYER=N with N an int >= 0, got '1=x'"),
+        (["--amount", "0.5", "--norm", "3"], "argument --norm: invalid choice: 3"),
+        (["--amount", "0.5", "--exclude", "nope"], "--exclude 'nope' matches none of the layers"),
+    ],
+)
+def test_prune_selection_usage_errors(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = pb.save(pb.models.lenet_300_100(in_features=64), tmp_path / "dense.safetensors")
+    argv = ["prune", str(ckpt), "--model", "lenet_300_100", "--model-arg", "in_features=64"]
+    try:
+        rc = main([*argv, *flags, "--out", str(tmp_path / "p.safetensors")])
+    except SystemExit as e:
+        rc = e.code  # type: ignore[assignment]
+    assert rc == 2
+    assert message in capsys.readouterr().err

@@ -9,10 +9,17 @@ from torch import nn
 
 import prunebound as pb
 from prunebound.methods import Method, get_method
+from prunebound.outputs import leave_outputs, output_layers
 
 
 def _model_for(method: Method) -> nn.Module:
     return make_cnn() if method.layer_types[0] is nn.Conv1d else make_mlp()
+
+
+def _layers_for(model: nn.Module, method: Method) -> dict[str, nn.Module]:
+    """The layers `prune` selects by default: structured methods leave the output layer alone."""
+    layers = pb.prunable_layers(model, types=method.layer_types)
+    return leave_outputs(model, layers, None)[0] if method.unit == "row" else layers
 
 
 def _pruned_counts(model: nn.Module) -> dict[str, int]:
@@ -24,8 +31,10 @@ def test_mask_is_bool_weight_shaped_and_forward_is_masked(name: str) -> None:
     method = pb.METHODS[name]
     model = _model_for(method)
     pb.prune(model, name, 0.4, seed=0)
-    layers = pb.prunable_layers(model, types=method.layer_types)
+    layers = _layers_for(model, method)
     assert set(pb.masks(model)) == set(layers)
+    if method.unit == "row":  # the output layer is left alone (issue 10 item 1)
+        assert output_layers(model)[0] not in pb.masks(model)
     for lname, m in layers.items():
         keep = pb.masks(model)[lname]
         assert keep.dtype == torch.bool
@@ -38,7 +47,7 @@ def test_mask_is_bool_weight_shaped_and_forward_is_masked(name: str) -> None:
 def test_exact_counts(name: str, scope: str) -> None:
     method = pb.METHODS[name]
     model = _model_for(method)
-    layers = pb.prunable_layers(model, types=method.layer_types)
+    layers = _layers_for(model, method)
     pb.prune(model, name, 0.3, scope=scope, seed=1)
     counts = _pruned_counts(model)
     if method.unit == "row":

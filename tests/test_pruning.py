@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -13,7 +14,10 @@ from torch import nn
 from torch.nn.utils import prune as tp
 
 import prunebound as pb
+from prunebound.data import load_digits
+from prunebound.outputs import output_layers
 from prunebound.theory import LayerSpec
+from prunebound.training.loop import TrainConfig, train
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -282,3 +286,72 @@ def test_random_masks_follow_torch_manual_seed_without_a_seed() -> None:
     assert all(
         torch.equal(explicit[k], again[k]) for k in explicit
     )  # seed= wins over the global RNG
+
+
+def test_structured_pruning_leaves_a_trained_classifier_alone_unless_named() -> None:
+    # issue 10 item 1: the README's `prune(model, "neuron", 0.1, norm=1)` pruned a classifier
+    # row of a trained digits LeNet, and that class's recall fell from 0.81 to 0.0
+    data = load_digits()
+    torch.manual_seed(0)
+    model = pb.models.lenet_300_100(64)
+    train(model, data, TrainConfig(epochs=3, batch_size=32), seed=0)
+    head = model[5].weight.detach().clone()
+
+    default = pb.prune(copy.deepcopy(model), "neuron", 0.1, norm=1)
+    assert set(pb.masks(default)) == {"1", "3"}  # the output layer "5" is left alone
+    assert torch.equal(default[5].weight, head)
+    with torch.no_grad():
+        pred = default(data.x_test).argmax(1)
+    recall = [float((pred[data.y_test == c] == c).float().mean()) for c in range(10)]
+    assert min(recall) > 0.5, recall  # every class survives (0.72 at worst, measured)
+
+    named = pb.prune(copy.deepcopy(model), "neuron", 0.1, norm=1, layers=["1", "3", "5"])
+    rows = ~pb.masks(named)["5"].any(dim=1)
+    assert int(rows.sum()) == 1  # round(0.1 * 10) classifier rows: one class's logit is its bias
+    with torch.no_grad():
+        logits = named(data.x_test[:20])
+    assert torch.equal(logits[:, rows], named[5].bias[rows].expand(20, 1))
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.a = nn.Linear(8, 4)
+        self.b = nn.Linear(8, 6)
+        self.mid = nn.Linear(8, 8)  # registered last, but not an output layer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.mid(torch.relu(self.body(x)))
+        return self.a(h), self.b(h).softmax(-1)
+
+
+def test_output_layers_are_found_by_tracing_and_opted_in_only_by_name() -> None:
+    assert output_layers(_TwoHeads()) == ("a", "b")
+    assert output_layers(make_mlp()) == ("4",)
+    assert output_layers(nn.Linear(3, 2)) == ()  # the model is the layer asked for
+    for scope in ("layer", "global"):
+        m = pb.prune(_TwoHeads(), "neuron", 0.5, scope=scope)
+        assert set(pb.masks(m)) == {"body", "mid"}
+    for sel in (["*"], [nn.Linear]):  # a glob or a type is not a name
+        assert set(pb.masks(pb.prune(_TwoHeads(), "neuron", 0.5, layers=sel))) == {"body", "mid"}
+    m = pb.prune(_TwoHeads(), "neuron", 0.5, layers=["body", "a"])
+    assert set(pb.masks(m)) == {"body", "a"}
+    assert int((~pb.masks(m)["a"].any(dim=1)).sum()) == 2
+    m = pb.prune(_TwoHeads(), "neuron", counts={"b": 1})  # counts name their layers
+    assert int((~pb.masks(m)["b"].any(dim=1)).sum()) == 1
+    m = pb.prune(_TwoHeads(), "magnitude", 0.5)  # unstructured methods prune every layer
+    assert set(pb.masks(m)) == {"body", "a", "b", "mid"}
+    assert int((~pb.masks(pb.prune(nn.Linear(3, 4), "neuron", 0.5))[""]).any(1).sum()) == 2
+
+
+def test_structured_pruning_of_only_an_output_layer_asks_for_its_name() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"leaves the output layer\(s\) \['2'\] alone"):
+        pb.prune(net, "neuron", 0.5)  # the Linear is neuron's only layer, and the output
+    assert not pb.is_pruned(net)
+    pb.prune(net, "neuron", 0.5, layers=["2"])
+    assert int((~pb.masks(net)["2"].any(dim=1)).sum()) == 2
+    single = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))  # one prunable layer: the one asked
+    assert output_layers(single) == ()
+    assert int((~pb.masks(pb.prune(single, "neuron", 0.5))["1"].any(dim=1)).sum()) == 2

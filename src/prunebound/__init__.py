@@ -4,8 +4,8 @@ Every exported name, by wing (defining module in brackets; the design: docs/desi
 
     core      prune                                   [pruning]
               Method, METHODS, register_method         [methods]
-              masks, sparsity, remove, reset, is_pruned, prunable_layers, original_weight,
-              Mask, LayerSparsity, SparsityReport      [_masks]
+              masks, remove, reset, is_pruned, prunable_layers, original_weight, Mask   [_masks]
+              sparsity, LayerSparsity, SparsityReport  [sparsity_stats]
               save, load, snapshot, rewind,
               import_torch_prune, export_torch_prune   [checkpoint]
               data, models                             (modules: data sets, model builders)
@@ -27,16 +27,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 from prunebound import data, models, theory
 from prunebound._masks import (
-    LayerSparsity,
     Mask,
-    SparsityReport,
     is_pruned,
     masks,
     original_weight,
     prunable_layers,
     remove,
     reset,
-    sparsity,
 )
 from prunebound.check.batch import SearchConfig
 from prunebound.check.sampled import SampledPlan, sampled_plan
@@ -54,6 +51,7 @@ from prunebound.deploy.export_file import load_export, save_export
 from prunebound.deploy.sparse import SparseConv2d, SparseLinear
 from prunebound.methods import METHODS, Method, register_method
 from prunebound.pruning import prune
+from prunebound.sparsity_stats import LayerSparsity, SparsityReport, sparsity
 from prunebound.training.config import DataSpec, Experiment, ModelSpec
 from prunebound.training.experiment import RunResult, run
 from prunebound.training.launch import run_distributed

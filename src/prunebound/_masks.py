@@ -1,4 +1,4 @@
-"""Masks as `torch.nn.utils.parametrize` parametrizations, and sparsity statistics.
+"""Masks as `torch.nn.utils.parametrize` parametrizations, and which layers carry them.
 
 A pruned layer computes with `mask ⊙ weight`: the parameter keeps its identity (optimizers stay
 valid), autograd gives zero gradient at pruned entries, and the mask is a bool buffer (one byte
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunebound.layer_types import LINEAR, OPT_IN, PRUNABLE, Unit, is_layer, output_axis
+from prunebound.layer_types import OPT_IN, PRUNABLE, Unit, is_layer, output_axis
 
 LayerSelector = str | type[nn.Module]
 
@@ -252,126 +250,3 @@ def reset(model: nn.Module) -> nn.Module:
         if mask_module(m) is not None:
             _drop_mask(m, bake=False)
     return model
-
-
-@dataclass(frozen=True)
-class LayerSparsity:
-    """Zeros of one layer's effective weight; `flops` are per forward of one sample."""
-
-    name: str
-    shape: tuple[int, ...]
-    total: int
-    zeros: int
-    sparsity: float
-    dense_flops: int | None = None
-    sparse_flops: int | None = None
-
-
-@dataclass(frozen=True)
-class SparsityReport:
-    """Sparsity of the prunable layers and of the whole model.
-
-    `sparsity` = zeros / total over the prunable weights, `compression` = total / nonzero; a
-    weight tied across layers has a row per layer but counts once in the totals.
-    FLOPs count a multiply-add as 2 and cover the prunable layers (one sample of `input_shape`);
-    sparse FLOPs count only nonzero weights, as an ideal sparse kernel would.
-    """
-
-    layers: tuple[LayerSparsity, ...]
-    total: int
-    zeros: int
-    sparsity: float
-    compression: float
-    model_params: int
-    model_nonzero: int
-    dense_flops: int | None = None
-    sparse_flops: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _positions(
-    model: nn.Module, layers: dict[str, nn.Module], input_shape: Sequence[int]
-) -> dict[str, int]:
-    """Output positions per sample of each layer (1 for Linear, H*W for Conv2d), by a dry run."""
-    out: dict[str, int] = {}
-    handles = []
-    for name, m in layers.items():
-
-        def hook(mod: nn.Module, inp: Any, output: torch.Tensor, name: str = name) -> None:
-            if is_layer(mod, LINEAR):
-                out[name] = output[0].numel() // count_units(mod, "row")[0]
-            else:
-                out[name] = output[0, 0].numel()
-
-        handles.append(m.register_forward_hook(hook))
-    try:
-        p = next(model.parameters())
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
-        model.train(was_training)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
-
-
-def sparsity(model: nn.Module, input_shape: Sequence[int] | None = None) -> SparsityReport:
-    """Per-layer and overall sparsity of the Linear/Conv weights; FLOPs if `input_shape` is given.
-
-    Args:
-        model: any module.
-        input_shape: shape of one input sample (no batch dim), e.g. (64,) or (1, 28, 28).
-    """
-    layers = prunable_layers(model)
-    positions = _positions(model, layers, input_shape) if input_shape is not None else {}
-    rows, counted, seen = [], [], set()  # counted: rows of distinct weights (tied ones once)
-    with torch.no_grad():
-        for name, m in layers.items():
-            w = effective_weight(m)
-            total = w.numel()
-            zeros = total - int(torch.count_nonzero(w))
-            dense = sparse = None
-            if name in positions:
-                dense = 2 * total * positions[name]
-                sparse = 2 * (total - zeros) * positions[name]
-            rows.append(
-                LayerSparsity(
-                    name, tuple(w.shape), total, zeros, zeros / max(total, 1), dense, sparse
-                )
-            )
-            if id(original_weight(m)) not in seen:
-                seen.add(id(original_weight(m)))
-                counted.append(rows[-1])
-        params = list(model.parameters())  # originals: count effective zeros via the layers
-        model_params = sum(p.numel() for p in params)
-        masked_zeros = sum(r.zeros for r in counted)
-        other_zero = sum(
-            p.numel() - int(torch.count_nonzero(p))
-            for n, p in model.named_parameters()
-            if not n.endswith("parametrizations.weight.original")
-            and not _is_layer_weight(n, layers)
-        )
-    total = sum(r.total for r in counted)
-    zeros = sum(r.zeros for r in counted)
-    flops = [r.dense_flops for r in rows]
-    has_flops = input_shape is not None and all(f is not None for f in flops)
-    return SparsityReport(
-        layers=tuple(rows),
-        total=total,
-        zeros=zeros,
-        sparsity=zeros / total if total else 0.0,
-        compression=total / (total - zeros) if total > zeros else float("inf"),
-        model_params=model_params,
-        model_nonzero=model_params - masked_zeros - other_zero,
-        dense_flops=sum(r.dense_flops or 0 for r in rows) if has_flops else None,
-        sparse_flops=sum(r.sparse_flops or 0 for r in rows) if has_flops else None,
-    )
-
-
-def _is_layer_weight(param_name: str, layers: dict[str, nn.Module]) -> bool:
-    prefix, _, leaf = param_name.rpartition(".")
-    return leaf == "weight" and prefix in layers

@@ -12,8 +12,9 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,8 +31,10 @@ from prunebound._masks import (
     set_mask,
     unit_view,
 )
-from prunebound.layer_types import is_layer
+from prunebound.layer_types import CONV_TRANSPOSE, is_layer, unpruned_weights
 from prunebound.methods import Method, get_method
+from prunebound.outputs import leave_outputs
+from prunebound.plan_layers import PlanLike, plan_counts
 
 _BLOCK = 1 << 21  # elements scored at once (8 MB of float32 scores)
 _SAMPLE = 1 << 18  # scores sampled to bracket the k-th smallest
@@ -52,54 +55,6 @@ def _libc_trim() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-
-
-class PlanLike(Protocol):
-    """What `prune(plan=...)` needs of a theory plan."""
-
-    @property
-    def method(self) -> str: ...
-
-    @property
-    def counts(self) -> dict[str, int]: ...
-
-    @property
-    def specs(self) -> Sequence[Any]: ...  # LayerSpecs: .name and .shape of each planned layer
-
-
-def plan_counts(model: nn.Module, plan: PlanLike) -> dict[str, int]:
-    """The plan's per-layer counts keyed by `model`'s layer names, after checking that the model
-    has the layers the plan was made for (ValueError otherwise: the guarantee would not apply).
-
-    Layers match by name when every planned name is a prunable layer of `model`; otherwise by
-    position (a plan from widths names its layers "1", "3", ... as `models.mlp` does, a user's
-    own `nn.Sequential(Linear, ReLU, ...)` names them "0", "2", ...). Either way every weight
-    shape must equal the planned one.
-    """
-    layers = prunable_layers(model)
-    specs = list(plan.specs)
-    planned = [(sp.name, tuple(sp.shape)) for sp in specs]
-    if all(name in layers for name, _ in planned):
-        pairs = [(name, name, shape) for name, shape in planned]
-    elif len(layers) == len(planned):
-        pairs = [(mine, name, shape) for mine, (name, shape) in zip(layers, planned, strict=True)]
-    else:
-        raise ValueError(
-            f"plan is for {len(planned)} prunable layers {[n for n, _ in planned]}, but the model "
-            f"has {len(layers)}: {list(layers)}; make a plan for this model"
-        )
-    counts = plan.counts
-    out = {}
-    for mine, name, shape in pairs:
-        have = tuple(original_weight(layers[mine]).shape)
-        if have != shape:
-            raise ValueError(
-                f"plan layer {name!r} has weight shape {shape}, but model layer {mine!r} has "
-                f"{have}: the plan's guarantee is for another architecture; make a plan for "
-                "this model"
-            )
-        out[mine] = counts[name]
-    return out
 
 
 def _check_amount(amount: object) -> float:
@@ -138,6 +93,12 @@ def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method
         if not is_layer(m, method.layer_types):
             raise ValueError(
                 f"method {method.name!r} cannot prune layer {name!r} ({type(m).__name__})"
+            )
+        if method.unit == "row" and isinstance(m, CONV_TRANSPOSE) and m.groups > 1:
+            raise ValueError(  # dim 1 holds out/groups channels per group: no whole filters
+                f"method {method.name!r}: layer {name!r} is a grouped {type(m).__name__} "
+                f"(groups={m.groups}), whose output channels are not whole rows of its weight; "
+                "use an unstructured method or exclude it"
             )
     owners = holders(model)
     first: dict[int, str] = {}
@@ -305,7 +266,10 @@ def prune(
             (including transposed linears: transformers' GPT-2 `Conv1D`). Embeddings and tied
             weights are pruned only when selected by exact name or type; a tied weight needs
             all its holders selected (`["transformer.wte", "lm_head"]`) and is pruned once,
-            with one mask on each. See `prunable_layers`.
+            with one mask on each. Structured methods (unit "row": "neuron", "filter") leave
+            the output layers alone (the last layer, any layer whose outputs are the model's
+            outputs: see `prunebound.outputs.output_layers`) unless named exactly here or in
+            `counts`/`plan`: pruning a classifier row deletes its class. See `prunable_layers`.
         counts: exact number of surviving units to prune per layer, instead of `amount`.
         plan: a `prunebound.theory.Plan`; applies its method and per-layer counts.
         seed: int or `torch.Generator` for random methods; None draws one from torch's global
@@ -344,7 +308,24 @@ def prune(
         selected = prunable_layers(model, list(counts), types=meth.layer_types) if counts else {}
     else:
         selected = prunable_layers(model, layers, types=meth.layer_types)
+        if meth.unit == "row":  # a whole output row of the classifier is a class: not by default
+            selected, outs = leave_outputs(model, selected, layers, counts or ())
+            if outs and not selected:
+                raise ValueError(
+                    f"method {meth.name!r} leaves the output layer(s) {list(outs)} alone by "
+                    f"default and no other layer is selected; name them (layers={list(outs)}) "
+                    "to prune their output units"
+                )
     twins = _check_layers(model, selected, meth)
+    if skipped := unpruned_weights(model):
+        more = f" and {len(skipped) - 6} more" if len(skipped) > 6 else ""
+        warnings.warn(
+            f"prune: {len(skipped)} weights of {sorted({n.rpartition('.')[0] for n in skipped})}"
+            f" stay dense: {skipped[:6]}{more} (LSTM/GRU/RNN weights and "
+            "MultiheadAttention.in_proj_weight are not pruned; its out_proj is a Linear and is); "
+            "pb.sparsity(model).model_sparsity counts them",
+            stacklevel=2,
+        )
     g = as_generator(seed)
 
     if amount is not None:

@@ -90,6 +90,8 @@ def check_results(results: Any, *, source: str = "results") -> None:
 
 
 PERCENT_WORDS = ("sparsity", "acc", "rate", "fraction")
+#: `Round.target_of` when a schedule's target is the sparsity of all prunable weights
+ALL_WEIGHTS = "weights of all prunable layers"
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -124,7 +126,12 @@ def rounds_table(results: Mapping[str, Any]) -> str:
         {**{k: r[k] for k in keys}, "MFLOPs": (r["sparse_flops"] or 0) / 1e6}
         for r in results["rounds"]
     ]
-    return format_table(rows)
+    what = {r.get("target_of") for r in results["rounds"]} - {None, ALL_WEIGHTS}
+    if len(what) != 1:  # the target is on all prunable weights (or older results): as sparsity
+        return format_table(rows)
+    for row, r in zip(rows, results["rounds"], strict=True):
+        row["target sparsity"], row["achieved sparsity"] = r["target"], r["achieved"]
+    return f"{format_table(rows)}\ntarget / achieved: share of the {what.pop()} pruned"
 
 
 def plot_accuracy_vs_sparsity(results: Mapping[str, Any], path: str | Path) -> Path:
@@ -237,10 +244,13 @@ def plot_gaps(report: Mapping[str, Any], path: str | Path) -> Path:
 
 def round_line(r: Mapping[str, Any]) -> str:
     """One line of a run's progress: a `Round.to_dict()`."""
-    return (
+    line = (
         f"round {r['round']}: sparsity {r['sparsity']:6.1%}  "
         f"accuracy {r['accuracy']:6.1%}  loss {r['loss']:.3f}"
     )
+    if r.get("target_of") and r["target_of"] != ALL_WEIGHTS:
+        line += f"  ({r['achieved']:.1%} of the {r['target_of']}; target {r['target']:.1%})"
+    return line
 
 
 def comparison_table(runs: Mapping[str, Mapping[str, Any]]) -> str:

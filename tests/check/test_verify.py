@@ -313,3 +313,23 @@ def test_plan_from_a_non_relu_module_is_refused() -> None:
     assert p.activation == "other"
     with pytest.raises(ValueError, match="ReLU between layers"):
         pb.verify(p, trials=2)
+
+
+def test_report_prints_a_short_summary_and_a_bounded_repr() -> None:
+    rep = pb.verify(plan([16, 32, 8], 0.3, 0.05, method="magnitude"), trials=200, search=FAST)
+    text = str(rep)
+    lines = text.splitlines()
+    assert len(lines) == 3, text
+    assert lines[0].startswith("VerifyReport: PASS: 0/200 networks with gap > eps = ")
+    assert f"max {rep.gap_max:.4g}" in lines[2] and "median" in lines[2]
+    r = repr(rep)
+    assert "gaps=<200 floats>" in r and "violations=0" in r and "certificates=None" in r
+    assert len(r) < 600 and str(rep.gaps[0]) not in r  # no 200-element dump
+
+
+def test_report_says_when_too_few_trials_fail_a_clean_run() -> None:
+    rep = pb.verify(plan([16, 32, 8], 0.3, 0.05, method="magnitude"), trials=20, search=FAST)
+    assert rep.violations == 0 and not rep.passed
+    assert str(rep).startswith(
+        "VerifyReport: FAIL (no violation, but too few trials to bound the rate by delta): 0/20"
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class VerifyReport:
     """Monte Carlo check of a plan over `trials` sampled networks.
 
@@ -60,6 +60,7 @@ class VerifyReport:
     `relative_eps` = eps / output_scale (the plan's r_L). Gaps are LOWER estimates of each
     network's sup; `certificates` (when computed) are upper bounds, and `certified` counts the
     networks with certificate <= eps, so true violations <= trials - certified.
+    `print(report)` gives a short summary; `repr` summarises `gaps`/`certificates`.
     """
 
     trials: int
@@ -88,6 +89,36 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return asdict(self)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.name not in ("gaps", "certificates", "search")
+        )
+        certs = "None" if self.certificates is None else f"<{len(self.certificates)} floats>"
+        return f"VerifyReport({shown}, gaps=<{len(self.gaps)} floats>, certificates={certs})"
+
+    def __str__(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        if not self.passed and self.violations == 0:
+            verdict += " (no violation, but too few trials to bound the rate by delta)"
+        g = sorted(self.gaps)
+        lines = [
+            f"VerifyReport: {verdict}: {self.violations}/{self.trials} networks with gap > eps "
+            f"= {self.eps:.4g}; violation rate <= {self.rate_upper:.3g} (Clopper-Pearson, "
+            f"{self.confidence:.0%}) vs delta = {self.delta:g}",
+            f"  {self.method} ({self.sampling}) pruning, inputs ||x|| <= {self.radius:g}, "
+            f"eps / r_L = {self.relative_eps:.4g}, seed {self.seed}, {self.seconds:.1f} s",
+            f"  worst-gap estimates (lower bounds): min {g[0]:.4g}, median {g[len(g) // 2]:.4g}, "
+            f"max {self.gap_max:.4g}; {1 - self.delta:.0%} quantile {self.gap_quantile:.4g} "
+            f"(tightness {self.tightness:.3g})"
+            if g
+            else "  no gaps measured",
+        ]
+        if self.certified is not None:
+            lines.append(f"  certified (certificate <= eps): {self.certified}/{self.trials}")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,26 @@ def key_value(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def name_count(text: str) -> tuple[str, int]:
+    """NAME=N with N an int >= 0 (an exact count of units for one layer)."""
+    name, sep, value = text.partition("=")
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if not sep or not name or count < 0:
+        raise argparse.ArgumentTypeError(f"expected LAYER=N with N an int >= 0, got {text!r}")
+    return name, count
+
+
+def names(text: str) -> list[str]:
+    """Comma-separated layer names or glob patterns, e.g. 1,3 or 'features.*'."""
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer names, got {text!r}")
+    return out
+
+
 def ints(text: str) -> tuple[int, ...]:
     """Comma-separated positive ints, e.g. 784,300,100,10."""
     try:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from prunebound import report
-from prunebound._masks import sparsity
+from prunebound._masks import prunable_layers
 from prunebound.checkpoint import save
 from prunebound.commands._args import (
     UsageError,
@@ -17,20 +20,46 @@ from prunebound.commands._args import (
     key_value,
     load_checkpoint,
     method,
+    name_count,
+    names,
     pos_int,
 )
 from prunebound.deploy.export import export, export_report
 from prunebound.deploy.export_file import save_export
+from prunebound.methods import get_method
+from prunebound.outputs import leave_outputs
 from prunebound.pruning import prune
+from prunebound.sparsity_stats import sparsity
 
 
 def add_prune_parser(sub: Any) -> None:
     p = sub.add_parser("prune", help="prune a checkpoint and save it")
     add_checkpoint_args(p)
     p.add_argument("--method", type=method, default="magnitude", help="a key of prunebound.METHODS")
+    p.add_argument("--amount", type=fraction, help="fraction of survivors to prune, [0, 1]")
     p.add_argument(
-        "--amount", type=fraction, required=True, help="fraction of survivors to prune, [0, 1]"
+        "--counts",
+        type=name_count,
+        action="append",
+        metavar="LAYER=N",
+        help="instead of --amount: prune exactly N surviving units of LAYER (repeatable)",
     )
+    p.add_argument(
+        "--layers",
+        type=names,
+        action="append",
+        metavar="NAMES",
+        help="comma-separated layer names or globs to prune (default: all Linear/Conv; "
+        "structured methods prune an output layer only when it is named here)",
+    )
+    p.add_argument(
+        "--exclude",
+        type=names,
+        action="append",
+        metavar="NAMES",
+        help="comma-separated layer names or globs to leave alone",
+    )
+    p.add_argument("--norm", type=int, choices=[1, 2], help="row norm of neuron/filter (default 2)")
     p.add_argument("--scope", choices=["layer", "global"], default="layer")
     p.add_argument("--seed", type=int, default=0, help="for random methods")
     p.add_argument(
@@ -39,17 +68,47 @@ def add_prune_parser(sub: Any) -> None:
     p.set_defaults(handler=run_prune)
 
 
+def _selection(model: nn.Module, args: argparse.Namespace) -> list[str] | None:
+    """The `layers=` of `prune`: --layers as given, or without --exclude's matches (resolved here
+    as `prune` would select, so an output layer left alone stays alone)."""
+    chosen = [n for group in args.layers or () for n in group]
+    if not args.exclude:
+        return chosen or None
+    meth = get_method(args.method, args.norm)
+    layers = prunable_layers(model, chosen or None, types=meth.layer_types)
+    if meth.unit == "row":
+        layers = leave_outputs(model, layers, chosen, dict(args.counts or ()))[0]
+    kept = list(layers)
+    for pattern in (p for group in args.exclude for p in group):
+        hits = [n for n in kept if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise UsageError(f"--exclude {pattern!r} matches none of the layers to prune {kept}")
+        kept = [n for n in kept if n not in hits]
+    if not kept:
+        raise UsageError("--exclude leaves no layer to prune")
+    return kept
+
+
 def run_prune(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.stem}.pruned.safetensors")
     if out.resolve() == ckpt.resolve():
         raise UsageError(f"--out {out} is the input checkpoint: choose another path")
+    if (args.amount is None) == (args.counts is None):
+        raise UsageError("give exactly one of --amount or --counts")
     model = load_checkpoint(args)
-    prune(model, args.method, args.amount, scope=args.scope, seed=args.seed)
+    counts = dict(args.counts) if args.counts else None
+    prune(model, args.method, args.amount, scope=args.scope, layers=_selection(model, args),
+          counts=counts, seed=args.seed, norm=args.norm)  # fmt: skip
     save(model, out)
     sp = sparsity(model)
     print(report.sparsity_table(sp.to_dict(), shapes=False))
-    print(f"compression {sp.compression:.2f}x; saved {out}")
+    print(
+        f"compression {sp.compression:.2f}x of the prunable weights; "
+        f"{sp.model_sparsity:.1%} of all parameters zero; saved {out}"
+    )
+    if sp.unpruned:
+        print(f"not prunable here: {', '.join(sp.unpruned)}")
     return 0
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from prunebound import report
 from prunebound.commands._args import add_data_args, nonneg_int, pos_int, positive_float, sparsity
@@ -20,8 +23,9 @@ from prunebound.training.schedule import Schedule
 
 
 def print_round(r: Round) -> None:
-    """One line per round (module level: spawned ranks of `run --nproc` pickle it)."""
-    print(report.round_line(r.to_dict()))
+    """One line per round (module level: spawned ranks of `run --nproc` pickle it); through
+    `tqdm.write`, so that a progress bar on the terminal stays intact."""
+    tqdm.write(report.round_line(r.to_dict()), file=sys.stdout)
 
 
 def add_demo_parser(sub: Any) -> None:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from prunebound import report
-from prunebound._masks import sparsity
 from prunebound.checkpoint import load, save
 from prunebound.deploy.summary import export_summary
+from prunebound.sparsity_stats import sparsity
 from prunebound.training.config import Experiment, materialise
 from prunebound.training.loop import NonFiniteError
 from prunebound.training.resume import CHECKPOINT as CHECKPOINT  # re-exported: the run's file name

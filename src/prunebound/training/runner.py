@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from prunebound._check import Seed, as_generator
-from prunebound._masks import sparsity
 from prunebound.checkpoint import rewind, snapshot
 from prunebound.data import Dataset
+from prunebound.sparsity_stats import sparsity
 from prunebound.training.loop import (
     NonFiniteError,
     TrainConfig,
@@ -29,7 +31,7 @@ from prunebound.training.loop import (
     steps_per_epoch,
     train,
 )
-from prunebound.training.schedule import Schedule, prune_round, retrain_config
+from prunebound.training.schedule import Schedule, prune_round, retrain_config, target_fraction
 
 if TYPE_CHECKING:
     from prunebound.training.distributed import DistContext
@@ -43,6 +45,10 @@ class Round:
 
     `sparsity`/`compression` are over all prunable weights; `layers` maps each prunable layer
     to its sparsity; FLOPs are multiply-adds x 2 of one batch-1 forward (`pb.sparsity`).
+    `target` is the schedule's sparsity for this round and `achieved` the same quantity
+    measured, which `target_of` names: the pruned share of the schedule's units (weights, or
+    rows for structured methods) in the layers it prunes (`schedule.target_fraction`). For
+    structured methods it differs from `sparsity`: they prune some layers only.
     """
 
     round: int
@@ -54,6 +60,9 @@ class Round:
     sparse_flops: int | None
     layers: dict[str, float]
     seconds: float
+    target: float | None = None
+    achieved: float | None = None
+    target_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -91,10 +100,24 @@ class RunProgress:
         return bool(self.rounds) and self.rounds[-1].round == self.round
 
 
-def measure(model: nn.Module, data: Dataset, r: int, seconds: float) -> Round:
-    """Evaluate `model` on the test set and count its sparsity and FLOPs as round r."""
+def _report_round(bar: Any, r: Round, rounds: int) -> None:
+    """Progress after a round: the bar's postfix and one log line (INFO) per round."""
+    bar.update(1)
+    bar.set_postfix_str(f"sparsity {r.sparsity:.1%}, accuracy {r.accuracy:.1%}")
+    logger.info(
+        "round %d/%d: sparsity %.2f%%, accuracy %.2f%%, loss %.4f, %.1f s",
+        r.round, rounds, 100 * r.sparsity, 100 * r.accuracy, r.loss, r.seconds,
+    )  # fmt: skip
+
+
+def measure(
+    model: nn.Module, data: Dataset, r: int, seconds: float, schedule: Schedule | None = None
+) -> Round:
+    """Evaluate `model` on the test set and count its sparsity and FLOPs as round r (and, given
+    the `schedule`, the round's target and the same quantity achieved)."""
     ev = evaluate(model, data)
     sp = sparsity(model, data.input_shape)
+    achieved, what = target_fraction(model, schedule) if schedule else (None, None)
     return Round(
         round=r,
         sparsity=sp.sparsity,
@@ -105,6 +128,9 @@ def measure(model: nn.Module, data: Dataset, r: int, seconds: float) -> Round:
         sparse_flops=sp.sparse_flops,
         layers={ls.name: ls.sparsity for ls in sp.layers},
         seconds=seconds,
+        target=schedule.cumulative(r) if schedule else None,
+        achieved=achieved,
+        target_of=what,
     )
 
 
@@ -188,38 +214,46 @@ def run_schedule(
             g_state = generator.get_state()
             on_checkpoint(RunProgress(r, epoch, tuple(rounds), state, rewind_to, g_state, seconds))
 
-    for r in range(first, schedule.rounds + 1):
-        t0 = time.perf_counter() - elapsed
-        epochs = retrain.epochs if r > 0 else dense.epochs if train_dense else 0
-        on_epoch = functools.partial(save, r, t0, epochs)
-        try:
-            cb: Callable[[int, nn.Module], None] | None = None
-            step_cb: Callable[[int, nn.Module], None] | None = None
-            if r == 0 and train_dense:
-                from_init = schedule.rewind_epoch == 0 and rewind_at == 0
-                if lottery and from_init and start is None:
-                    rewind_to = snapshot(model)
-                cb = keep if lottery else None
-                step_cb = keep_step if lottery and rewind_at > 0 else None
-            elif r > 0 and start is None:
-                prune_round(model, schedule, generator, r)
-                if dist is not None:
-                    dist.broadcast_masks(model)
-                if rewind_to is not None:
-                    rewind(model, rewind_to)
-            if r > 0 or train_dense:  # round 0 trains dense, every later round retrains
-                train(model, data, dense if r == 0 else retrain, seed=generator,
-                      progress=progress, callback=cb, on_step=step_cb, start=start,
-                      on_epoch=on_epoch, dist=dist)  # fmt: skip
-        except NonFiniteError as e:
-            e.round = r
-            raise
-        start, elapsed = None, 0.0
-        rounds.append(measure(model, data, r, time.perf_counter() - t0))
-        logger.info(
-            "round %d: sparsity %.4f, accuracy %.4f", r, rounds[-1].sparsity, rounds[-1].accuracy
-        )
-        if on_round is not None:
-            on_round(rounds[-1])
-        save(r, t0, epochs, None)
+    bar = tqdm(  # on a terminal a bar over rounds (`train` adds one over epochs)
+        total=schedule.rounds + 1,
+        initial=first,
+        desc="rounds",
+        unit="round",
+        disable=not (progress and sys.stderr.isatty()),
+    )
+    try:
+        for r in range(first, schedule.rounds + 1):
+            t0 = time.perf_counter() - elapsed
+            epochs = retrain.epochs if r > 0 else dense.epochs if train_dense else 0
+            on_epoch = functools.partial(save, r, t0, epochs)
+            try:
+                cb: Callable[[int, nn.Module], None] | None = None
+                step_cb: Callable[[int, nn.Module], None] | None = None
+                if r == 0 and train_dense:
+                    from_init = schedule.rewind_epoch == 0 and rewind_at == 0
+                    if lottery and from_init and start is None:
+                        rewind_to = snapshot(model)
+                    cb = keep if lottery else None
+                    step_cb = keep_step if lottery and rewind_at > 0 else None
+                elif r > 0 and start is None:
+                    prune_round(model, schedule, generator, r)
+                    if dist is not None:
+                        dist.broadcast_masks(model)
+                    if rewind_to is not None:
+                        rewind(model, rewind_to)
+                if r > 0 or train_dense:  # round 0 trains dense, every later round retrains
+                    train(model, data, dense if r == 0 else retrain, seed=generator,
+                          progress=progress, callback=cb, on_step=step_cb, start=start,
+                          on_epoch=on_epoch, dist=dist)  # fmt: skip
+            except NonFiniteError as e:
+                e.round = r
+                raise
+            start, elapsed = None, 0.0
+            rounds.append(measure(model, data, r, time.perf_counter() - t0, schedule))
+            _report_round(bar, rounds[-1], schedule.rounds)
+            if on_round is not None:
+                on_round(rounds[-1])
+            save(r, t0, epochs, None)
+    finally:
+        bar.close()
     return rounds

@@ -28,7 +28,9 @@ from prunebound._check import (
 from prunebound._masks import count_units, prunable_layers
 from prunebound.layer_types import Unit
 from prunebound.methods import METHODS
+from prunebound.outputs import leave_outputs
 from prunebound.pruning import prune
+from prunebound.report import ALL_WEIGHTS
 from prunebound.training.loop import TrainConfig
 
 ScheduleKind = Literal["oneshot", "iterative", "lottery"]
@@ -44,7 +46,12 @@ class Schedule:
             random / ... pruning with retraining), "lottery" (iterative, rewinding the survivors
             to their values after `rewind_epoch` epochs of the dense run before retraining).
         method: a key of `prunebound.METHODS`.
-        target_sparsity: fraction of the prunable weights removed at the end, in [0, 1).
+        target_sparsity: fraction removed at the end, in [0, 1), of the units the schedule
+            prunes (weights; rows/filters for structured methods) in the layers it prunes (its
+            method's layers; structured methods leave the output layers alone, as `prune`
+            does): see `schedule_layers` and `target_fraction`. Each `Round` reports this
+            quantity as `achieved` beside `sparsity` (zeros among all prunable weights); the
+            two agree for unstructured methods, which prune every layer.
         rounds: pruning rounds (oneshot: 1). Each removes the same fraction of the survivors,
             `1 - (1 - target) ** (1 / rounds)`, unless `amount` or `steps` is given.
         amount: optional fraction of the survivors pruned per round; `rounds` is then the
@@ -69,6 +76,9 @@ class Schedule:
             2021); "constant" keeps the dense initial LR.
         retrain_lr_scale: multiplies the dense `lr` while retraining (sparse networks often
             recover faster with a larger step).
+        layers: names or glob patterns of the layers to prune (as `prune(layers=...)`); empty:
+            every layer of the method, where structured methods leave the output layers alone
+            unless named here exactly.
     """
 
     kind: ScheduleKind = "iterative"
@@ -84,6 +94,7 @@ class Schedule:
     rewind_step: int | None = None
     retrain_lr: RetrainLR = "rewind"
     retrain_lr_scale: float = 1.0
+    layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
@@ -112,6 +123,8 @@ class Schedule:
         f = check_float(
             "schedule.retrain_lr_scale", self.retrain_lr_scale, 0, closed="neither", ints=True
         )
+        if not all(isinstance(n, str) for n in self.layers):
+            raise ValueError(f"schedule.layers must be layer names, got {self.layers!r}")
         if self.kind == "oneshot" and len(steps) > 1:
             raise ValueError(f"schedule.steps must have one entry for oneshot, got {steps!r}")
         # all checked: normalise (frozen, hence object.__setattr__)
@@ -152,7 +165,39 @@ class Schedule:
         """Plain dict for JSON (steps as a list)."""
         d = asdict(self)
         d["steps"] = list(self.steps)
+        if self.layers:  # absent when empty: configs of before `layers` keep their hash
+            d["layers"] = list(self.layers)
+        else:
+            del d["layers"]
         return d
+
+
+def schedule_layers(model: nn.Module, schedule: Schedule) -> dict[str, nn.Module]:
+    """The layers `prune_round` prunes: `schedule.layers` (default: those of its method), without
+    the output layers not named there for structured methods (`outputs.leave_outputs`)."""
+    meth = METHODS[schedule.method]
+    chosen = list(schedule.layers) or None
+    layers = prunable_layers(model, chosen, types=meth.layer_types)
+    return leave_outputs(model, layers, chosen)[0] if meth.unit == "row" else layers
+
+
+def target_fraction(model: nn.Module, schedule: Schedule) -> tuple[float, str]:
+    """(fraction, what it counts) of the quantity `schedule.target_sparsity` speaks of: the
+    pruned share of the schedule's units (weights, or rows) in `schedule_layers`, now."""
+    unit = METHODS[schedule.method].unit
+    layers = schedule_layers(model, schedule)
+    total = pruned = 0
+    for m in layers.values():
+        t, p = _pruned_units(m, unit)
+        total, pruned = total + t, pruned + p
+    kind = "weights" if unit == "weight" else "rows"
+    if unit == "weight" and len(layers) == len(prunable_layers(model)):
+        what = ALL_WEIGHTS
+    elif len(layers) <= 4:
+        what = f"{kind} of layers {', '.join(layers)}"
+    else:
+        what = f"{kind} of {len(layers)} layers"
+    return (pruned / total if total else 0.0), what
 
 
 def _pruned_units(module: nn.Module, unit: Unit) -> tuple[int, int]:
@@ -173,7 +218,7 @@ def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1
     """
     g = as_generator(seed)  # one generator for every prune call of the round
     meth = METHODS[schedule.method]
-    layers = prunable_layers(model, types=meth.layer_types)
+    layers = schedule_layers(model, schedule)  # as `prune`: not the output layer, if structured
     names = list(layers)
     if not names:
         raise ValueError(f"model has no layer that method {schedule.method!r} can prune")
