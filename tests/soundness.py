@@ -202,8 +202,9 @@ def architectures(draw: st.DrawFn) -> Case:
     has = any(isinstance(m, layer_type) for m in model.modules())
     if structured and not has:
         method = "magnitude"
-    if method in ("neuron", "filter"):
-        pb.prune(model, method, amount)
+    if method in ("neuron", "filter"):  # the output layer too: named, so it is opted in
+        names = [n for n, m in model.named_modules() if isinstance(m, layer_type)]
+        pb.prune(model, method, amount, layers=names)
     else:
         pb.prune(model, method, amount, seed=seed)
     radius = draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0]))
