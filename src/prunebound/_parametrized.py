@@ -1,0 +1,92 @@
+"""What torch's parametrizations lack for pruning masks: pickling and an inference cache.
+
+`torch.save(model)` / `pickle` of a parametrized module raises ("Serialization of parametrized
+modules is only supported through state_dict()"): torch gives the module a class made on the
+fly, which pickle cannot name. `make_picklable` gives that class a `__reduce_ex__` that stores
+the plain class, the module's state and its parametrizations, and `rebuild` re-registers them
+on load, so a pickled pruned model comes back pruned (same masks, same underlying weights, and
+tied parameters stay tied). `copy.deepcopy` keeps torch's own path.
+
+`masked_product` is the forward of a mask parametrization: `weight * mask`, computed once and
+reused while neither tensor changes when autograd is off (eval under `torch.no_grad()` or
+`torch.inference_mode()`); with autograd on it is recomputed every call, as training needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+_CACHE_ATTR = "_prunebound_cache"
+
+
+def _key(t: torch.Tensor) -> tuple[int, int, int]:
+    """What changes when a tensor's values may have: its object, storage and version counter."""
+    return id(t), t.data_ptr(), t._version
+
+
+def masked_product(holder: nn.Module, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`weight * mask`, cached on `holder` while autograd is off and neither tensor changed.
+
+    The cache keeps references to both tensors, so their ids cannot be reused while it lives;
+    an in-place update (an optimizer step, `copy_`, `load_state_dict`) bumps the version counter,
+    a `.data` swap changes the storage, and a new mask is a new tensor: each invalidates it.
+    """
+    if torch.is_grad_enabled():
+        holder.__dict__.pop(_CACHE_ATTR, None)
+        return weight * mask
+    key = (_key(weight), _key(mask), weight.dtype, weight.device)
+    hit = holder.__dict__.get(_CACHE_ATTR)
+    if hit is not None and hit[0] == key:
+        return hit[3]
+    out = weight * mask
+    holder.__dict__[_CACHE_ATTR] = (key, weight, mask, out)
+    return out
+
+
+def drop_cache(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` (a module's `__dict__`) without the inference cache, for pickling."""
+    return {k: v for k, v in state.items() if k != _CACHE_ATTR}
+
+
+def rebuild(
+    cls: type[nn.Module],
+    state: dict[str, Any],
+    parametrizations: dict[str, tuple[torch.Tensor, list[nn.Module]]],
+) -> nn.Module:
+    """Inverse of the `__reduce_ex__` installed by `make_picklable`."""
+    module = cls.__new__(cls)
+    module.__dict__.update(state)
+    for name, (original, plist) in parametrizations.items():
+        module._parameters[name] = original  # type: ignore[assignment]
+        for p in plist:
+            parametrize.register_parametrization(module, name, p, unsafe=True)
+    make_picklable(module)
+    return module
+
+
+def _reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
+    plists: dict[str, parametrize.ParametrizationList] = dict(self.parametrizations.items())  # type: ignore[union-attr]
+    stored: dict[str, tuple[torch.Tensor, list[nn.Module]]] = {}
+    for name, plist in plists.items():
+        parts = list(plist)
+        if not plist.is_tensor or any(hasattr(p, "right_inverse") for p in parts):
+            raise RuntimeError(
+                f"cannot pickle {type(self).__name__}: its parametrization of {name!r} is not a "
+                "prunebound mask; save its state_dict() instead"
+            )
+        stored[name] = (plist.original, parts)
+    state = dict(self.__dict__)
+    state["_modules"] = {k: v for k, v in self._modules.items() if k != "parametrizations"}
+    base = type(self).__bases__[0]
+    return rebuild, (base, state, stored)
+
+
+def make_picklable(module: nn.Module) -> None:
+    """Let `pickle` / `torch.save` store a module that `register_parametrization` has changed."""
+    cls = type(module)
+    if parametrize.is_parametrized(module) and "__reduce_ex__" not in vars(cls):
+        cls.__reduce_ex__ = _reduce_ex  # type: ignore[method-assign,assignment]
