@@ -284,6 +284,7 @@ def run_notes(results: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"export (csr): {ex['bytes'] / 1024:.0f} KiB on disk ({100 * ex['size_ratio']:.1f}% of "
             f"dense), {ex['speedup']:.2f}x faster at batch 1 than dense (measured)"
+            + (f"; FLAGGED: {ex['speedup_flag']}" if ex.get("speedup_flag") else "")
         )
     return lines
 
