@@ -10,9 +10,9 @@ the choice is stable. A speed-up above the FLOP limit 1 / (1 - sparsity) cannot 
 re-measured, and if it persists it is flagged in the reason (and logged). With `input_shape`,
 a layer less than 2x faster there is re-timed inside the model (with vs without it) and kept
 only if it wins there too, and if the whole model is then not faster than with those layers
-dense, they all go back to dense. What each layer became, and why, is in `export_report(exported)`. Layers below
-`min_sparsity` are not even measured: with more than half the weights left, a sparse kernel does
-more memory traffic than the dense one.
+dense, they all go back to dense. What each layer became, and why, is in
+`export_report(exported)`. Layers below `min_sparsity` are not even measured: with more than
+half the weights left, a sparse kernel does more memory traffic than the dense one.
 
 `export` converts in memory; `save_export` / `load_export` (`deploy.export_file`) write and read.
 """
