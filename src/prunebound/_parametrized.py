@@ -9,7 +9,8 @@ tied parameters stay tied). `copy.deepcopy` keeps torch's own path.
 
 `masked_product` is the forward of a mask parametrization: `weight * mask`, computed once and
 reused while neither tensor changes when autograd is off (eval under `torch.no_grad()` or
-`torch.inference_mode()`); with autograd on it is recomputed every call, as training needs.
+`torch.inference_mode()`); with autograd on, or while a graph is captured (`torch.onnx.export`,
+`torch.compile`), it is recomputed every call.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def _key(t: torch.Tensor) -> tuple[int, int, int]:
     return id(t), t.data_ptr(), t._version
 
 
+def _capturing() -> bool:
+    """A graph is being captured (tracing, `torch.export`, `torch.compile`): no caching, so
+    the graph computes the product and no traced or fake tensor is kept."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def masked_product(holder: nn.Module, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`weight * mask`, cached on `holder` while autograd is off and neither tensor changed.
 
@@ -35,7 +42,7 @@ def masked_product(holder: nn.Module, weight: torch.Tensor, mask: torch.Tensor) 
     an in-place update (an optimizer step, `copy_`, `load_state_dict`) bumps the version counter,
     a `.data` swap changes the storage, and a new mask is a new tensor: each invalidates it.
     """
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or _capturing():
         holder.__dict__.pop(_CACHE_ATTR, None)
         return weight * mask
     key = (_key(weight), _key(mask), weight.dtype, weight.device)
