@@ -17,9 +17,20 @@ import torch
 
 from prunebound import __version__
 from prunebound.commands import files, theory, train
-from prunebound.commands._args import UsageError, pos_int
+from prunebound.commands._args import UsageError, ints, pos_int, positive_float, widths
 
 Handler = Callable[[argparse.Namespace], int]
+
+# Value types stricter than some commands declare (commands/theory.py, being re-housed, gives
+# these plain float/ints, so a bad value failed in the library: exit 1). Applied where an
+# option still has the loose type, so that a bad value is a usage error (exit 2) everywhere.
+STRICT_TYPES: dict[str, tuple[Callable[[str], Any], Callable[[str], Any]]] = {
+    "widths": (ints, widths),
+    "conv": (ints, widths),
+    "eps": (float, positive_float),
+    "rel_eps": (float, positive_float),
+    "radius": (float, positive_float),
+}
 
 COMMANDS: list[Callable[[Any], None]] = [
     train.add_demo_parser,
@@ -47,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     for p in sub.choices.values():  # for UsageError: the command's own usage line
         p.set_defaults(command_parser=p)
+        for action in p._actions:  # argparse has no public accessor
+            loose, strict = STRICT_TYPES.get(action.dest, (None, None))
+            if loose is not None and action.type is loose:
+                action.type = strict
     return parser
 
 
