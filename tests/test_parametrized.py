@@ -9,6 +9,7 @@ import pickle
 import torch
 from helpers import make_cnn, make_mlp
 from torch import nn
+from torch.nn.utils import parametrize
 
 import prunebound as pb
 
@@ -115,3 +116,18 @@ def test_cache_is_not_pickled_and_inference_mode_works() -> None:
     twin = pickle.loads(blob)
     with torch.no_grad():
         torch.testing.assert_close(twin(torch.ones(1, 12)), out)
+
+
+class _Double(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+def test_cache_is_not_used_when_another_parametrization_follows_the_mask() -> None:
+    model = _pruned()
+    layer = model[0]
+    parametrize.register_parametrization(layer, "weight", _Double(), unsafe=True)
+    expected = 2 * pb.original_weight(layer).detach() * pb.masks(model)["0"]
+    with torch.no_grad():
+        for _ in range(3):  # the first access fills the mask's cache; later ones must not
+            torch.testing.assert_close(layer.weight, expected, rtol=0, atol=0)
