@@ -215,6 +215,10 @@ def test_files_get_the_umask_mode(tmp_path: Path, umask: int) -> None:
     try:
         path = pb.save(make_mlp(), tmp_path / "m.safetensors")
         pb.save(make_mlp(), path)  # overwritten (atomic replace): same mode
+        pruned = pb.prune(make_mlp(), "magnitude", 0.5)
+        export = pb.save_export(pb.export(pruned, "dense"), tmp_path / "e.safetensors")
+        (tmp_path / "plain.txt").write_text("")  # what open() gives: the reference
     finally:
         os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (path, export, tmp_path / "plain.txt")}
+    assert modes == {0o666 & ~umask}

@@ -239,7 +239,8 @@ def test_data_that_does_not_fit_the_model_fails_before_training(
 ) -> None:
     write_idx_dir(tmp_path / "idx", gz=False)  # 4x6 images: 24 features, the config wants 64
     out = tmp_path / "o"
-    argv = ["run", "configs/lenet_digits.toml", "--dataset", "idx", "--data-dir"]
+    config = Path(__file__).parents[1] / "configs" / "lenet_digits.toml"
+    argv = ["run", str(config), "--dataset", "idx", "--data-dir"]
     with pytest.raises(SystemExit) as e:  # the flag is at fault: a usage error
         main([*argv, str(tmp_path / "idx"), "--out", str(out), "--quiet"])
     assert e.value.code == 2
