@@ -32,7 +32,8 @@ def _key(t: torch.Tensor) -> tuple[int, int, int]:
 def _capturing() -> bool:
     """A graph is being captured (tracing, `torch.export`, `torch.compile`): no caching, so
     the graph computes the product and no traced or fake tensor is kept."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    tracing: bool = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
+    return tracing or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def masked_product(holder: nn.Module, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,8 @@ def masked_product(holder: nn.Module, weight: torch.Tensor, mask: torch.Tensor) 
     key = (_key(weight), _key(mask))
     hit = holder.__dict__.get(_CACHE_ATTR)
     if hit is not None and hit[0] == key:
-        return hit[3]
+        cached: torch.Tensor = hit[3]
+        return cached
     out = weight * mask
     holder.__dict__[_CACHE_ATTR] = (key, weight, mask, out)
     return out
@@ -76,7 +78,8 @@ def rebuild(
 
 
 def _reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
-    plists: dict[str, parametrize.ParametrizationList] = dict(self.parametrizations.items())  # type: ignore[union-attr]
+    owner: Any = self
+    plists: dict[str, Any] = dict(owner.parametrizations.items())
     stored: dict[str, tuple[torch.Tensor, list[nn.Module]]] = {}
     for name, plist in plists.items():
         parts = list(plist)
@@ -99,16 +102,18 @@ def _cached_getter(name: str, torch_get: Any) -> Any:
 
     def get(module: nn.Module) -> torch.Tensor:
         if not torch.is_grad_enabled() and not _capturing():
-            plist = module._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
+            plist: Any = module._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
             if len(plist._modules) == 1:  # a mask alone (its product is the weight)
-                mm = plist._modules["0"]
-                hit = mm.__dict__.get(_CACHE_ATTR)  # type: ignore[union-attr]
+                mm: Any = plist._modules["0"]
+                hit = mm.__dict__.get(_CACHE_ATTR)
                 if hit is not None and hit[0] == (
-                    _key(plist._parameters["original"]),  # type: ignore[arg-type]
-                    _key(mm._buffers["mask"]),  # type: ignore[union-attr,arg-type]
+                    _key(plist._parameters["original"]),
+                    _key(mm._buffers["mask"]),
                 ):
-                    return hit[3]
-        return torch_get(module)
+                    out: torch.Tensor = hit[3]
+                    return out
+        result: torch.Tensor = torch_get(module)
+        return result
 
     return get
 
@@ -121,9 +126,10 @@ def make_picklable(module: nn.Module) -> None:
         return
     if "__reduce_ex__" not in vars(cls):
         cls.__reduce_ex__ = _reduce_ex  # type: ignore[method-assign,assignment]
-    for name in module.parametrizations:  # type: ignore[union-attr]
+    owner: Any = module
+    for name in owner.parametrizations:
         prop = vars(cls).get(name)
         if isinstance(prop, property) and not getattr(prop.fget, "_prunebound", False):
             getter = _cached_getter(name, prop.fget)
-            getter._prunebound = True  # type: ignore[attr-defined]
+            getter._prunebound = True
             setattr(cls, name, property(getter, prop.fset))

@@ -113,7 +113,7 @@ def gaps_figure(report: Mapping[str, Any]) -> Figure:
     zoom = top < 0.5  # eps (1.0) would squeeze the data into less than half of the axis
     right = 1.05 * top if zoom else max(1.05, 1.05 * top)
     right = right if right > 0 else 1.0
-    bins = np.linspace(0.0, right, 41)
+    bins = [float(b) for b in np.linspace(0.0, right, 41)]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     counts, _, _ = ax.hist(
         gaps, bins=bins, alpha=0.8, label=f"worst-gap estimate ({len(gaps)} networks)"

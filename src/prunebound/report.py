@@ -14,14 +14,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prunebound.plots import (  # noqa: F401 (re-exported: report.plot_* as before)
-    gaps_figure,
-    layer_sparsity_figure,
-    plot_accuracy_vs_sparsity,
-    plot_gaps,
-    plot_layer_sparsity,
-    plot_run,
-)
+# the plots of these results (`report.plot_*` as before): explicit re-exports
+from prunebound.plots import gaps_figure as gaps_figure
+from prunebound.plots import layer_sparsity_figure as layer_sparsity_figure
+from prunebound.plots import plot_accuracy_vs_sparsity as plot_accuracy_vs_sparsity
+from prunebound.plots import plot_gaps as plot_gaps
+from prunebound.plots import plot_layer_sparsity as plot_layer_sparsity
+from prunebound.plots import plot_run as plot_run
 
 ROUND_KEYS = ("round", "sparsity", "compression", "accuracy", "loss", "sparse_flops", "layers")
 FINAL_KEYS = ("total", "zeros", "sparsity")

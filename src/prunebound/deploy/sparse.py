@@ -71,13 +71,14 @@ def _tracing(layer: nn.Module) -> bool:
     Raises ValueError under the legacy TorchScript-based `torch.onnx.export(..., dynamo=False)`,
     whose constant folding gets the scatter-add of `dense_weight` wrong.
     """
-    if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
+    tracing: bool = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
+    if torch.onnx.is_in_onnx_export() and tracing:
         raise ValueError(
             f"{type(layer).__name__} (a CSR layer of pb.export) cannot be exported by "
             "torch.onnx.export(..., dynamo=False): use the default dynamo=True exporter, or "
             "export the dense model (pb.export(model, 'dense') or pb.remove(model))"
         )
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    return tracing or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 class _SparseBase(nn.Module):
@@ -158,7 +159,8 @@ class _SparseBase(nn.Module):
         )
         row = ends.cumsum(0)[: self.nnz]
         dense = self.values.new_zeros(rows * cols).index_put((row * cols + col,), self.values)
-        return dense.reshape(self.weight_shape)
+        out: torch.Tensor = dense.reshape(self.weight_shape)
+        return out
 
     def extra_repr(self) -> str:
         total = int(np.prod(self.weight_shape))
@@ -235,8 +237,8 @@ class SparseConv2d(_SparseBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) -> (N, out, H', W')."""
         if _tracing(self):
-            w = self.dense_weight()
-            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+            weight = self.dense_weight()
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
         out_c, _, kh, kw = self.weight_shape
         n, _, h, w = x.shape
         h_out = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
