@@ -222,3 +222,18 @@ def test_files_get_the_umask_mode(tmp_path: Path, umask: int) -> None:
         os.umask(old)
     modes = {stat.S_IMODE(p.stat().st_mode) for p in (path, export, tmp_path / "plain.txt")}
     assert modes == {0o666 & ~umask}
+
+
+def test_pruned_values_can_be_left_out(tmp_path: Path) -> None:
+    model = make_mlp()
+    pb.prune(model, "magnitude", 0.9)
+    full = pb.save(model, tmp_path / "full.safetensors")
+    small = pb.save(model, tmp_path / "small.safetensors", pruned_values=False)
+    assert not any(k.startswith("__pruned__.") for k in safetensors.torch.load_file(small))
+    assert small.stat().st_size < full.stat().st_size
+    fresh = pb.load(make_mlp(2), small)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert pb.masks(fresh).keys() == pb.masks(model).keys()
+    pb.reset(fresh)  # the values behind the masks were not stored: zeros come back
+    assert pb.sparsity(fresh).zeros == pb.sparsity(model).zeros

@@ -98,9 +98,10 @@ def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def file_tensors(model: nn.Module, *, pruned_values: bool = True) -> dict[str, torch.Tensor]:
     """The tensors `save` writes (no `extra`): masked weights under the plain keys (a tied
-    weight once, under its first key), `__mask__.*` and `__pruned__.*` beside them."""
+    weight once, under its first key), `__mask__.*` and (with `pruned_values`) `__pruned__.*`
+    beside them."""
     live = _live_tensors(model)
     first = {id(t): k for k, t in reversed(live.items())}
     # a tied weight is stored once, under its first key (safetensors refuses shared tensors)
@@ -117,7 +118,7 @@ def file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         tensors[key] = (weight.detach() * mm.mask).contiguous()
         behind = weight.detach()[~mm.mask]
-        if bool(behind.any()):
+        if pruned_values and bool(behind.any()):
             tensors[PRUNED_PREFIX + key] = behind.contiguous()
     return tensors
 
@@ -138,17 +139,20 @@ def save(
     *,
     metadata: dict[str, str] | None = None,
     extra: Mapping[str, torch.Tensor] | None = None,
+    pruned_values: bool = True,
 ) -> Path:
     """Write weights and masks to a safetensors file atomically (temporary file, then rename).
 
     The plain keys hold the masked weights, so any safetensors loader gets the sparse model
-    (the layout is in the module docstring). `extra` tensors (training state: optimizer
-    moments, RNG states) are stored under `STATE_PREFIX`; `read_state` returns them, `load`
-    ignores them. A killed writer leaves the previous file intact: the new one only replaces
-    it once complete (`os.replace`).
+    (the layout is in the module docstring). With `pruned_values=False` the values behind the
+    masks are left out (a smaller file: at 90% sparsity ~5 instead of ~8.6 bytes per weight);
+    loading it gives the same model and masks, but `reset` then revives zeros. `extra`
+    tensors (training state: optimizer moments, RNG states) are stored under `STATE_PREFIX`;
+    `read_state` returns them, `load` ignores them. A killed writer leaves the previous file
+    intact: the new one only replaces it once complete (`os.replace`).
     """
     path = Path(path)
-    tensors = file_tensors(model)
+    tensors = file_tensors(model, pruned_values=pruned_values)
     for k, t in (extra or {}).items():
         tensors[STATE_PREFIX + k] = t.detach().contiguous()
     meta = {
