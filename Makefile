@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/hf_prune.py > $(BENCH)/hf_prune.json
 	$(BIN)/python benchmarks/verify_speed.py > $(BENCH)/verify_speed.json
 	$(BIN)/python benchmarks/sparse_inference.py > $(BENCH)/sparse_inference.json
+	$(BIN)/python benchmarks/masked_inference.py > $(BENCH)/masked_inference.json
 	$(BIN)/python benchmarks/validity.py --out $(BENCH)/validity > $(BENCH)/validity.json
 	$(BIN)/python benchmarks/trained_certify.py --fashion --out $(BENCH)/trained_certify > $(BENCH)/trained_certify.json
 	$(BIN)/python benchmarks/sampled_plans.py > $(BENCH)/sampled_plans.json

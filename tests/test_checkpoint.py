@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,7 @@ def test_file_has_dense_keys_plus_masks(tmp_path: Path) -> None:
     pb.prune(model, "magnitude", 0.5, layers=["0"])
     pb.save(model, tmp_path / "m.safetensors")
     keys = set(safetensors.torch.load_file(tmp_path / "m.safetensors"))
-    assert keys == set(make_mlp().state_dict()) | {"__mask__.0.weight"}
+    assert keys == set(make_mlp().state_dict()) | {"__mask__.0.weight", "__pruned__.0.weight"}
     dense = make_mlp(3)
     safetensors.torch.save_file(dense.state_dict(), tmp_path / "dense.safetensors")
     pb.load(model, tmp_path / "dense.safetensors")  # a dense file clears the masks
@@ -139,3 +141,99 @@ def test_no_pickle_anywhere() -> None:
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{f}: {line.strip()}"
         assert "import pickle" not in text, f
+
+
+def test_plain_safetensors_loader_gets_the_sparse_model(tmp_path: Path) -> None:
+    model = make_mlp()
+    pb.prune(model, "magnitude", 0.9)
+    path = pb.save(model, tmp_path / "m.safetensors")
+    plain = make_mlp(7)
+    result = plain.load_state_dict(safetensors.torch.load_file(path), strict=False)
+    assert not result.missing_keys
+    assert sorted(result.unexpected_keys) == sorted(
+        f"{p}{n}.weight" for n in ("0", "2", "4") for p in ("__mask__.", "__pruned__.")
+    )
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+    assert pb.sparsity(plain).zeros == pb.sparsity(model).zeros  # zeros, not dense weights
+    for name, keep in pb.masks(model).items():
+        behind = pb.original_weight(model.get_submodule(name))[~keep]
+        assert torch.equal(safetensors.torch.load_file(path)[f"__pruned__.{name}.weight"], behind)
+
+
+def test_exact_round_trip_of_underlying_weights_and_retraining(tmp_path: Path) -> None:
+    model = make_mlp()
+    pb.prune(model, "random", 0.7, seed=1)
+    with torch.no_grad():  # a layer whose pruned values are all zero stores no __pruned__
+        w = pb.original_weight(model[2])
+        w.mul_(pb.masks(model)["2"])
+    path = pb.save(model, tmp_path / "m.safetensors")
+    assert "__pruned__.2.weight" not in safetensors.torch.load_file(path)
+    fresh = pb.load(make_mlp(9), path)
+    for k, v in pb.snapshot(model).items():
+        assert torch.equal(pb.snapshot(fresh)[k], v), k
+    assert pb.masks(fresh).keys() == pb.masks(model).keys()
+
+
+def test_old_layout_files_still_load(tmp_path: Path) -> None:
+    """Layout 1 (before 2026-12): unmasked weights under the plain keys, no "layout" key."""
+    model = make_mlp()
+    pb.prune(model, "magnitude", 0.6)
+    tensors = {k: t.detach().clone() for k, t in pb.snapshot(model).items()}
+    for name, keep in pb.masks(model).items():
+        tensors[f"__mask__.{name}.weight"] = keep.clone()
+    meta = {"format": "prunebound", pb.checkpoint.DIGEST_KEY: pb.checkpoint.digest(tensors)}
+    safetensors.torch.save_file(tensors, tmp_path / "old.safetensors", metadata=meta)
+    fresh = pb.load(make_mlp(4), tmp_path / "old.safetensors")
+    for k, v in pb.snapshot(model).items():
+        assert torch.equal(pb.snapshot(fresh)[k], v), k
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module."])
+def test_wrapped_model_checkpoints_load_into_the_plain_model(
+    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = make_mlp()
+    pb.prune(model, "magnitude", 0.5)
+    wrapper = nn.Module()
+    wrapper.add_module(prefix.rstrip("."), model)  # the key layout of compile / DataParallel
+    path = pb.save(wrapper, tmp_path / "wrapped.safetensors")
+    assert all(k.startswith(prefix) for k in pb.checkpoint.read(path)[0])
+    with caplog.at_level("WARNING", logger="prunebound.checkpoint"):
+        fresh = pb.load(make_mlp(3), path)
+    assert f"stripped the key prefix {prefix!r}" in caplog.text
+    x = torch.randn(2, 12)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert pb.masks(fresh).keys() == pb.masks(model).keys()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_get_the_umask_mode(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        path = pb.save(make_mlp(), tmp_path / "m.safetensors")
+        pb.save(make_mlp(), path)  # overwritten (atomic replace): same mode
+        pruned = pb.prune(make_mlp(), "magnitude", 0.5)
+        export = pb.save_export(pb.export(pruned, "dense"), tmp_path / "e.safetensors")
+        (tmp_path / "plain.txt").write_text("")  # what open() gives: the reference
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (path, export, tmp_path / "plain.txt")}
+    assert modes == {0o666 & ~umask}
+
+
+def test_pruned_values_can_be_left_out(tmp_path: Path) -> None:
+    model = make_mlp()
+    pb.prune(model, "magnitude", 0.9)
+    full = pb.save(model, tmp_path / "full.safetensors")
+    small = pb.save(model, tmp_path / "small.safetensors", pruned_values=False)
+    assert not any(k.startswith("__pruned__.") for k in safetensors.torch.load_file(small))
+    assert small.stat().st_size < full.stat().st_size
+    fresh = pb.load(make_mlp(2), small)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert pb.masks(fresh).keys() == pb.masks(model).keys()
+    pb.reset(fresh)  # the values behind the masks were not stored: zeros come back
+    assert pb.sparsity(fresh).zeros == pb.sparsity(model).zeros

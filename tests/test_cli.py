@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_data import write_idx_dir
 
 import prunebound as pb
 from prunebound.cli import main
@@ -276,3 +277,90 @@ def test_prune_selection_usage_errors(
         rc = e.code  # type: ignore[assignment]
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_data_that_does_not_fit_the_model_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_idx_dir(tmp_path / "idx", gz=False)  # 4x6 images: 24 features, the config wants 64
+    out = tmp_path / "o"
+    config = Path(__file__).parents[1] / "configs" / "lenet_digits.toml"
+    argv = ["run", str(config), "--dataset", "idx", "--data-dir"]
+    with pytest.raises(SystemExit) as e:  # the flag is at fault: a usage error
+        main([*argv, str(tmp_path / "idx"), "--out", str(out), "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "takes 64 input features" in err and "24 features per sample" in err
+    assert "in_features" in err and "--dataset" in err and "mat1 and mat2" in err
+    assert not (out / "checkpoint.safetensors").exists()  # nothing was trained
+    cfg = tmp_path / "c.toml"  # the same mismatch from a config alone: a runtime error
+    cfg.write_text(
+        f'[model]\nargs = {{ in_features = 64 }}\n[data]\nname = "idx"\n'
+        f'data_dir = "{tmp_path / "idx"}"\n'
+    )
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 1
+    assert "takes 64 input features" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = pb.save(pb.models.lenet_300_100(in_features=64), tmp_path / "m.safetensors")
+    bad = [
+        ["prune", str(ckpt), "--model", "lenet_300_100", "--model-arg", "in_features=sixty"],
+        ["plan", "--widths", "784", "--eps", "1"],
+        ["plan", "--widths", "784,10", "--eps", "-1"],
+        ["verify", "--widths", "4,3", "--rel-eps", "0"],
+    ]
+    for argv in bad:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--amount", "0.5"] if argv[0] == "prune" else argv)
+        assert e.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "--model-arg in_features has the wrong type or value: 'sixty'" in err
+    assert "invalid literal for int()" not in err
+    assert "argument --widths: expected at least two widths" in err
+    assert "argument --eps: expected a number > 0, got '-1'" in err
+
+
+def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "90% sparsity" in out and "%%" not in out
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(m in out for m in ("magnitude", "random", "neuron", "filter"))
+
+
+def test_report_reads_a_verify_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "v"
+    argv = ["verify", "--widths", "4,3", "--eps", "1", "--trials", "4", "--samples", "4"]
+    assert main([*argv, "--restarts", "1", "--steps", "1", "--out", str(d), "--quiet"]) == 0
+    (d / "gaps.png").unlink()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0  # found below, as run directories are
+    out = capsys.readouterr().out
+    assert f"== {d} (verify) ==" in out and "gaps.png" in out
+    assert (d / "gaps.png").stat().st_size > 1000
+
+
+def test_export_does_not_overwrite_the_runs_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = pb.models.build_model("lenet_300_100", seed=0, in_features=64)
+    pb.prune(model, "magnitude", 0.9)
+    pb.save(model, tmp_path / "model.safetensors")
+    config = {"model": {"name": "lenet_300_100", "args": {"in_features": 64}}}
+    (tmp_path / "results.json").write_text(json.dumps({"config": config}))
+    own = tmp_path / "model.export.safetensors"  # what the run wrote
+    own.write_bytes(b"the run's export")
+    argv = ["export", str(tmp_path / "model.safetensors"), "--layer", "*=dense"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "exists" in capsys.readouterr().err and own.read_bytes() == b"the run's export"
+    assert main([*argv, "--out", str(tmp_path / "mine.safetensors")]) == 0
+    assert main([*argv, "--overwrite"]) == 0
+    assert pb.load_export(own) is not None

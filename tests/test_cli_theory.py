@@ -144,7 +144,7 @@ def test_plan_of_a_trained_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixt
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--widths", "784", "--eps", "0.1"], "--widths needs >= 2 positive widths"),
+        (["--widths", "784", "--eps", "0.1"], "expected at least two widths"),
         (["--widths", "8,4", "--eps", "-1"], "expected a number > 0, got '-1'"),
         (["--widths", "8,4", "--eps", "0.1", "--law", "trained"], "--law trained needs"),
         (["--conv", "1,4", "--eps", "0.1"], "--conv needs --in-size"),

@@ -21,7 +21,7 @@ transformers = pytest.importorskip(
 from helpers import gpt2_config  # noqa: E402
 
 import prunebound as pb  # noqa: E402
-from prunebound.hf import block_layers  # noqa: E402
+from prunebound.hf import block_layers, from_pretrained, save_pretrained  # noqa: E402
 from prunebound.layer_types import output_axis  # noqa: E402
 from prunebound.outputs import output_layers  # noqa: E402
 
@@ -286,3 +286,26 @@ def test_save_load_round_trip_into_fresh_model(make, tmp_path: Path) -> None:  #
 def test_core_does_not_import_transformers() -> None:
     code = "import sys, prunebound, prunebound.hf; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("make", [gpt2, bert])
+def test_save_pretrained_from_pretrained_keeps_sparsity(make, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model = make(seed=0)
+    pb.prune(model, "magnitude", 0.9)
+    if make is gpt2:  # also the tied embedding/head, pruned once
+        pb.prune(model, "random", 0.5, layers=["transformer.wte", "lm_head"], seed=1)
+    expected, nonzero = _out(model), pb.sparsity(model).model_nonzero
+    save_pretrained(model, tmp_path / "hf")
+    plain = type(model).from_pretrained(tmp_path / "hf").eval()  # no prunebound involved
+    assert not pb.is_pruned(plain)
+    # the pruned weights are zeros, not re-initialised
+    assert pb.sparsity(plain).model_nonzero == nonzero < 0.3 * pb.sparsity(plain).model_params
+    torch.testing.assert_close(_out(plain), expected, rtol=0, atol=0)
+    again = from_pretrained(type(model), tmp_path / "hf").eval()
+    assert pb.masks(again).keys() == pb.masks(model).keys()
+    assert all(torch.equal(pb.masks(again)[k], v) for k, v in pb.masks(model).items())
+    torch.testing.assert_close(_out(again), expected, rtol=0, atol=0)
+    if make is gpt2:
+        assert pb.original_weight(again.lm_head) is pb.original_weight(again.transformer.wte)
+    pb.reset(again), pb.reset(model)  # the values behind the masks came back too
+    torch.testing.assert_close(_out(again), _out(model), rtol=0, atol=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ def write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
     try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0644 under the usual umask 022
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors re-creates the file 0600: every output gets one mode
         with open(tmp, "rb") as f:  # data on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)

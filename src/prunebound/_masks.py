@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from prunebound._parametrized import drop_cache, make_picklable, masked_product
 from prunebound.layer_types import OPT_IN, PRUNABLE, Unit, is_layer, output_axis
 
 LayerSelector = str | type[nn.Module]
@@ -34,7 +36,10 @@ class Mask(nn.Module):
         self.register_buffer("mask", mask.to(torch.bool))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        return masked_product(self, weight, self.mask)  # cached while autograd is off
+
+    def __getstate__(self) -> dict[str, Any]:
+        return drop_cache(self.__dict__)
 
     def extra_repr(self) -> str:
         return f"kept={int(self.mask.sum())}/{self.mask.numel()}"
@@ -86,6 +91,7 @@ def set_mask(module: nn.Module, keep: torch.Tensor) -> None:
         # unsafe=True: Mask keeps shape and dtype, so parametrize's consistency re-check (a full
         # forward of the parametrization) is not needed.
         parametrize.register_parametrization(module, "weight", Mask(keep), unsafe=True)
+        make_picklable(module)
         existing = mask_module(module)
         assert existing is not None
     existing.fingerprint = _fingerprint(weight)

@@ -21,6 +21,9 @@ from prunebound.commands._args import UsageError, pos_int
 
 Handler = Callable[[argparse.Namespace], int]
 
+# Value types stricter than some commands declare (commands/theory.py, being re-housed, gives
+# these plain float/ints, so a bad value failed in the library: exit 1). Applied where an
+# option still has the loose type, so that a bad value is a usage error (exit 2) everywhere.
 COMMANDS: list[Callable[[Any], None]] = [
     train.add_demo_parser,
     train.add_run_parser,

@@ -10,15 +10,27 @@ Glob patterns select by name (`layers=["*.attn.*"]`: GPT-2 attention), but a glo
 matches dots, so BERT's MLP output (`encoder.layer.0.output.dense`) cannot be told from its
 attention output (`encoder.layer.0.attention.output.dense`) by one pattern. `block_layers`
 selects by structure instead.
+
+`model.save_pretrained(d)` of a pruned model writes torch's parametrization keys
+(`X.parametrizations.weight.original`), which `from_pretrained` does not know: it would
+re-initialise every pruned layer. `save_pretrained(model, d)` here writes the masked weights
+under the plain keys instead (so plain `from_pretrained` gets the sparse model, as zeros) and
+the masks beside them in `prunebound_masks.safetensors`; `from_pretrained(cls, d)` loads both,
+so the masks are back for further training.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from torch import nn
 
-from prunebound._masks import prunable_layers
+from prunebound._masks import is_pruned, prunable_layers
+from prunebound.checkpoint import load_masks, masked_state_dict, save_masks
+
+#: the masks file `save_pretrained` writes beside the model's weights
+MASKS_FILE = "prunebound_masks.safetensors"
 
 Part = Literal["attention", "mlp"]
 
@@ -56,3 +68,30 @@ def block_layers(model: nn.Module, part: Part) -> tuple[str, ...]:
     if not out:
         raise ValueError(f"model {type(model).__name__} has no prunable {part} layer in blocks")
     return tuple(out)
+
+
+def save_pretrained(model: Any, directory: str | Path, **kwargs: Any) -> Path:
+    """`model.save_pretrained(directory, **kwargs)` with the masked weights under the plain
+    keys, plus `MASKS_FILE` (the masks and the values behind them) if the model is pruned.
+
+    Plain `from_pretrained(directory)` then loads the sparse model (pruned weights are zeros);
+    `from_pretrained` here also restores the masks.
+    """
+    if "state_dict" in kwargs:
+        raise TypeError("save_pretrained: state_dict is computed from the model; do not pass it")
+    directory = Path(directory)
+    model.save_pretrained(directory, state_dict=masked_state_dict(model), **kwargs)
+    if is_pruned(model):
+        save_masks(model, directory / MASKS_FILE)
+    else:
+        (directory / MASKS_FILE).unlink(missing_ok=True)
+    return directory
+
+
+def from_pretrained(cls: Any, directory: str | Path, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(directory, **kwargs)`, with the masks of `MASKS_FILE` if present."""
+    model = cls.from_pretrained(directory, **kwargs)
+    masks_file = Path(directory) / MASKS_FILE
+    if masks_file.is_file():
+        load_masks(model, masks_file)
+    return model

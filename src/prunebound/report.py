@@ -1,4 +1,5 @@
-"""Plots, tables and summary lines from result dicts (the only module that imports matplotlib).
+"""Tables and summary lines from result dicts; their plots live in `prunebound.plots` (the
+only module that imports matplotlib) and are re-exported here.
 
 Every function takes the `to_dict()` of a result (a run's `results.json`, a `SparsityReport`, an
 `ExportReport`, a theory `Plan` or `Certificate`, a `VerifyReport`), so that it needs no import
@@ -12,10 +13,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+# the plots of these results (`report.plot_*` as before): explicit re-exports
+from prunebound.plots import gaps_figure as gaps_figure
+from prunebound.plots import layer_sparsity_figure as layer_sparsity_figure
+from prunebound.plots import plot_accuracy_vs_sparsity as plot_accuracy_vs_sparsity
+from prunebound.plots import plot_gaps as plot_gaps
+from prunebound.plots import plot_layer_sparsity as plot_layer_sparsity
+from prunebound.plots import plot_run as plot_run
 
 ROUND_KEYS = ("round", "sparsity", "compression", "accuracy", "loss", "sparse_flops", "layers")
 FINAL_KEYS = ("total", "zeros", "sparsity")
@@ -134,49 +138,6 @@ def rounds_table(results: Mapping[str, Any]) -> str:
     return f"{format_table(rows)}\ntarget / achieved: share of the {what.pop()} pruned"
 
 
-def plot_accuracy_vs_sparsity(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Test accuracy against sparsity: one run's results dict, or {label: results} for several.
-
-    Writes a PNG to `path` and returns it.
-    """
-    runs: Mapping[str, Any]
-    if "rounds" in results:
-        runs = {str(results.get("config", {}).get("schedule", {}).get("method", "run")): results}
-    else:
-        runs = results
-    if not runs:
-        raise ValueError("plot_accuracy_vs_sparsity: no runs to plot")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, res in runs.items():
-        xs = [100 * r["sparsity"] for r in res["rounds"]]
-        ys = [100 * r["accuracy"] for r in res["rounds"]]
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("sparsity of prunable weights (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy vs sparsity")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_layer_sparsity(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Per-layer sparsity of the final round as bars; writes a PNG to `path` and returns it."""
-    layers = results["rounds"][-1]["layers"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar([str(k) for k in layers], [100 * v for v in layers.values()])
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_xlabel("layer (module name)")
-    ax.set_ylabel("sparsity (%)")
-    ax.set_ylim(0, 100)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
 def sparsity_table(sparsity: Mapping[str, Any], *, shapes: bool = True) -> str:
     """Per-layer sparsity and an "all" row from a `SparsityReport.to_dict()`."""
     rows: list[dict[str, Any]] = [
@@ -205,41 +166,6 @@ def sparsity_table(sparsity: Mapping[str, Any], *, shapes: bool = True) -> str:
 def layers_table(results: Mapping[str, Any]) -> str:
     """Per-layer sparsity of the final model (results.json "final_sparsity")."""
     return sparsity_table(results.get("final_sparsity") or {})
-
-
-def plot_run(results: Mapping[str, Any], directory: str | Path) -> list[Path]:
-    """The standard plots of one run into its directory."""
-    d = Path(directory)
-    return [
-        plot_accuracy_vs_sparsity(results, d / "accuracy_vs_sparsity.png"),
-        plot_layer_sparsity(results, d / "layer_sparsity.png"),
-    ]
-
-
-def plot_gaps(report: Mapping[str, Any], path: str | Path) -> Path:
-    """Histogram of a `VerifyReport.to_dict()`'s worst-gap estimates relative to eps, with eps,
-    the (1 - delta)-quantile and (if computed) the certificates. Writes a PNG, returns it."""
-    eps = float(report["eps"])
-    gaps = [g / eps for g in report["gaps"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(gaps, bins=40, alpha=0.8, label=f"worst-gap estimate ({len(gaps)} networks)")
-    certs = report.get("certificates")
-    if certs:
-        ax.hist([c / eps for c in certs], bins=40, alpha=0.5, label="certificate (upper bound)")
-    ax.axvline(1.0, color="red", label="eps")
-    q = float(report["gap_quantile"]) / eps
-    ax.axvline(q, color="black", linestyle="--", label=f"{1 - report['delta']:.0%} quantile")
-    ax.set_xlabel("sup gap / eps")
-    ax.set_ylabel("networks")
-    ax.set_title(
-        f"{report['method']}: {report['violations']} violations, rate <= "
-        f"{report['rate_upper']:.3g} ({report['confidence']:.0%} CP)"
-    )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def round_line(r: Mapping[str, Any]) -> str:
@@ -293,6 +219,7 @@ def run_notes(results: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"export (csr): {ex['bytes'] / 1024:.0f} KiB on disk ({100 * ex['size_ratio']:.1f}% of "
             f"dense), {ex['speedup']:.2f}x faster at batch 1 than dense (measured)"
+            + (f"; FLAGGED: {ex['speedup_flag']}" if ex.get("speedup_flag") else "")
         )
     return lines
 

@@ -142,8 +142,9 @@ def test_automatic_choice_follows_the_measurement() -> None:
     for row in report.layers:
         assert set(row.timings_ms) == {"dense", *KERNELS}
         best = min(KERNELS, key=lambda k: row.timings_ms[k])
-        sparse_wins = row.timings_ms[best] * 1.05 < row.timings_ms["dense"]
-        assert row.kernel == (best if sparse_wins else "dense")
+        # sparse needs a 5% win on the medians and a win in every round (tests/test_timing.py)
+        assert row.kernel in (best, "dense")
+        assert row.kernel == "dense" or row.timings_ms[best] * 1.05 < row.timings_ms["dense"]
         assert row.speedup == pytest.approx(row.timings_ms["dense"] / row.timings_ms[row.kernel])
     assert report.batch_size == 4 and report.threads == torch.get_num_threads()
 
@@ -608,7 +609,7 @@ def test_exported_model_runs_with_grad_mode_on(
             f()
         return {k: 1.0 if k == "dense" else 0.1 for k in fns}
 
-    monkeypatch.setattr(export_module, "measure_ms", fake)
+    monkeypatch.setattr(export_module, "measure_rounds", fake)
     model = make_cnn(seed=3)
     pb.prune(model, "magnitude", 0.9)
     exported = pb.export(model, input_shape=(1, 8, 8), candidates=(kernel,), min_sparsity=0.0)

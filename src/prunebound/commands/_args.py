@@ -13,6 +13,7 @@ from torch import nn
 from prunebound.checkpoint import load
 from prunebound.methods import get_method
 from prunebound.models import MODELS, build_model
+from prunebound.training.config import ModelSpec, check_model_spec
 
 
 class UsageError(Exception):
@@ -80,6 +81,16 @@ def ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
     if any(x < 1 for x in v):
         raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return v
+
+
+def widths(text: str) -> tuple[int, ...]:
+    """Comma-separated positive ints with at least two entries (an MLP's n0,...,nL)."""
+    v = ints(text)
+    if len(v) < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected at least two widths (inputs, ..., outputs), got {text!r}"
+        )
     return v
 
 
@@ -184,6 +195,12 @@ def load_checkpoint(args: argparse.Namespace) -> nn.Module:
         name, model_args = model_spec(ckpt, args.model, dict(args.model_arg))
     except ModelNotInferredError as e:
         raise UsageError(f"{e}; pass --model NAME (and --model-arg KEY=VALUE as needed)") from None
+    try:
+        check_model_spec(ModelSpec(name, model_args))
+    except ValueError as e:  # a bad --model-arg (or one inferred from results.json)
+        raise UsageError(
+            str(e).replace("config: model.args.", "--model-arg ").replace("config: ", "")
+        ) from None
     model = build_model(name, **model_args)
     load(model, ckpt)
     return model

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from prunebound import report
+from prunebound import report, theory_tables
 from prunebound._masks import prunable_layers
 from prunebound.checkpoint import save
 from prunebound.commands._args import (
@@ -26,7 +27,7 @@ from prunebound.commands._args import (
 )
 from prunebound.deploy.export import export, export_report
 from prunebound.deploy.export_file import save_export
-from prunebound.methods import get_method
+from prunebound.methods import METHODS, get_method
 from prunebound.outputs import leave_outputs
 from prunebound.pruning import prune
 from prunebound.sparsity_stats import sparsity
@@ -35,7 +36,12 @@ from prunebound.sparsity_stats import sparsity
 def add_prune_parser(sub: Any) -> None:
     p = sub.add_parser("prune", help="prune a checkpoint and save it")
     add_checkpoint_args(p)
-    p.add_argument("--method", type=method, default="magnitude", help="a key of prunebound.METHODS")
+    p.add_argument(
+        "--method",
+        type=method,
+        default="magnitude",
+        help=f"one of {', '.join(sorted(METHODS))} (prunebound.METHODS; default magnitude)",
+    )
     p.add_argument("--amount", type=fraction, help="fraction of survivors to prune, [0, 1]")
     p.add_argument(
         "--counts",
@@ -128,13 +134,26 @@ def add_export_parser(sub: Any) -> None:
         metavar="NAME=CHOICE",
         help="per-layer override: dense, sparse or a kernel name (repeatable; globs allowed)",
     )
-    p.add_argument("--out", help="output file (default: CHECKPOINT stem + .export.safetensors)")
+    p.add_argument(
+        "--out",
+        help="output file (default: CHECKPOINT stem + .export.safetensors; an existing file, "
+        "such as the export a run wrote, is only replaced with --overwrite)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(handler=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.stem}.export.safetensors")
+    if out.resolve() == ckpt.resolve():
+        raise UsageError(f"--out {out} is the input checkpoint: choose another path")
     model = load_checkpoint(args)
+    if out.exists() and not args.overwrite:
+        raise UsageError(
+            f"{out} exists (a run's own export?); pass --out PATH to write elsewhere, or "
+            "--overwrite to replace it"
+        )
     exported = export(
         model,
         args.format,
@@ -142,7 +161,6 @@ def run_export(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         input_shape=args.input_shape,
     )
-    out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.stem}.export.safetensors")
     save_export(exported, out)
     print(report.export_table(export_report(exported).to_dict()))
     size, ckpt_size = out.stat().st_size, ckpt.stat().st_size
@@ -151,8 +169,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_report_parser(sub: Any) -> None:
-    p = sub.add_parser("report", help="print and re-plot a results directory")
-    p.add_argument("results_dir")
+    p = sub.add_parser(
+        "report", help="print and re-plot a results directory (of run/demo, or of verify)"
+    )
+    p.add_argument("results_dir", help="a directory with results.json or verify.json, or above")
     p.set_defaults(handler=run_report)
 
 
@@ -163,8 +183,15 @@ def run_report(args: argparse.Namespace) -> int:
         if (root / "results.json").is_file()
         else sorted(p.parent for p in root.glob("*/results.json"))
     )
-    if not dirs:
-        raise FileNotFoundError(f"no results.json in {root} or its subdirectories")
+    verify_dirs = (
+        [root]
+        if (root / "verify.json").is_file()
+        else sorted(p.parent for p in root.glob("*/verify.json"))
+    )
+    if not dirs and not verify_dirs:
+        raise FileNotFoundError(f"no results.json or verify.json in {root} or its subdirectories")
+    for d in verify_dirs:
+        report_verify(d)
     for d in dirs:
         res = report.load_results(d)
         schedule = res["config"]["schedule"]
@@ -175,3 +202,19 @@ def run_report(args: argparse.Namespace) -> int:
         paths = report.plot_run(res, d)
         print("plots: " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def report_verify(d: Path) -> None:
+    """Print the tables of a `prunebound verify` directory and re-plot its gaps.png."""
+    try:
+        out = json.loads((d / "verify.json").read_text())
+        rep = out["verify"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{d / 'verify.json'} is not a prunebound verify file") from None
+    print(f"== {d} (verify) ==")
+    if "plan" in out:
+        print(theory_tables.plan_table(out["plan"]))
+    print(theory_tables.verify_summary(rep))
+    if "largest_fraction" in out:
+        print(theory_tables.largest_table(out["largest_fraction"]))
+    print(f"plots: {report.plot_gaps(rep, d / 'gaps.png')}")

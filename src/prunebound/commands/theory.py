@@ -31,6 +31,7 @@ from prunebound.commands._args import (
     open_unit,
     pos_int,
     positive_float,
+    widths,
 )
 from prunebound.data import load_dataset
 from prunebound.layer_types import CONV
@@ -43,8 +44,8 @@ def add_target_args(p: argparse.ArgumentParser, *, trained: bool = False) -> Non
     """Target (an MLP or a plain conv stack, ReLU between; with `trained`, also a checkpoint)
     and budget of a theory plan."""
     t = p.add_mutually_exclusive_group(required=True)
-    t.add_argument("--widths", type=ints, help="MLP widths n0,...,nL (as models.mlp)")
-    t.add_argument("--conv", type=ints, metavar="C0,...,CL", help="conv stack channels")
+    t.add_argument("--widths", type=widths, help="MLP widths n0,...,nL (as models.mlp)")
+    t.add_argument("--conv", type=widths, metavar="C0,...,CL", help="conv stack channels")
     if trained:
         t.add_argument(
             "--checkpoint",
@@ -197,12 +198,12 @@ def run_certify(args: argparse.Namespace) -> int:
 def add_verify_parser(sub: Any) -> None:
     p = sub.add_parser("verify", help="Monte Carlo check of a plan on sampled networks")
     add_target_args(p)
-    p.add_argument("--trials", type=int, default=500, help="networks to sample (default 500)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--confidence", type=float, default=0.95, help="of the CP upper limit")
-    p.add_argument("--samples", type=int, default=128, help="random inputs per network")
-    p.add_argument("--restarts", type=int, default=8, help="gradient-ascent restarts")
-    p.add_argument("--steps", type=int, default=40, help="gradient-ascent steps")
+    p.add_argument("--trials", type=pos_int, default=500, help="networks to sample (default 500)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--confidence", type=open_unit, default=0.95, help="of the CP upper limit")
+    p.add_argument("--samples", type=pos_int, default=128, help="random inputs per network")
+    p.add_argument("--restarts", type=pos_int, default=8, help="gradient-ascent restarts")
+    p.add_argument("--steps", type=pos_int, default=40, help="gradient-ascent steps")
     p.add_argument("--certificates", action="store_true", help="also certify every network")
     add_largest_arg(p)
     p.add_argument("--out", default="runs/verify", help="directory for verify.json, gaps.png")

@@ -12,8 +12,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from prunebound import report
-from prunebound.commands._args import add_data_args, nonneg_int, pos_int, positive_float, sparsity
-from prunebound.training.config import DataSpec, Experiment, ModelSpec
+from prunebound.commands._args import (
+    UsageError,
+    add_data_args,
+    nonneg_int,
+    pos_int,
+    positive_float,
+    sparsity,
+)
+from prunebound.training.config import DataSpec, Experiment, InputShapeError, ModelSpec
 from prunebound.training.distributed import BACKENDS, env_ranks
 from prunebound.training.experiment import run
 from prunebound.training.launch import exit_process, run_distributed
@@ -33,7 +40,7 @@ def add_demo_parser(sub: Any) -> None:
         "demo",
         help="LeNet-300-100 on digits: iterative magnitude vs random pruning to 90%%",
         description="Train LeNet-300-100 (64 inputs) on scikit-learn's digits, prune it "
-        "iteratively to 90%% sparsity with retraining, by magnitude and at random (the control), "
+        "iteratively to 90% sparsity with retraining, by magnitude and at random (the control), "
         "and compare.",
     )
     p.add_argument("--out", default="runs/demo", help="results directory (default runs/demo)")
@@ -131,16 +138,21 @@ def run_run(args: argparse.Namespace) -> int:
     if args.quiet:
         exp = replace(exp, quiet=True)
     ranks = env_ranks(os.environ)  # set by torchrun
-    d = run_distributed(
-        exp,
-        args.nproc,
-        backend=args.backend,
-        timeout=args.dist_timeout,
-        threads=args.threads,
-        resume=args.resume,
-        ranks=ranks,
-        on_round=None if exp.quiet else print_round,
-    )
+    try:
+        d = run_distributed(
+            exp,
+            args.nproc,
+            backend=args.backend,
+            timeout=args.dist_timeout,
+            threads=args.threads,
+            resume=args.resume,
+            ranks=ranks,
+            on_round=None if exp.quiet else print_round,
+        )
+    except InputShapeError as e:
+        if args.dataset:  # the flag chose data the config's model does not take: usage
+            raise UsageError(f"--dataset {args.dataset}: {e}") from None
+        raise
     if d is None:
         exit_process(0)  # a torchrun rank other than 0: done, skip finalization
     print(report.rounds_table(d))

@@ -4,12 +4,15 @@
 pruned Linear, and every Conv2d when `input_shape` is given, becomes a `SparseLinear` /
 `SparseConv2d` if one of the sparse kernels (`prunebound.deploy.kernels.KERNELS`) beats the dense
 layer by >= 5% in a micro-benchmark at the given batch size and torch's current thread count
-(median of interleaved repeats); otherwise it stays dense. With `input_shape`, a layer less than
-2x faster there is re-timed inside the model (with vs without it) and kept only if it wins there
-too, and if the whole model is then not faster than with those layers dense, they all go back to
-dense. What each layer became, and why, is in `export_report(exported)`. Layers below
-`min_sparsity` are not even measured: with more than half the weights left, a sparse kernel does
-more memory traffic than the dense one.
+(medians of interleaved repeats, in at least 3 rounds, more while the rounds disagree) *and*
+is faster in every round; otherwise it stays dense, so a tie within the noise stays dense and
+the choice is stable. A speed-up above the FLOP limit 1 / (1 - sparsity) cannot be real: it is
+re-measured, and if it persists it is flagged in the reason (and logged). With `input_shape`,
+a layer less than 2x faster there is re-timed inside the model (with vs without it) and kept
+only if it wins there too, and if the whole model is then not faster than with those layers
+dense, they all go back to dense. What each layer became, and why, is in
+`export_report(exported)`. Layers below `min_sparsity` are not even measured: with more than
+half the weights left, a sparse kernel does more memory traffic than the dense one.
 
 `export` converts in memory; `save_export` / `load_export` (`deploy.export_file`) write and read.
 """
@@ -21,7 +24,7 @@ import fnmatch
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any, Literal
 
@@ -31,8 +34,15 @@ from torch import nn
 from prunebound._check import check_choice, check_float, check_int, is_int
 from prunebound._masks import effective_weight, prunable_layers, remove
 from prunebound.deploy.kernels import KERNELS
+from prunebound.deploy.reports import (
+    ExportReport,
+    LayerExport,
+    attach_report,
+    attached_report,
+    export_report,
+)
 from prunebound.deploy.sparse import sparse_layer, sparse_path
-from prunebound.timing import measure_ms
+from prunebound.timing import choose, measure_rounds, rounds_of
 
 __all__ = ["ExportReport", "LayerExport", "attached_report", "export", "export_report"]
 
@@ -42,79 +52,10 @@ Format = Literal["csr", "dense"]
 FORMATS = ("csr", "dense")
 SPARSE = "sparse"  # override: the fastest sparse kernel, even if dense is faster
 _CHOICES = ("dense", SPARSE, *KERNELS)
-_REPORT_ATTR = "_prunebound_export"
 _MARGIN = 1.05  # a sparse kernel must be >= 5% faster than dense to replace it (timing noise)
 # sparse layers measured less than this much faster in isolation are re-timed inside the model
 # (isolated timings miss cache sharing with the other layers and the input layout they get)
 _CHECK_BELOW = 2.0
-
-
-@dataclass(frozen=True)
-class LayerExport:
-    """What one Linear/Conv layer became: `kernel` is "dense" or a key of `kernels.KERNELS`.
-
-    `timings_ms` holds each candidate's measured latency (median of interleaved repeats on the
-    isolated layer; empty if not measured);
-    `speedup` = dense time / chosen time, when both were measured (inside the model when the
-    choice was re-checked there, see `reason`).
-    """
-
-    name: str
-    type: str
-    shape: tuple[int, ...]
-    sparsity: float
-    kernel: str
-    reason: str
-    timings_ms: Mapping[str, float] = field(default_factory=dict)
-    speedup: float | None = None
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    """Per-layer export decisions, with the settings they were measured under."""
-
-    format: str
-    batch_size: int
-    threads: int
-    layers: tuple[LayerExport, ...]
-
-    @property
-    def sparse_layers(self) -> tuple[str, ...]:
-        """Names of the layers exported sparse."""
-        return tuple(r.name for r in self.layers if r.kernel != "dense")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON."""
-        d = asdict(self)
-        d["layers"] = [{**r, "timings_ms": dict(r["timings_ms"])} for r in d["layers"]]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ExportReport:
-        """Inverse of `to_dict`."""
-        layers = tuple(
-            LayerExport(**{**r, "shape": tuple(r["shape"])}) for r in d.get("layers", ())
-        )
-        return cls(d["format"], int(d["batch_size"]), int(d["threads"]), layers)
-
-
-def attached_report(model: nn.Module) -> ExportReport | None:
-    """The `ExportReport` attached to a model by `export` or `load_export`, or None."""
-    report = getattr(model, _REPORT_ATTR, None)
-    return report if isinstance(report, ExportReport) else None
-
-
-def export_report(model: nn.Module) -> ExportReport:
-    """The `ExportReport` attached to a model by `export` or `load_export`."""
-    report = attached_report(model)
-    if report is None:
-        raise ValueError("model has no export report (it was not made by pb.export/load_export)")
-    return report
-
-
-def attach_report(model: nn.Module, report: ExportReport) -> None:
-    """Attach `report` so that `export_report(model)` returns it."""
-    object.__setattr__(model, _REPORT_ATTR, report)
 
 
 def _check_args(
@@ -186,7 +127,22 @@ def _measure(
     variants.update({k: sparse_layer(m, k) for k in candidates})
     fns: dict[str, Callable[[], object]] = {k: partial(v, x) for k, v in variants.items()}
     with torch.no_grad():
-        return measure_ms(fns)
+        return measure_rounds(fns, baseline="dense" if with_dense else None, margin=_MARGIN)
+
+
+def flop_limit(sparsity: float) -> float:
+    """The most a sparse kernel can gain over dense: dense / nonzero multiply-adds."""
+    return math.inf if sparsity >= 1 else 1.0 / (1.0 - sparsity)
+
+
+def _above_limit(speedup: float | None, sparsity: float) -> str:
+    """A warning for a speed-up above the FLOP limit (a timing artefact), else ""."""
+    if speedup is None or speedup <= flop_limit(sparsity):
+        return ""
+    return (
+        f"; FLAGGED: measured speed-up {speedup:.3g}x exceeds the FLOP limit "
+        f"{flop_limit(sparsity):.3g}x (a timing artefact: machine load?)"
+    )
 
 
 def _decide(
@@ -216,16 +172,25 @@ def _decide(
     key = (row.type, row.shape, shape, round(row.sparsity, 2), choice, tuple(candidates))
     if key not in cache:
         ms = _measure(m, shape, candidates, with_dense=choice is None)
+        limit = flop_limit(row.sparsity)
+        if "dense" in ms and ms["dense"] > limit * min(ms[k] for k in candidates):
+            ms = _measure(m, shape, candidates, with_dense=True)  # above the limit: again
         best = min(candidates, key=lambda k: ms[k])
         dense_ms = ms.get("dense", math.inf)
-        kernel = best if choice == SPARSE or ms[best] * _MARGIN < dense_ms else "dense"
+        kernel = best if choice == SPARSE else choose(ms, "dense", _MARGIN, candidates=candidates)
         reason = f"measured at input {list(shape)}: " + (
-            f"{best} {ms[best]:.3g} ms vs dense {dense_ms:.3g} ms"
+            f"{best} {ms[best]:.3g} ms vs dense {dense_ms:.3g} ms (medians of "
+            f"{len(rounds_of(ms)['dense'])} rounds; sparse must win by 5% and in every round)"
             if "dense" in ms
             else f"forced sparse, fastest kernel {best} {ms[best]:.3g} ms"
         )
         speedup = dense_ms / ms[kernel] if "dense" in ms else None
-        cache[key] = replace(row, kernel=kernel, reason=reason, timings_ms=ms, speedup=speedup)
+        reason += _above_limit(speedup, row.sparsity)
+        if _above_limit(speedup, row.sparsity):
+            logger.warning("export %s: %s", row.name, reason)
+        cache[key] = replace(
+            row, kernel=kernel, reason=reason, timings_ms=dict(ms), speedup=speedup
+        )
     hit = cache[key]
     return replace(
         row, kernel=hit.kernel, reason=hit.reason, timings_ms=hit.timings_ms, speedup=hit.speedup
@@ -249,11 +214,13 @@ def _swap_and_time(
         return out(x)
 
     with torch.no_grad():
-        ms = measure_ms(
+        ms = measure_rounds(
             {"sparse": partial(run_with, sparse), "dense": partial(run_with, dense)},
+            baseline="dense",
+            margin=_MARGIN,
             min_repeats=7,
         )
-    keep = ms["sparse"] * _MARGIN < ms["dense"]
+    keep = choose(ms, "dense", _MARGIN) == "sparse"
     for n, (holder, leaf) in holders.items():
         setattr(holder, leaf, sparse[n] if keep else dense[n])
     return keep, ms
@@ -278,12 +245,14 @@ def _check_in_model(
         note = f"; in the model {ms['sparse']:.3g} ms with it vs {ms['dense']:.3g} ms dense: " + (
             "kept" if keep else "dense"
         )
+        speedup = ms["dense"] / ms["sparse"] if keep else 1.0
+        note += _above_limit(speedup, row.sparsity)
         checked.append(
             replace(
                 row,
                 kernel=row.kernel if keep else "dense",
                 reason=row.reason + note,
-                speedup=ms["dense"] / ms["sparse"] if keep else 1.0,
+                speedup=speedup,
             )
         )
     return checked

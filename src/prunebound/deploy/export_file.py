@@ -44,12 +44,8 @@ from torch import nn
 
 from prunebound._files import digest, read_file, tied_keys, unshared, write_atomic
 from prunebound._masks import is_pruned, remove
-from prunebound.deploy.export import (
-    ExportReport,
-    attach_report,
-    attached_report,
-)
 from prunebound.deploy.kernels import csr_tensor
+from prunebound.deploy.reports import ExportReport, attach_report, attached_report
 from prunebound.deploy.sparse import SparseConv2d, SparseLinear, check_csr, to_csr
 
 __all__ = ["GRAPH_TYPES", "load_export", "save_export"]

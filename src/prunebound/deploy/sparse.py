@@ -63,6 +63,24 @@ def check_csr(
         raise ValueError(f"{what}: invalid sparse weight: {problems[0]}")
 
 
+def _tracing(layer: nn.Module) -> bool:
+    """True while a graph is captured (`torch.onnx.export`, `torch.export`, `torch.compile`,
+    `torch.jit.trace`): the sparse kernels run outside torch and would be captured as a
+    constant (a graph with no input), so the layers then compute densely from `dense_weight`.
+
+    Raises ValueError under the legacy TorchScript-based `torch.onnx.export(..., dynamo=False)`,
+    whose constant folding gets the scatter-add of `dense_weight` wrong.
+    """
+    tracing: bool = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
+    if torch.onnx.is_in_onnx_export() and tracing:
+        raise ValueError(
+            f"{type(layer).__name__} (a CSR layer of pb.export) cannot be exported by "
+            "torch.onnx.export(..., dynamo=False): use the default dynamo=True exporter, or "
+            "export the dense model (pb.export(model, 'dense') or pb.remove(model))"
+        )
+    return tracing or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 class _SparseBase(nn.Module):
     """CSR weight buffers plus a kernel operand built from them (not part of the state_dict)."""
 
@@ -128,6 +146,22 @@ class _SparseBase(nn.Module):
         """(in, N) -> W @ xt + bias, (out, N)."""
         return KERNELS[self.kernel].matmul(self._operand(), xt, self.bias)
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense tensor of `weight_shape`, built from the CSR buffers by torch
+        ops (so that tracing, `torch.export` and `torch.onnx.export` see where it comes from)."""
+        rows = self.weight_shape[0]
+        cols = int(np.prod(self.weight_shape[1:]))
+        crow, col = self.crow_indices.long(), self.col_indices.long()
+        # the row of each value: how many rows end at or before it (scatter-add, cumsum: ops
+        # every exporter knows, unlike repeat_interleave or diff)
+        ends = crow.new_zeros(self.nnz + 1).index_put(
+            (crow[1:],), torch.ones_like(crow[1:]), accumulate=True
+        )
+        row = ends.cumsum(0)[: self.nnz]
+        dense = self.values.new_zeros(rows * cols).index_put((row * cols + col,), self.values)
+        out: torch.Tensor = dense.reshape(self.weight_shape)
+        return out
+
     def extra_repr(self) -> str:
         total = int(np.prod(self.weight_shape))
         return f"weight_shape={self.weight_shape}, nnz={self.nnz}/{total}, kernel={self.kernel}"
@@ -143,6 +177,8 @@ class SparseLinear(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out); a transposed (N, out) view for 2-D input."""
+        if _tracing(self):
+            return F.linear(x, self.dense_weight(), self.bias)
         out_f, in_f = self.weight_shape
         x2 = x.reshape(-1, in_f)
         return self._mm(x2.T).T.reshape(*x.shape[:-1], out_f)
@@ -200,6 +236,9 @@ class SparseConv2d(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) -> (N, out, H', W')."""
+        if _tracing(self):
+            weight = self.dense_weight()
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
         out_c, _, kh, kw = self.weight_shape
         n, _, h, w = x.shape
         h_out = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1

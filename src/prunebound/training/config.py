@@ -236,4 +236,39 @@ def materialise(exp: Experiment) -> tuple[nn.Module, Dataset]:
     model = build_model(exp.model.name, seed=exp.seed, **dict(exp.model.args))
     data = load_data(exp.data, exp.seed)
     convolutional = any(isinstance(m, CONV) for m in model.modules())
-    return model, data.image() if convolutional else data.flat()
+    data = data.image() if convolutional else data.flat()
+    check_input(model, data, exp)
+    return model, data
+
+
+class InputShapeError(ValueError):
+    """The model does not take the data set's samples (found before any training)."""
+
+
+def check_input(model: nn.Module, data: Dataset, exp: Experiment) -> None:
+    """Run one training sample through the model (eval mode, no grad); if it does not fit,
+    raise InputShapeError saying what the model expects and what to change."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(data.x_train[:1])
+    except RuntimeError as e:
+        first = next((m for m in model.modules() if isinstance(m, (nn.Linear, *CONV))), None)
+        shape = tuple(data.input_shape)
+        if isinstance(first, nn.Linear):
+            wants = f"{first.in_features} input features"
+            has = f"{int(torch.tensor(shape).prod())} features per sample"
+        elif first is not None:
+            wants = f"{first.in_channels} input channels"
+            has = f"samples of shape {shape}"
+        else:
+            wants, has = "other inputs", f"samples of shape {shape}"
+        raise InputShapeError(
+            f"model {exp.model.name!r} (model.args {dict(exp.model.args)}) takes {wants}, but "
+            f"data set {exp.data.name!r} has {has}: change the model's input size "
+            "(model.args, e.g. in_features) or the data set (data.name / --dataset); "
+            f"torch said: {str(e).splitlines()[0]}"
+        ) from None
+    finally:
+        model.train(was_training)
