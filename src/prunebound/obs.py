@@ -43,6 +43,7 @@ from prunebound.calibration import (
 ReconstructFn = Callable[..., dict[str, tuple[torch.Tensor, torch.Tensor]]]
 DAMP = 0.01
 BLOCK = 128
+REFIT = 100  # conjugate-gradient steps of the final least-squares refit
 
 
 class _Stop(BaseException):
@@ -92,6 +93,7 @@ def sparsegpt(
     k: int = 0,
     pattern: tuple[int, int] | None = None,
     damp: float = DAMP,
+    iters: int = REFIT,
     name: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune `k` more weights of the (out, in) matrix `weight` (or to the N:M `pattern`) among
@@ -105,7 +107,8 @@ def sparsegpt(
     quotas = _quotas(k, [int((~pruned[:, i : i + block]).sum()) for i in starts])
     for b, i1 in enumerate(starts):
         i2 = min(i1 + block, cols)
-        w1, u1, p1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2], pruned[:, i1:i2].clone()
+        w1, u1 = w[:, i1:i2].clone(memory_format=torch.contiguous_format), u[i1:i2, i1:i2]
+        p1 = pruned[:, i1:i2].clone(memory_format=torch.contiguous_format)
         err = torch.zeros_like(w1)
         d = u1.diagonal()
         if pattern is None and quotas[b]:
@@ -126,7 +129,35 @@ def sparsegpt(
         w[:, i1:i2] = w1
         w[:, i2:] -= err @ u[i1:i2, i2:]
         pruned[:, i1:i2] = p1
-    return w, ~pruned
+    keep = ~pruned
+    return _refit(
+        weight.detach().double(), w, keep, _damped(hessian.double(), damp / 100), iters
+    ), keep
+
+
+def _refit(
+    w0: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, iters: int
+) -> torch.Tensor:
+    """Least-squares refit of the surviving weights: minimise (v - w0)^T H (v - w0) over each
+    row v with the mask fixed, by conjugate gradients on all rows at once from the OBS result
+    `w` (its sequential updates only move weights to the right of each pruned one)."""
+    m = keep.to(w.dtype)
+    v = w * m
+    r = m * ((w0 - v) @ h)
+    p = r.clone()
+    rs = (r * r).sum(1)
+    tiny = torch.finfo(w.dtype).tiny
+    for _ in range(iters):
+        hp = m * (p @ h)
+        alpha = rs / (p * hp).sum(1).clamp_min(tiny)
+        v += alpha[:, None] * p
+        r -= alpha[:, None] * hp
+        new = (r * r).sum(1)
+        if float(new.max()) <= 1e-20 * float((w0 @ h).square().sum(1).max().clamp_min(tiny)):
+            break
+        p = r + (new / rs.clamp_min(tiny))[:, None] * p
+        rs = new
+    return v
 
 
 def _keep(module: nn.Module) -> torch.Tensor:
@@ -135,15 +166,22 @@ def _keep(module: nn.Module) -> torch.Tensor:
     return mm.mask if mm is not None else torch.ones(w.shape, dtype=torch.bool, device=w.device)
 
 
-def _order(model: nn.Module, layers: Mapping[str, nn.Module], first: Batch) -> list[str]:
-    """Layer names in the order the forward calls them (layers never called go last)."""
+def _order(
+    model: nn.Module, layers: Mapping[str, nn.Module], first: Batch, method: str
+) -> list[str]:
+    """Layer names in the order the forward calls them (layers never called go last), after
+    checking each layer's input."""
     seen: list[str] = []
-    handles = [
-        m.register_forward_pre_hook(
-            lambda mod, args, n=n: seen.append(n) if n not in seen else None
-        )
-        for n, m in layers.items()
-    ]
+
+    def hook(n: str) -> Callable[..., None]:
+        def record(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            check_input(mod, args[0], n, method)
+            if n not in seen:
+                seen.append(n)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
         with torch.no_grad():
             model(first[0])
@@ -198,7 +236,7 @@ def obs_reconstruct(
         model.eval()
         if total is not None:
             counts = _global_counts(model, layers, cached, total, method)
-        for name in _order(model, layers, cached[0]):
+        for name in _order(model, layers, cached[0], method):
             module = layers[name]
             h = _hessian(model, layers, done, name, cached, method)
             w = as_matrix(module, effective_weight(module).detach())

@@ -227,8 +227,7 @@ def prune(
 
     if amount is not None:
         amount = _check_amount(amount)
-    else:
-        assert counts is not None
+    elif counts is not None:
         for name, c in counts.items():
             if name not in selected:
                 raise ValueError(
