@@ -1,5 +1,6 @@
-"""Pruning schedules: one-shot, iterative (Han et al. 2015) and lottery ticket (Frankle & Carbin
-2019), each with any registered method (random pruning is the usual control).
+"""Pruning schedules: one-shot, iterative (Han et al. 2015), lottery ticket (Frankle & Carbin
+2019) and gradual (Zhu & Gupta 2017), each with any registered method (random pruning is the
+usual control).
 
 `Schedule` says what to prune and how fast; `prune_round` prunes a model to one round's
 sparsity. Round targets are cumulative and count-exact: after round r a layer of n weights
@@ -31,7 +32,7 @@ from prunebound.methods import METHODS
 from prunebound.pruning import prune
 from prunebound.training.loop import TrainConfig
 
-ScheduleKind = Literal["oneshot", "iterative", "lottery"]
+ScheduleKind = Literal["oneshot", "iterative", "lottery", "gradual"]
 RetrainLR = Literal["rewind", "restart", "constant"]
 
 
@@ -69,6 +70,9 @@ class Schedule:
             2021); "constant" keeps the dense initial LR.
         retrain_lr_scale: multiplies the dense `lr` while retraining (sparse networks often
             recover faster with a larger step).
+        every: gradual only: optimizer steps between two pruning steps (Zhu & Gupta's Delta t).
+        begin_step: gradual only: round r prunes after step `begin_step + r * every` of the
+            retraining (steps count from 1, as `train(on_step=...)` does).
     """
 
     kind: ScheduleKind = "iterative"
@@ -84,10 +88,21 @@ class Schedule:
     rewind_step: int | None = None
     retrain_lr: RetrainLR = "rewind"
     retrain_lr_scale: float = 1.0
+    every: int = 100
+    begin_step: int = 0
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
         check_choice("schedule.method", self.method, sorted(METHODS))
+        if METHODS[self.method].needs:
+            raise ValueError(
+                f"schedule.method {self.method!r} needs calibration data, which schedules do "
+                "not pass; prune with prunebound.prune(model, method, amount, data=...)"
+            )
+        check_int("schedule.every", self.every, 1)
+        check_int("schedule.begin_step", self.begin_step, 0)
+        if self.kind == "gradual" and self.amount is not None:
+            raise ValueError("schedule.amount does not apply to gradual (cubic) schedules")
         t = check_float("schedule.target_sparsity", self.target_sparsity, 0, 1, closed="left")
         check_int("schedule.rounds", self.rounds, 1)
         a = self.amount
@@ -118,6 +133,10 @@ class Schedule:
         if not steps:
             if self.kind == "oneshot":
                 steps = (t,)
+            elif self.kind == "gradual":
+                steps = tuple(
+                    gradual_sparsity(t, r, self.rounds) for r in range(1, self.rounds + 1)
+                )
             elif a is not None:
                 n = max(1, math.ceil(math.log(1 - t) / math.log(1 - a) - 1e-9)) if t > 0 else 1
                 steps = tuple(min(t, 1 - (1 - a) ** r) for r in range(1, n))
@@ -130,6 +149,10 @@ class Schedule:
         object.__setattr__(self, "target_sparsity", steps[-1])
         object.__setattr__(self, "last_layer_scale", float(c))
         object.__setattr__(self, "retrain_lr_scale", float(f))
+
+    def prune_step(self, r: int) -> int:
+        """Gradual schedules: the retraining step after which round r (1-based) prunes."""
+        return self.begin_step + r * self.every
 
     def cumulative(self, r: int) -> float:
         """Overall sparsity after round r (1-based); 0 before round 1."""
@@ -153,6 +176,13 @@ class Schedule:
         d = asdict(self)
         d["steps"] = list(self.steps)
         return d
+
+
+def gradual_sparsity(target: float, r: int, rounds: int) -> float:
+    """Zhu & Gupta's cubic schedule from 0 to `target` in `rounds` steps: sparsity after step r."""
+    if r >= rounds:
+        return target
+    return target * (1.0 - (1.0 - r / rounds) ** 3)
 
 
 def _pruned_units(module: nn.Module, unit: Unit) -> tuple[int, int]:
