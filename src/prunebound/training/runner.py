@@ -32,7 +32,7 @@ from prunebound.training.loop import (
     steps_per_epoch,
     train,
 )
-from prunebound.training.schedule import Schedule, prune_round, retrain_config
+from prunebound.training.schedule import Schedule, prepare_gradual, prune_round, retrain_config
 
 if TYPE_CHECKING:
     from prunebound.training.distributed import DistContext
@@ -236,6 +236,8 @@ def run_schedule(
                 teacher = copy.deepcopy(model)
                 teacher_state = snapshot(teacher)
             if gradual and r > 0:
+                if start is None:
+                    prepare_gradual(model, schedule)
                 step_cb = prune_at
             elif r > 0 and start is None:
                 prune_round(model, schedule, generator, r)

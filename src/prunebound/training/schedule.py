@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, get_args
 
+import torch
 from torch import nn
 
 from prunebound._check import (
@@ -26,7 +27,7 @@ from prunebound._check import (
     in_interval,
     is_float,
 )
-from prunebound._masks import count_units, prunable_layers
+from prunebound._masks import count_units, mask_module, original_weight, prunable_layers, set_mask
 from prunebound.layer_types import Unit
 from prunebound.methods import METHODS
 from prunebound.pruning import prune
@@ -241,6 +242,16 @@ def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1
             counts[n] = max(0, round(s_body * units[n][0]) - units[n][1])
     if counts:
         prune(model, meth, counts=counts, seed=g)
+
+
+def prepare_gradual(model: nn.Module, schedule: Schedule) -> None:
+    """Give every layer a gradual schedule prunes a mask (all kept where it has none) before
+    its retraining starts: masks added mid-training would reorder the model's parameters, and
+    a resumed optimizer state (stored by parameter position) would no longer line up."""
+    meth = METHODS[schedule.method]
+    for m in prunable_layers(model, types=meth.layer_types).values():
+        if mask_module(m) is None:
+            set_mask(m, torch.ones_like(original_weight(m), dtype=torch.bool))
 
 
 def retrain_config(dense: TrainConfig, schedule: Schedule) -> TrainConfig:
