@@ -38,8 +38,8 @@ def test_gradual_schedule_sparsities_are_cubic_and_exact() -> None:
         Schedule(kind="gradual", every=0)
     with pytest.raises(ValueError, match="amount does not apply to gradual"):
         Schedule(kind="gradual", amount=0.5)
-    with pytest.raises(ValueError, match="needs calibration data"):
-        Schedule(method="wanda")
+    with pytest.raises(ValueError, match=r"schedule\.calibration must be an int >= 1"):
+        Schedule(method="wanda", calibration=0)
 
 
 def _digits_experiment(tmp_path: Path, **kw: Any) -> Experiment:
@@ -66,8 +66,8 @@ def test_gradual_run_prunes_every_k_steps_during_one_retraining(
 
         return train_fn(*args, on_step=wrapped, **kw)
 
-    def record(model: torch.nn.Module, schedule: Schedule, seed: Any, r: int) -> None:
-        prune_round(model, schedule, seed, r)
+    def record(model: torch.nn.Module, schedule: Schedule, seed: Any, r: int, **kw: Any) -> None:
+        prune_round(model, schedule, seed, r, **kw)
         zeros = [int((~k).sum()) for k in pb.masks(model).values()]
         seen.append((r, step_now[0], zeros))
 
@@ -203,3 +203,13 @@ def test_gradual_distill_run_resumes_bit_for_bit(
         assert got.keys() == final.keys()
         assert all(torch.equal(got[k], v) for k, v in final.items()), i
         assert [r.accuracy for r in res.rounds] == [r.accuracy for r in full.rounds]
+
+
+@pytest.mark.parametrize("method", ["obs", "wanda"])
+def test_schedules_give_data_methods_calibration_examples(tmp_path: Path, method: str) -> None:
+    exp = _digits_experiment(tmp_path, method=method, calibration=64)
+    res = run(exp, write_plots=False)
+    sizes = [64 * 16, 16 * 10]
+    assert [r.round for r in res.rounds] == [0, 1, 2]
+    zeros = res.rounds[-1].sparsity * sum(sizes)
+    assert round(zeros) == sum(round(0.75 * n) for n in sizes)

@@ -121,7 +121,7 @@ class Experiment:
 #: fields added after configs were first hashed: left out of the hash while at their default
 _LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"objective": "ce", "temperature": 4.0, "distill_weight": 0.9},
-    "schedule": {"every": 100, "begin_step": 0},
+    "schedule": {"every": 100, "begin_step": 0, "calibration": 1024},
 }
 
 _NESTED = {"model": ModelSpec, "data": DataSpec, "train": TrainConfig, "schedule": Schedule}

@@ -24,6 +24,7 @@ from prunebound._check import Seed, as_generator
 from prunebound._masks import reset, sparsity
 from prunebound.checkpoint import rewind, snapshot
 from prunebound.data import Dataset
+from prunebound.methods import METHODS
 from prunebound.training.loop import (
     NonFiniteError,
     TrainConfig,
@@ -187,6 +188,10 @@ def run_schedule(
             start, elapsed = resume.train, resume.seconds
     lottery = schedule.kind == "lottery"
     dense_run = replace(dense, objective="ce")  # no teacher before the dense model exists
+    n_cal = schedule.calibration
+    calibration = (
+        (data.x_train[:n_cal], data.y_train[:n_cal]) if METHODS[schedule.method].needs else None
+    )
     distill = retrain.objective == "distill"
 
     rewind_at = 0 if schedule.rewind_step is None else schedule.rewind_step
@@ -215,7 +220,7 @@ def run_schedule(
     def prune_at(step: int, m: nn.Module) -> None:
         for i in range(1, schedule.rounds + 1):
             if schedule.prune_step(i) == step:
-                prune_round(m, schedule, generator, i)
+                prune_round(m, schedule, generator, i, data=calibration)
                 if dist is not None:
                     dist.broadcast_masks(m)
 
@@ -240,7 +245,7 @@ def run_schedule(
                     prepare_gradual(model, schedule)
                 step_cb = prune_at
             elif r > 0 and start is None:
-                prune_round(model, schedule, generator, r)
+                prune_round(model, schedule, generator, r, data=calibration)
                 if dist is not None:
                     dist.broadcast_masks(model)
                 if rewind_to is not None:

@@ -74,6 +74,8 @@ class Schedule:
         every: gradual only: optimizer steps between two pruning steps (Zhu & Gupta's Delta t).
         begin_step: gradual only: round r prunes after step `begin_step + r * every` of the
             retraining (steps count from 1, as `train(on_step=...)` does).
+        calibration: training examples (with their labels) given as `data=` to data-aware
+            methods at each pruning round.
     """
 
     kind: ScheduleKind = "iterative"
@@ -91,15 +93,12 @@ class Schedule:
     retrain_lr_scale: float = 1.0
     every: int = 100
     begin_step: int = 0
+    calibration: int = 1024
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
         check_choice("schedule.method", self.method, sorted(METHODS))
-        if METHODS[self.method].needs:
-            raise ValueError(
-                f"schedule.method {self.method!r} needs calibration data, which schedules do "
-                "not pass; prune with prunebound.prune(model, method, amount, data=...)"
-            )
+        check_int("schedule.calibration", self.calibration, 1)
         check_int("schedule.every", self.every, 1)
         check_int("schedule.begin_step", self.begin_step, 0)
         if self.kind == "gradual" and self.amount is not None:
@@ -191,7 +190,9 @@ def _pruned_units(module: nn.Module, unit: Unit) -> tuple[int, int]:
     return total, total - alive
 
 
-def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1) -> None:
+def prune_round(
+    model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1, *, data: object = None
+) -> None:
     """Prune `model` in place to the sparsity of round r (1-based) of `schedule`.
 
     With `s = schedule.cumulative(r)` and N prunable units (weights, or rows for structured
@@ -200,7 +201,8 @@ def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1
     the rest so that `round(s * N)` are pruned in all: exactly, in one ranking, for global
     scope; for layer scope each of them reaches `round(s' * n)` with the common `s'` that
     compensates, so the total is within one unit per layer. Sampling methods (Bernoulli) prune
-    each survivor with the round's rate instead, so they are not count-exact.
+    each survivor with the round's rate instead, so they are not count-exact. `data` is the
+    calibration data of data-aware methods (`prune(data=...)`).
     """
     g = as_generator(seed)  # one generator for every prune call of the round
     meth = METHODS[schedule.method]
@@ -234,14 +236,14 @@ def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1
         k = zeros_body - pruned_body
         if k > 0:
             alive = n_body - pruned_body
-            prune(model, meth, k / alive, scope="global", layers=body, seed=g)
+            prune(model, meth, k / alive, scope="global", layers=body, seed=g, data=data)
     else:
         # without a denser output layer every layer reaches round(s * n) exactly
         s_body = zeros_body / n_body if separate else schedule.cumulative(r)
         for n in body:
             counts[n] = max(0, round(s_body * units[n][0]) - units[n][1])
     if counts:
-        prune(model, meth, counts=counts, seed=g)
+        prune(model, meth, counts=counts, seed=g, data=data)
 
 
 def prepare_gradual(model: nn.Module, schedule: Schedule) -> None:
