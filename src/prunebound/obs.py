@@ -43,7 +43,7 @@ from prunebound.calibration import (
 ReconstructFn = Callable[..., dict[str, tuple[torch.Tensor, torch.Tensor]]]
 DAMP = 0.01
 BLOCK = 128
-REFIT = 100  # conjugate-gradient steps of the final least-squares refit
+REFIT = 30  # conjugate-gradient steps of the final least-squares refit
 
 
 class _Stop(BaseException):
