@@ -257,19 +257,7 @@ def prune(
     ctxs = list(contexts.values())
     weights: dict[str, torch.Tensor] = {}
     if meth.reconstruct is not None:
-        per_layer = None if scope == "global" or nm is not None else counts
-        if per_layer is None and scope == "layer" and nm is None:
-            per_layer = {n: round(amount * count_units(m)[1]) for n, m in selected.items()}  # type: ignore[operator]
-        total = (
-            round(amount * sum(count_units(m)[1] for m in selected.values()))
-            if scope == "global"
-            else None
-        )  # type: ignore[operator]
-        done = meth.reconstruct(
-            model, selected, data, counts=per_layer, total=total, pattern=nm, method=meth.name
-        )
-        new = {n: keep for n, (keep, _) in done.items()}
-        weights = {n: w for n, (_, w) in done.items()}
+        new, weights = _reconstruct(model, meth, selected, data, amount, counts, scope, nm)
     elif nm is not None:
         new = {c.name: nm_keep(c, meth, g, nm) for c in ctxs}
     elif meth.mask is not None:
@@ -298,6 +286,34 @@ def prune(
     for twin, name in twins.items():
         set_mask(twin_layers[twin], new[name].clone())
     return model
+
+
+def _reconstruct(
+    model: nn.Module,
+    meth: Method,
+    selected: dict[str, nn.Module],
+    data: object,
+    amount: float | None,
+    counts: Mapping[str, int] | None,
+    scope: str,
+    nm: tuple[int, int] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Keep-masks and new weights from a reconstruction method ("obs"), for per-layer counts,
+    one count across the layers (global scope) or an N:M pattern."""
+    assert meth.reconstruct is not None
+    alive = {n: count_units(m)[1] for n, m in selected.items()}
+    total, per_layer = None, None
+    if nm is None and scope == "global":
+        assert amount is not None
+        total = round(amount * sum(alive.values()))
+    elif nm is None:
+        per_layer = (
+            dict(counts) if counts is not None else {n: round(amount * a) for n, a in alive.items()}  # type: ignore[operator]
+        )
+    done = meth.reconstruct(
+        model, selected, data, counts=per_layer, total=total, pattern=nm, method=meth.name
+    )
+    return {n: k for n, (k, _) in done.items()}, {n: w for n, (_, w) in done.items()}
 
 
 def _check_data(
