@@ -22,6 +22,19 @@ def _layers_for(model: nn.Module, method: Method) -> dict[str, nn.Module]:
     return leave_outputs(model, layers, None)[0] if method.unit == "row" else layers
 
 
+def _calibration(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    shape = (40, 1, 7, 7) if isinstance(model[0], nn.Conv2d) else (40, model[0].in_features)
+    return torch.randn(shape, generator=g), torch.randint(0, 3, (40,), generator=g)
+
+
+def _prune(model: nn.Module, name: str, *args: object, **kw: object) -> nn.Module:
+    """`pb.prune`, with calibration data for the methods that need it."""
+    if pb.METHODS[name].needs:
+        kw["data"] = _calibration(model)
+    return pb.prune(model, name, *args, **kw)  # type: ignore[arg-type]
+
+
 def _pruned_counts(model: nn.Module) -> dict[str, int]:
     return {k: int((~v).sum()) for k, v in pb.masks(model).items()}
 
@@ -30,7 +43,7 @@ def _pruned_counts(model: nn.Module) -> dict[str, int]:
 def test_mask_is_bool_weight_shaped_and_forward_is_masked(name: str) -> None:
     method = pb.METHODS[name]
     model = _model_for(method)
-    pb.prune(model, name, 0.4, seed=0)
+    _prune(model, name, 0.4, seed=0)
     layers = _layers_for(model, method)
     assert set(pb.masks(model)) == set(layers)
     if method.unit == "row":  # the output layer is left alone (issue 10 item 1)
@@ -42,13 +55,13 @@ def test_mask_is_bool_weight_shaped_and_forward_is_masked(name: str) -> None:
         assert torch.equal(m.weight, pb.original_weight(m) * keep)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, m in pb.METHODS.items() if m.scores is not None))
+@pytest.mark.parametrize("name", sorted(n for n, m in pb.METHODS.items() if m.mask is None))
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_exact_counts(name: str, scope: str) -> None:
     method = pb.METHODS[name]
     model = _model_for(method)
     layers = _layers_for(model, method)
-    pb.prune(model, name, 0.3, scope=scope, seed=1)
+    _prune(model, name, 0.3, scope=scope, seed=1)
     counts = _pruned_counts(model)
     if method.unit == "row":
         rows = {n: int((~pb.masks(model)[n]).flatten(1).all(1).sum()) for n in layers}
@@ -67,12 +80,12 @@ def test_exact_counts(name: str, scope: str) -> None:
 def test_masks_only_shrink_and_prune_among_survivors(name: str) -> None:
     method = pb.METHODS[name]
     model = _model_for(method)
-    pb.prune(model, name, 0.3, seed=2)
+    _prune(model, name, 0.3, seed=2)
     before = {k: v.clone() for k, v in pb.masks(model).items()}
-    pb.prune(model, name, 0.5, seed=3)
+    _prune(model, name, 0.5, seed=3)
     for k, after in pb.masks(model).items():
         assert not (after & ~before[k]).any(), "a pruned weight was revived"
-    if method.scores is not None and method.unit == "weight":
+    if method.mask is None and method.unit == "weight":
         for k, after in pb.masks(model).items():
             alive = int(before[k].sum())
             assert int(after.sum()) == alive - round(0.5 * alive)
@@ -82,8 +95,8 @@ def test_masks_only_shrink_and_prune_among_survivors(name: str) -> None:
 def test_same_generator_seed_same_mask(name: str) -> None:
     method = pb.METHODS[name]
     a, b = _model_for(method), _model_for(method)
-    pb.prune(a, name, 0.5, seed=torch.Generator().manual_seed(7))
-    pb.prune(b, name, 0.5, seed=7)
+    _prune(a, name, 0.5, seed=torch.Generator().manual_seed(7))
+    _prune(b, name, 0.5, seed=7)
     for k, v in pb.masks(a).items():
         assert torch.equal(v, pb.masks(b)[k])
 
@@ -91,13 +104,13 @@ def test_same_generator_seed_same_mask(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(pb.METHODS))
 def test_bad_amount_leaves_model_unchanged(name: str) -> None:
     model = _model_for(pb.METHODS[name])
-    pb.prune(model, name, 0.2, seed=0)
+    _prune(model, name, 0.2, seed=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match="amount must be in"):
-            pb.prune(model, name, bad)
+            _prune(model, name, bad)
     with pytest.raises(TypeError, match="amount must be a float"):
-        pb.prune(model, name, 1)  # type: ignore[arg-type]
+        _prune(model, name, 1)  # type: ignore[arg-type]
     after = model.state_dict()
     assert state.keys() == after.keys()
     assert all(torch.equal(v, after[k]) for k, v in state.items())
@@ -170,9 +183,10 @@ def test_score_function_of_the_weight_alone() -> None:
         top.tolist()
     )
     with pytest.raises(
-        TypeError, match=r"expected scores\(weight\[, generator\]\), got a function taking 3"
+        TypeError,
+        match=r"expected scores\(weight\[, generator\[, layer\]\]\), got a function taking 4",
     ):
-        Method("bad", scores=lambda w, g, x: w)
+        Method("bad", scores=lambda w, g, x, y: w)
     with pytest.raises(TypeError, match=r"expected mask\(weight, amount, generator\)"):
         Method("bad", mask=lambda w: w > 0)
 

@@ -69,18 +69,27 @@ def _units(keep: torch.Tensor, unit: str) -> torch.Tensor:
 amounts = st.one_of(st.sampled_from([0.0, 1.0, 1e-9, 1 - 1e-9]), st.floats(0.0, 1.0))
 
 
+def _calibration(layer: nn.Module) -> torch.Tensor:
+    """Inputs for the data-aware methods: a few examples in the layer's dtype."""
+    w = pb.original_weight(layer)
+    spatial = [k + 1 for k in w.shape[2:]]
+    x = torch.randn(6, w.shape[1], *spatial, generator=torch.Generator().manual_seed(1))
+    return x.to(w.dtype)
+
+
 def _prune_drawn(data: st.DataObject, layer: nn.Module, method: str, seed: int) -> int | None:
     """Prune by a drawn amount or count; returns the expected number of units pruned (None for
     sampling methods, which are not count-exact)."""
     meth = pb.METHODS[method]
     keep = pb.masks(layer).get("", torch.ones_like(pb.original_weight(layer), dtype=torch.bool))
     alive = int(_units(keep, meth.unit).sum())
+    kw = {"data": _calibration(layer)} if meth.needs else {}
     if meth.mask is None and data.draw(st.booleans(), label="by count"):
         k = data.draw(st.integers(0, alive), label="count")
-        pb.prune(layer, method, counts={"": k}, seed=seed)
+        pb.prune(layer, method, counts={"": k}, seed=seed, **kw)
         return k
     a = data.draw(amounts, label="amount")
-    pb.prune(layer, method, a, seed=seed)
+    pb.prune(layer, method, a, seed=seed, **kw)
     return round(a * alive) if meth.mask is None else None
 
 

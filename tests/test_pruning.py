@@ -229,10 +229,10 @@ def test_elementwise_sampling_selects_the_same_mask(
 ) -> None:
     """Global selection brackets its threshold from a strided sample of the weights for
     elementwise methods; the same method without the flag scores every block: same masks."""
-    import prunebound.pruning as pruning
+    import prunebound.selection as selection
 
-    monkeypatch.setattr(pruning, "_SAMPLE", 64)  # small sample: many strides, tight brackets
-    monkeypatch.setattr(pruning, "_BLOCK", 128)
+    monkeypatch.setattr(selection, "_SAMPLE", 64)  # small sample: many strides, tight brackets
+    monkeypatch.setattr(selection, "_BLOCK", 128)
     fast = pb.METHODS[name]
     slow = pb.methods.Method(f"{name}_blocks", scores=fast.scores, blockwise=True)
     a, b = make_mlp(), make_mlp()

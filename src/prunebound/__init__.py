@@ -3,7 +3,7 @@
 Every exported name, by wing (defining module in brackets; the design: docs/design.md)::
 
     core      prune                                   [pruning]
-              Method, METHODS, register_method         [methods]
+              Method, METHODS, register_method, ScoreContext   [methods]
               masks, remove, reset, is_pruned, prunable_layers, original_weight, Mask   [_masks]
               sparsity, LayerSparsity, SparsityReport  [sparsity_stats]
               save, load, snapshot, rewind,
@@ -49,7 +49,7 @@ from prunebound.checkpoint import (
 from prunebound.deploy.export import ExportReport, LayerExport, export, export_report
 from prunebound.deploy.export_file import load_export, save_export
 from prunebound.deploy.sparse import SparseConv2d, SparseLinear
-from prunebound.methods import METHODS, Method, register_method
+from prunebound.methods import METHODS, Method, ScoreContext, register_method
 from prunebound.pruning import prune
 from prunebound.sparsity_stats import LayerSparsity, SparsityReport, sparsity
 from prunebound.training.config import DataSpec, Experiment, ModelSpec
@@ -78,6 +78,7 @@ __all__ = [
     "RunResult",
     "SampledPlan",
     "Schedule",
+    "ScoreContext",
     "SearchConfig",
     "SparseConv2d",
     "SparseLinear",

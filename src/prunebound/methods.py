@@ -2,30 +2,62 @@
 
 A method ranks weights by a score: the lowest scores are pruned first, by one shared exact-count
 selection routine (`prunebound.prune`), per layer or across layers. Methods that are not a ranking
-(Bernoulli sampling) give a keep-mask directly instead.
+(Bernoulli sampling) give a keep-mask directly instead, and reconstruction methods ("obs") choose
+the mask and update the surviving weights.
 
-Adding a method is one function and one line::
+A score function takes `(weight, generator, layer)`: the weight (effective, pruned weights zero),
+a generator, and a `ScoreContext` naming the layer, its module, the scored rows and the
+calibration statistics (`prune(..., data=...)`) the method declared in `needs`. Adding a method is
+one function and one line::
 
-    def taylor(weight, generator):          # scores: same shape as weight (or one per row)
-        return weight.abs() * my_grads[...]
+    def taylor(weight, generator, layer):   # scores: same shape as weight (or one per row)
+        return (weight * layer.stats.grad[layer.rows]).abs()
 
-    register_method(Method("taylor", scores=taylor))
+    register_method(Method("my_taylor", scores=taylor, needs=("grad",)))
+
+Old-style `(weight)` and `(weight, generator)` functions keep working.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from prunebound._check import is_int
-from prunebound.layer_types import CONV, LINEAR, OPT_IN, PRUNABLE, Unit
+from prunebound._masks import mask_module, unit_view
+from prunebound.calibration import NEEDS, LayerStats
+from prunebound.layer_types import CONV, LINEAR, OPT_IN, PRUNABLE, Unit, output_axis
+from prunebound.obs import ReconstructFn, obs_reconstruct
 
-#: (weight, generator) -> scores; lower = pruned first. Shape: weight's, or (out,) if unit="row".
-ScoreFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a score function knows about the layer it scores.
+
+    Attributes:
+        name: the layer's name in the model (`""` for a bare layer).
+        module: the layer.
+        rows: the rows of the weight being scored (`slice(None)` unless a `blockwise` method
+            scores a large layer in blocks of rows; for an `elementwise` method the weight may be
+            a flat sample instead).
+        stats: the layer's calibration statistics (`prunebound.calibration.LayerStats`) when
+            `prune` was given `data=` and the method declares `needs`; else None.
+    """
+
+    name: str
+    module: nn.Module
+    rows: slice = field(default_factory=lambda: slice(None))
+    stats: LayerStats | None = None
+
+
+#: (weight, generator, layer) -> scores; lower = pruned first. Shape: weight's, or (out,) if
+#: unit="row". `Method` also accepts (weight) and (weight, generator).
+ScoreFn = Callable[[torch.Tensor, torch.Generator, ScoreContext | None], torch.Tensor]
 #: (weight, amount, generator) -> bool keep-mask with the weight's shape (True = kept).
 MaskFn = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
 
@@ -36,8 +68,10 @@ class Method:
 
     Attributes:
         name: registry key.
-        scores: ranking function (exact-count methods). Exactly one of `scores`/`mask`.
+        scores: ranking function (exact-count methods). Exactly one of `scores`, `mask` and
+            `reconstruct`.
         mask: sampling function returning a keep-mask (non-ranking methods, e.g. Bernoulli).
+        reconstruct: chooses masks and new surviving weights from calibration data ("obs").
         unit: "weight" prunes single weights; "row" prunes whole output rows (neurons of a
             Linear, filters of a Conv): `scores` then returns one score per output row and
             `amount` counts rows. Row scores see the weight with output units on dim 0 (a
@@ -52,6 +86,9 @@ class Method:
             so any subset of weights can be scored alone: global selection then brackets its
             threshold from a strided sample without scoring every weight an extra time. True
             for "magnitude" and "random".
+        needs: calibration statistics the scores read from `layer.stats` (a subset of
+            `prunebound.calibration.NEEDS`: "inputs", "hessian", "grad", "fisher"); a method
+            that needs any refuses to run without `prune(..., data=...)`.
     """
 
     name: str
@@ -61,10 +98,19 @@ class Method:
     layer_types: tuple[type[nn.Module], ...] = PRUNABLE + OPT_IN
     blockwise: bool = False
     elementwise: bool = False
+    needs: tuple[str, ...] = ()
+    reconstruct: ReconstructFn | None = None
 
     def __post_init__(self) -> None:
-        if (self.scores is None) == (self.mask is None):
-            raise ValueError(f"method {self.name!r}: give exactly one of `scores` or `mask`")
+        if sum(f is not None for f in (self.scores, self.mask, self.reconstruct)) != 1:
+            raise ValueError(
+                f"method {self.name!r}: give exactly one of `scores`, `mask` or `reconstruct`"
+            )
+        bad = sorted(set(self.needs) - set(NEEDS))
+        if bad or isinstance(self.needs, str):
+            raise ValueError(
+                f"method {self.name!r}: needs must be a tuple of {NEEDS}, got {self.needs!r}"
+            )
         if self.unit not in ("weight", "row"):
             raise ValueError(
                 f"method {self.name!r}: unit must be 'weight' or 'row', got {self.unit!r}"
@@ -73,15 +119,14 @@ class Method:
             raise ValueError(f"method {self.name!r}: mask functions work on single weights only")
         if self.elementwise and (self.unit != "weight" or self.scores is None):
             raise ValueError(f"method {self.name!r}: elementwise needs per-weight scores")
-        if self.scores is not None and _positional(self.scores) == (1, 1):
-            # `scores(weight)`: a deterministic score needs no generator
-            object.__setattr__(self, "scores", _ignore_generator(self.scores))
-        for fn, want, kind in (
-            (self.scores, 2, "scores(weight[, generator])"),
-            (self.mask, 3, "mask(weight, amount, generator)"),
-        ):
-            arity = _positional(fn) if fn is not None else None
-            if arity is not None and not arity[0] <= want <= arity[1]:
+        if self.reconstruct is not None and self.unit != "weight":
+            raise ValueError(f"method {self.name!r}: reconstruction works on single weights")
+        if self.scores is not None:
+            object.__setattr__(self, "scores", _with_context(self.name, self.scores))
+        if self.mask is not None:
+            arity = _positional(self.mask)
+            kind = "mask(weight, amount, generator)"
+            if arity is not None and not arity[0] <= 3 <= arity[1]:
                 raise TypeError(
                     f"method {self.name!r}: expected {kind}, got a function taking "
                     f"{arity[0]} to {arity[1]} positional arguments"
@@ -101,9 +146,27 @@ def _positional(fn: Callable[..., object]) -> tuple[int, int] | None:
     return sum(p.default is inspect.Parameter.empty for p in pos), len(pos)
 
 
-def _ignore_generator(fn: Callable[..., torch.Tensor]) -> ScoreFn:
-    def scores(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return fn(weight)
+def _with_context(name: str, fn: Callable[..., torch.Tensor]) -> ScoreFn:
+    """`fn` as a `(weight, generator, layer=None)` function, whatever of those it takes."""
+    arity = _positional(fn)
+    if arity is None:  # a builtin or *args: the (weight, generator) convention
+        given = 2
+    elif arity[0] <= 3 <= arity[1]:
+        return fn
+    elif arity[0] <= 2 <= arity[1]:
+        given = 2
+    elif arity[0] <= 1 <= arity[1]:
+        given = 1
+    else:
+        raise TypeError(
+            f"method {name!r}: expected scores(weight[, generator[, layer]]), got a function "
+            f"taking {arity[0]} to {arity[1]} positional arguments"
+        )
+
+    def scores(
+        weight: torch.Tensor, generator: torch.Generator, layer: ScoreContext | None = None
+    ) -> torch.Tensor:
+        return fn(*(weight, generator, layer)[:given])
 
     scores.__name__ = getattr(fn, "__name__", "scores")
     return scores
@@ -124,6 +187,71 @@ def bernoulli_mask(weight: torch.Tensor, amount: float, generator: torch.Generat
     """Each weight is pruned independently with probability `amount` (the count is random)."""
     u = torch.rand(weight.shape, generator=generator, device=generator.device)
     return (u >= amount).to(weight.device)
+
+
+def _stat(layer: ScoreContext | None, key: str, method: str) -> torch.Tensor:
+    value = getattr(layer.stats, key) if layer is not None and layer.stats is not None else None
+    if value is None:
+        where = f" (layer {layer.name!r})" if layer is not None else ""
+        raise ValueError(f"method {method!r} needs calibration data{where}: pass prune(data=...)")
+    assert layer is not None
+    t: torch.Tensor = value[layer.rows]
+    return t
+
+
+def _row_ranks(module: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+    """Scores replaced by their rank within each output row among the row's surviving weights,
+    divided by the survivors of the row: every row then loses the same share (ties: lower index
+    first)."""
+    rows = unit_view(module, scores, "row").flatten(1)
+    mm = mask_module(module)
+    alive = (
+        unit_view(module, mm.mask, "row").flatten(1).to(rows.device)
+        if mm is not None
+        else torch.ones_like(rows, dtype=torch.bool)
+    )
+    order = rows.masked_fill(~alive, -math.inf).argsort(dim=1, stable=True)
+    pos = torch.arange(rows.shape[1], device=rows.device, dtype=torch.float64)
+    rank = torch.empty_like(rows, dtype=torch.float64).scatter_(1, order, pos.expand_as(order))
+    dead = (~alive).sum(1, keepdim=True)
+    frac = (rank - dead + 1) / alive.sum(1, keepdim=True).clamp(min=1)
+    shape = unit_view(module, scores, "row").shape
+    return frac.reshape(shape).movedim(0, output_axis(module))
+
+
+def wanda_scores(
+    weight: torch.Tensor, generator: torch.Generator, layer: ScoreContext | None = None
+) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2, compared within each output row (Sun et al. 2023, "Wanda")."""
+    norms = _stat(layer, "input_sq", "wanda").sqrt()
+    assert layer is not None
+    return _row_ranks(layer.module, weight.abs().double() * norms)
+
+
+def obd_scores(
+    weight: torch.Tensor, generator: torch.Generator, layer: ScoreContext | None = None
+) -> torch.Tensor:
+    """1/2 H_ii w_i^2 with H_ii the empirical Fisher diagonal, the mean over calibration examples
+    of the squared per-example gradient (Optimal Brain Damage, LeCun et al. 1990)."""
+    fisher = _stat(layer, "fisher", "obd")
+    assert layer is not None and layer.stats is not None
+    return 0.5 * fisher / layer.stats.examples * weight.double() ** 2
+
+
+def taylor_scores(
+    weight: torch.Tensor, generator: torch.Generator, layer: ScoreContext | None = None
+) -> torch.Tensor:
+    """|g * w| with g the loss gradient summed over the calibration data: the first-order Taylor
+    estimate of the loss change when w is removed (Molchanov et al. 2017/2019)."""
+    return (_stat(layer, "grad", "taylor") * weight.double()).abs()
+
+
+def snip_scores(
+    weight: torch.Tensor, generator: torch.Generator, layer: ScoreContext | None = None
+) -> torch.Tensor:
+    """SNIP's connection sensitivity |g * w| (Lee et al. 2019): the Taylor score, meant for an
+    untrained network pruned once at initialisation (one or a few calibration batches)."""
+    return (_stat(layer, "grad", "snip") * weight.double()).abs()
 
 
 def row_norm(p: int) -> ScoreFn:
@@ -161,6 +289,11 @@ METHODS: dict[str, Method] = {
     "neuron_l1": neuron(1),
     "filter": filter_(2),
     "filter_l1": filter_(1),
+    "wanda": Method("wanda", scores=wanda_scores, layer_types=PRUNABLE, needs=("inputs",)),
+    "obd": Method("obd", scores=obd_scores, layer_types=PRUNABLE, needs=("fisher",)),
+    "taylor": Method("taylor", scores=taylor_scores, layer_types=PRUNABLE, needs=("grad",)),
+    "snip": Method("snip", scores=snip_scores, layer_types=PRUNABLE, needs=("grad",)),
+    "obs": Method("obs", reconstruct=obs_reconstruct, layer_types=PRUNABLE, needs=("hessian",)),
 }
 
 

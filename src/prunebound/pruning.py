@@ -8,12 +8,8 @@ lean: a 100M-weight global magnitude prune holds one block of scores at a time.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -22,39 +18,19 @@ from torch import nn
 from prunebound._check import Seed, as_generator, check_choice, check_int, finite, is_float
 from prunebound._masks import (
     LayerSelector,
-    alive_units,
     count_units,
     holders,
     mask_module,
     original_weight,
     prunable_layers,
     set_mask,
-    unit_view,
 )
+from prunebound.calibration import collect
 from prunebound.layer_types import CONV_TRANSPOSE, is_layer, unpruned_weights
-from prunebound.methods import Method, get_method
+from prunebound.methods import Method, ScoreContext, get_method
 from prunebound.outputs import leave_outputs
 from prunebound.plan_layers import PlanLike, plan_counts
-
-_BLOCK = 1 << 21  # elements scored at once (8 MB of float32 scores)
-_SAMPLE = 1 << 18  # scores sampled to bracket the k-th smallest
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")  # runs ldconfig: look it up once
-    return ctypes.CDLL(name) if name else None
-
-
-def _libc_trim() -> None:
-    """Hand freed heap pages back to the OS (glibc only; a no-op elsewhere).
-
-    Streaming over blocks frees the same few MB again and again; glibc keeps such chunks in the
-    heap, so without this the resident size grows by hundreds of MB on a 100M-weight model.
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+from prunebound.selection import check_pattern, nm_keep, parse_pattern, select
 
 
 def _check_amount(amount: object) -> float:
@@ -125,119 +101,6 @@ def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method
     return twins
 
 
-def _scored_blocks(
-    layers: list[nn.Module], method: Method, g: torch.Generator
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (layer index, first row, flat scores with pruned units set to +inf), block by block."""
-    assert method.scores is not None
-    for i, m in enumerate(layers):
-        w = unit_view(m, original_weight(m).detach(), method.unit)
-        mm = mask_module(m)
-        alive = alive_units(m, method.unit)
-        rows = w.shape[0]
-        step = max(1, _BLOCK // max(1, w[0].numel())) if method.blockwise else rows
-        for r0 in range(0, rows, step):
-            wb = w[r0 : r0 + step]
-            if mm is not None:  # score the effective weight
-                wb = wb * unit_view(m, mm.mask, method.unit)[r0 : r0 + step]
-            s = method.scores(wb, g).detach().float().reshape(-1)
-            if alive is not None:
-                s = s.masked_fill(~alive[r0 : r0 + step].reshape(-1), math.inf)
-            yield i, r0, s
-            del s
-    # once per pass, not per layer: trimming returns the freed block buffers to the OS, and
-    # every block allocated after a trim page-faults its memory in again (3x slower on GPT-2)
-    _libc_trim()
-
-
-def _sampled_scores(
-    module: nn.Module, method: Method, g: torch.Generator, stride: int
-) -> torch.Tensor:
-    """Scores of every `stride`-th weight of `module` (flat order), pruned ones set to +inf."""
-    assert method.scores is not None
-    w = original_weight(module).detach().reshape(-1)[::stride]
-    mm = mask_module(module)
-    keep = mm.mask.reshape(-1)[::stride] if mm is not None else None
-    if keep is not None:
-        w = w * keep  # score the effective weight
-    s = method.scores(w, g).detach().float()
-    return s if keep is None else s.masked_fill(~keep, math.inf)
-
-
-def _kth_smallest(
-    layers: list[nn.Module], method: Method, g: torch.Generator, k: int, n: int
-) -> tuple[float, int]:
-    """Exact k-th smallest score (1-based) among `n` alive units, and how many score below it.
-
-    Two streaming passes: a strided sample brackets the k-th value, then one pass counts the
-    scores below the bracket and keeps only those inside it.
-    """
-    state = g.get_state()
-    stride = max(1, n // _SAMPLE)
-    if method.elementwise:  # score only the sampled weights
-        parts = [_sampled_scores(m, method, g, stride) for m in layers]
-    else:
-        parts = [
-            s[::stride].clone() for _, _, s in _scored_blocks(layers, method, g)
-        ]  # no views: they pin blocks
-    sample = torch.cat(parts)
-    sample = sample[torch.isfinite(sample)].sort().values
-    m = sample.numel()
-    pos = (k - 1) / max(n - 1, 1) * (m - 1)
-    margin = 6 * math.sqrt(m) + 8
-    lo = sample[math.floor(pos - margin)].item() if m and pos - margin > 0 else -math.inf
-    hi = sample[math.ceil(pos + margin)].item() if m and pos + margin < m - 1 else math.inf
-    for _ in range(2):  # second try only if the sampled bracket missed (rare), with a wide bracket
-        g.set_state(state)
-        below, cands = 0, []
-        for _, _, s in _scored_blocks(layers, method, g):
-            below += int(torch.count_nonzero(s < lo))
-            cands.append(s[(s >= lo) & (s <= hi)])
-        c = torch.cat(cands)
-        if below < k <= below + c.numel():
-            thr = c.kthvalue(k - below).values
-            return float(thr), below + int((c < thr).sum())
-        lo, hi = (-math.inf, hi) if below >= k else (lo, math.inf)
-    raise RuntimeError("internal error: k-th smallest score not bracketed")  # pragma: no cover
-
-
-def _select(
-    layers: list[nn.Module], method: Method, g: torch.Generator, k: int
-) -> list[torch.Tensor]:
-    """New keep-masks (weight-shaped, composed with the old ones) after pruning the k
-    lowest-scored alive units across `layers`; ties go first in (layer, flat index) order."""
-    if k > 0:
-        n = sum(count_units(m, method.unit)[1] for m in layers)
-        state = g.get_state()
-        thr, n_below = _kth_smallest(layers, method, g, k, n)
-        ties = k - n_below
-    keeps = []
-    for m in layers:
-        mm = mask_module(m)
-        w = original_weight(m)
-        keeps.append(
-            mm.mask.clone()
-            if mm is not None
-            else torch.ones(w.shape, dtype=torch.bool, device=w.device)
-        )
-    if k == 0:
-        return keeps
-    g.set_state(state)
-    for i, r0, s in _scored_blocks(layers, method, g):
-        p = s < thr
-        if ties > 0:
-            eq = (s == thr).nonzero().flatten()[:ties]
-            p[eq] = True
-            ties -= eq.numel()
-        p = p.to(keeps[i].device)
-        if method.unit == "row":  # p: one flag per row of the block
-            unit_view(layers[i], keeps[i], "row")[r0 : r0 + p.numel()][p] = False
-        else:  # p: flat flags of whole rows r0, r0+1, ...
-            rows = p.numel() // max(1, keeps[i][0].numel())
-            keeps[i][r0 : r0 + rows].view(-1).masked_fill_(p, False)
-    return keeps
-
-
 def prune(
     model: nn.Module,
     method: str | Method = "magnitude",
@@ -249,6 +112,8 @@ def prune(
     plan: PlanLike | None = None,
     seed: Seed = None,
     norm: int | None = None,
+    data: object = None,
+    pattern: str | None = None,
 ) -> nn.Module:
     """Prune the Linear/Conv weights of `model` in place and return it.
 
@@ -276,6 +141,13 @@ def prune(
             generator, so `torch.manual_seed` reproduces the masks.
         norm: 1 or 2, the row norm of "neuron" / "filter" (default 2: L2; "neuron_l1" and
             "filter_l1" are the same as norm=1).
+        data: calibration inputs for the data-aware methods ("wanda", "obs", "obd", "taylor",
+            "snip", or a `Method` with `needs`): a tensor of inputs, an (inputs, labels) pair,
+            or an iterable of such batches (a DataLoader). See `prunebound.calibration`.
+            Methods that need no data ignore it.
+        pattern: "N:M" instead of `amount`: keep the N best-scored of every M consecutive input
+            weights of each output row (semi-structured, "2:4" for GPU sparse kernels), for any
+            weight-scoring method; needs M to divide every selected layer's input dimension.
 
     Masks compose: pruning a pruned layer prunes among its survivors and never revives a weight
     (use `reset` for that). On invalid input nothing is changed and a ValueError/TypeError names
@@ -289,9 +161,9 @@ def prune(
         >>> pb.sparsity(net).zeros
         60
     """
-    given = [x is not None for x in (amount, counts, plan)]
+    given = [x is not None for x in (amount, counts, plan, pattern)]
     if sum(given) != 1:
-        raise ValueError("give exactly one of amount, counts or plan")
+        raise ValueError("give exactly one of amount, counts, plan or pattern")
     if plan is not None:
         method, counts = plan.method, plan_counts(model, plan)
         if seed is None:  # a data plan certifies the mask of its recorded seed
@@ -326,12 +198,17 @@ def prune(
             "pb.sparsity(model).model_sparsity counts them",
             stacklevel=2,
         )
+    nm = parse_pattern(pattern) if pattern is not None else None
+    _check_data(meth, data, nm, scope, twins)
+    contexts = {n: ScoreContext(n, m) for n, m in selected.items() if n not in twins}
+    if nm is not None:
+        for c in contexts.values():
+            check_pattern(c, meth.name, nm)
     g = as_generator(seed)
 
     if amount is not None:
         amount = _check_amount(amount)
-    else:
-        assert counts is not None
+    elif counts is not None:
         for name, c in counts.items():
             if name not in selected:
                 raise ValueError(
@@ -355,8 +232,16 @@ def prune(
 
     twin_layers = {n: selected[n] for n in twins}
     selected = {n: m for n, m in selected.items() if n not in twins}  # tied weights once
-    names, mods = list(selected), list(selected.values())
-    if meth.mask is not None:
+    if meth.needs and meth.scores is not None:
+        stats = collect(model, selected, data, needs=meth.needs, method=meth.name)
+        contexts = {n: ScoreContext(n, m, stats=stats[n]) for n, m in selected.items()}
+    ctxs = list(contexts.values())
+    weights: dict[str, torch.Tensor] = {}
+    if meth.reconstruct is not None:
+        new, weights = _reconstruct(model, meth, selected, data, amount, counts, scope, nm)
+    elif nm is not None:
+        new = {c.name: nm_keep(c, meth, g, nm) for c in ctxs}
+    elif meth.mask is not None:
         assert amount is not None
         new = {}
         for n, m in selected.items():
@@ -365,15 +250,73 @@ def prune(
             new[n] = keep & mm.mask if mm is not None else keep
     elif scope == "global":
         assert amount is not None
-        k = round(amount * sum(count_units(m, meth.unit)[1] for m in mods))
-        new = dict(zip(names, _select(mods, meth, g, k), strict=True))
+        k = round(amount * sum(count_units(m, meth.unit)[1] for m in selected.values()))
+        new = dict(zip(contexts, select(ctxs, meth, g, k), strict=True))
     else:
         new = {}
-        for n, m in selected.items():
-            k = counts[n] if counts is not None else round(amount * count_units(m, meth.unit)[1])  # type: ignore[operator]
-            new[n] = _select([m], meth, g, k)[0]
+        for c in ctxs:
+            units = count_units(c.module, meth.unit)[1]
+            k = counts[c.name] if counts is not None else round(amount * units)  # type: ignore[operator]
+            new[c.name] = select([c], meth, g, k)[0]
     for n, keep in new.items():  # all validation and selection done: now mutate
+        if n in weights:
+            with torch.no_grad():
+                w = original_weight(selected[n])
+                w.copy_(torch.where(keep, weights[n].to(w.device), w))
         set_mask(selected[n], keep)
     for twin, name in twins.items():
         set_mask(twin_layers[twin], new[name].clone())
     return model
+
+
+def _reconstruct(
+    model: nn.Module,
+    meth: Method,
+    selected: dict[str, nn.Module],
+    data: object,
+    amount: float | None,
+    counts: Mapping[str, int] | None,
+    scope: str,
+    nm: tuple[int, int] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Keep-masks and new weights from a reconstruction method ("obs"), for per-layer counts,
+    one count across the layers (global scope) or an N:M pattern."""
+    assert meth.reconstruct is not None
+    alive = {n: count_units(m)[1] for n, m in selected.items()}
+    total, per_layer = None, None
+    if nm is None and scope == "global":
+        assert amount is not None
+        total = round(amount * sum(alive.values()))
+    elif nm is None:
+        per_layer = (
+            dict(counts) if counts is not None else {n: round(amount * a) for n, a in alive.items()}  # type: ignore[operator]
+        )
+    done = meth.reconstruct(
+        model, selected, data, counts=per_layer, total=total, pattern=nm, method=meth.name
+    )
+    return {n: k for n, (k, _) in done.items()}, {n: w for n, (_, w) in done.items()}
+
+
+def _check_data(
+    meth: Method, data: object, nm: tuple[int, int] | None, scope: str, twins: Mapping[str, str]
+) -> None:
+    """The checks of `data=` and `pattern=` that need no statistics."""
+    if meth.needs and data is None:
+        raise ValueError(
+            f"method {meth.name!r} needs calibration data: pass data= (a tensor of inputs, an "
+            "(inputs, labels) pair, or a DataLoader)"
+        )
+    if nm is not None and (meth.unit != "weight" or meth.mask is not None):
+        raise ValueError(
+            f"pattern needs a method scoring single weights; {meth.name!r} "
+            + ("prunes whole rows" if meth.unit != "weight" else "samples a random mask")
+        )
+    if nm is not None and scope != "layer":
+        raise ValueError(
+            "pattern applies within each row; it cannot be combined with scope='global'"
+        )
+    if meth.reconstruct is not None and twins:
+        raise ValueError(
+            f"method {meth.name!r} updates weights from each layer's own inputs; tied weights "
+            f"{sorted(twins)} cannot be reconstructed: exclude them"
+        )

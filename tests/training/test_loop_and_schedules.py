@@ -310,7 +310,7 @@ def test_train_config_validation(kwargs: dict[str, object], match: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"kind": "gradual"}, r"schedule\.kind"),
+        ({"kind": "cubic"}, r"schedule\.kind"),
         ({"method": "smallest"}, r"schedule\.method"),
         (
             {"target_sparsity": 1.0},

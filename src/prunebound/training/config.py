@@ -87,6 +87,10 @@ class Experiment:
         """Short hash of the config (without out_dir/quiet), to tell runs apart."""
         d = self.to_dict()
         d.pop("out_dir"), d.pop("quiet")
+        for section, defaults in _LATER_DEFAULTS.items():  # older configs keep their hash
+            for key, default in defaults.items():
+                if d[section].get(key) == default:
+                    del d[section][key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
@@ -113,6 +117,12 @@ class Experiment:
             raise ValueError(f"{path}: invalid TOML ({e})") from None
         return cls.from_dict(d)
 
+
+#: fields added after configs were first hashed: left out of the hash while at their default
+_LATER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"objective": "ce", "temperature": 4.0, "distill_weight": 0.9},
+    "schedule": {"every": 100, "begin_step": 0, "calibration": 1024},
+}
 
 _NESTED = {"model": ModelSpec, "data": DataSpec, "train": TrainConfig, "schedule": Schedule}
 

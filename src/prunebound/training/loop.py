@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 Optimizer = Literal["sgd", "adam", "adamw"]
 LRSchedule = Literal["constant", "cosine", "step"]
+Objective = Literal["ce", "distill"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class TrainConfig:
             replay the tail of the dense schedule.
         lr_horizon: length in epochs of the schedule (the cosine period); default
             `lr_offset + epochs`.
+        objective: "ce" (cross-entropy on the labels) or "distill" (knowledge distillation,
+            Hinton et al. 2015, towards a teacher: the original dense model when a schedule
+            retrains): `distill_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+            + (1 - distill_weight) * CE`, averaged over the batch. A schedule's dense run always
+            uses "ce" (there is no teacher yet).
+        temperature: T of "distill" (softened logits), > 0.
+        distill_weight: share of the KL term in [0, 1] (1: pure distillation, no labels).
     """
 
     epochs: int = 10
@@ -61,6 +69,9 @@ class TrainConfig:
     step_epochs: int = 10
     lr_offset: int = 0
     lr_horizon: int | None = None
+    objective: Objective = "ce"
+    temperature: float = 4.0
+    distill_weight: float = 0.9
 
     def __post_init__(self) -> None:
         for name, low in (("epochs", 0), ("batch_size", 1), ("step_epochs", 1), ("lr_offset", 0)):
@@ -70,6 +81,9 @@ class TrainConfig:
         check_choice("train.lr_schedule", self.lr_schedule, get_args(LRSchedule))
         for name in ("lr", "momentum", "weight_decay"):
             check_float(f"train.{name}", getattr(self, name), 0, closed="left", ints=True)
+        check_choice("train.objective", self.objective, get_args(Objective))
+        check_float("train.temperature", self.temperature, 0, closed="neither", ints=True)
+        check_float("train.distill_weight", self.distill_weight, 0, 1, ints=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -165,6 +179,41 @@ def _lr_factor(config: TrainConfig, epoch: int) -> float:
     return 1.0
 
 
+def distill_loss(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    weight: float,
+) -> torch.Tensor:
+    """Distillation objective summed over the batch: `weight * T^2 * KL(p_teacher || p_student)`
+    on logits softened by T, plus `(1 - weight) * cross-entropy` on the labels."""
+    t = temperature
+    student = nn.functional.log_softmax(logits / t, dim=1)
+    teacher = nn.functional.log_softmax(teacher_logits.detach() / t, dim=1)
+    kl = nn.functional.kl_div(student, teacher, log_target=True, reduction="sum")
+    loss = weight * t * t * kl
+    if weight < 1:
+        loss = loss + (1 - weight) * nn.functional.cross_entropy(logits, labels, reduction="sum")
+    return loss
+
+
+def _distill_summed(
+    config: TrainConfig,
+    out: torch.Tensor,
+    y: torch.Tensor,
+    teacher: nn.Module | None,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    assert teacher is not None
+    with torch.no_grad():
+        target = teacher(x)
+    return distill_loss(
+        out, target, y, temperature=config.temperature, weight=config.distill_weight
+    )
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Optimizer steps in one epoch of `n` examples (the last batch may be shorter)."""
     return -(-n // batch_size)
@@ -182,6 +231,7 @@ def train(
     start: TrainState | None = None,
     on_epoch: Callable[[TrainState], None] | None = None,
     dist: DistContext | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train `model` in place on `data.x_train` for `config.epochs` epochs.
 
@@ -209,6 +259,8 @@ def train(
         dist: train data-parallel (DDP) as this rank of a process group: every rank draws the
             same global batch and trains on its slice (see `prunebound.training.distributed`).
             Raises ValueError before training if the world size does not divide the batch size.
+        teacher: the model `objective="distill"` trains towards (run in eval mode, no grad);
+            required by that objective, ignored by "ce".
 
     Returns:
         Per-epoch training loss, accuracy and learning rate.
@@ -219,6 +271,11 @@ def train(
     """
     if dist is not None:
         dist.check_batch(config.batch_size)
+    if config.objective == "distill" and teacher is None:
+        raise ValueError("train.objective='distill' needs a teacher model (train(teacher=...))")
+    if teacher is not None:
+        teacher.eval()
+    world = 1 if dist is None else dist.world_size
     g = as_generator(seed)
     opt = make_optimizer(model, config)
     net = model if dist is None else dist.wrap(model)
@@ -250,7 +307,9 @@ def train(
             mine = idx if dist is None else dist.shard(idx)
             x, y = data.x_train[mine], data.y_train[mine]
             out = net(x)
-            if dist is None:
+            if config.objective == "distill":  # summed, scaled as dist.loss scales
+                loss = _distill_summed(config, out, y, teacher, x) * (world / idx.numel())
+            elif dist is None:
                 loss = nn.functional.cross_entropy(out, y)
             else:  # scaled so that DDP's mean over ranks is the global batch's mean
                 loss = dist.loss(out, y, idx.numel())

@@ -51,6 +51,8 @@ def write_checkpoint(
         }
     if progress.rewind_to is not None:
         extra |= {f"rewind.{k}": t for k, t in progress.rewind_to.items()}
+    if progress.teacher is not None:
+        extra |= {f"teacher.{k}": t for k, t in progress.teacher.items()}
     info = {
         "version": _CHECKPOINT_VERSION,
         "round": progress.round,
@@ -58,6 +60,7 @@ def write_checkpoint(
         "rounds": [r.to_dict() for r in progress.rounds],
         "train": train,
         "rewind": progress.rewind_to is not None,
+        "teacher": progress.teacher is not None,
         "seconds": progress.seconds,
         "run_seconds": run_seconds,
         "config": exp.to_dict(),
@@ -97,6 +100,9 @@ def read_checkpoint(path: Path, model: torch.nn.Module, exp: Config) -> tuple[Ru
     rewind_to = None
     if info["rewind"]:
         rewind_to = {k[7:]: v for k, v in extra.items() if k.startswith("rewind.")}
+    teacher = None
+    if info.get("teacher"):
+        teacher = {k[8:]: v for k, v in extra.items() if k.startswith("teacher.")}
     progress = RunProgress(
         round=info["round"],
         epoch=info["epoch"],
@@ -105,6 +111,7 @@ def read_checkpoint(path: Path, model: torch.nn.Module, exp: Config) -> tuple[Ru
         rewind_to=rewind_to,
         generator=extra["generator"],
         seconds=info["seconds"],
+        teacher=teacher,
     )
     return progress, float(info["run_seconds"])
 

@@ -1,5 +1,7 @@
 """Running a schedule round by round: train dense, then per round prune to the round's sparsity,
-optionally rewind the surviving weights, retrain, and evaluate (`run_schedule`).
+optionally rewind the surviving weights, retrain, and evaluate (`run_schedule`). A gradual
+schedule is one retraining that prunes every `every` steps; with `objective="distill"` every
+retraining trains towards the dense model (the teacher).
 
 `Round` holds one round's metrics; `RunProgress` is where a run stands at a checkpoint, enough
 (with the model) to continue it exactly (`training.resume` writes and reads it).
@@ -7,12 +9,13 @@ optionally rewind the surviving weights, retrain, and evaluate (`run_schedule`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,8 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunebound._check import Seed, as_generator
+from prunebound._masks import reset
 from prunebound.checkpoint import rewind, snapshot
 from prunebound.data import Dataset
+from prunebound.methods import METHODS
 from prunebound.sparsity_stats import sparsity
 from prunebound.training.loop import (
     NonFiniteError,
@@ -31,7 +36,13 @@ from prunebound.training.loop import (
     steps_per_epoch,
     train,
 )
-from prunebound.training.schedule import Schedule, prune_round, retrain_config, target_fraction
+from prunebound.training.schedule import (
+    Schedule,
+    prepare_gradual,
+    prune_round,
+    retrain_config,
+    target_fraction,
+)
 
 if TYPE_CHECKING:
     from prunebound.training.distributed import DistContext
@@ -84,6 +95,7 @@ class RunProgress:
         rewind_to: lottery only: the weights to rewind to, once taken.
         generator: `get_state()` of the run's generator (shuffling, random pruning).
         seconds: time spent in this round so far.
+        teacher: distillation only: the dense model's weights (`checkpoint.snapshot`).
     """
 
     round: int
@@ -93,6 +105,7 @@ class RunProgress:
     rewind_to: Mapping[str, torch.Tensor] | None
     generator: torch.Tensor
     seconds: float
+    teacher: Mapping[str, torch.Tensor] | None = None
 
     @property
     def round_done(self) -> bool:
@@ -182,9 +195,23 @@ def run_schedule(
             )
     if schedule.kind == "lottery" and not train_dense:
         raise ValueError("train_dense=False: lottery schedules rewind into the dense run")
+    gradual = schedule.kind == "gradual"
+    retrain = retrain_config(dense, schedule)
+    if gradual:
+        n_steps = retrain.epochs * steps_per_epoch(data.x_train.shape[0], retrain.batch_size)
+        if schedule.prune_step(schedule.rounds) > n_steps:
+            raise ValueError(
+                f"gradual schedule: its last pruning step {schedule.prune_step(schedule.rounds)} "
+                f"(begin_step + rounds * every) is past the {n_steps} steps of retraining "
+                f"({retrain.epochs} epochs); lower every or rounds, or raise retrain_epochs"
+            )
     rounds: list[Round] = []
     rewind_to: dict[str, torch.Tensor] | None = None
     first, start, elapsed = 0, None, 0.0
+    teacher: nn.Module | None = None
+    if resume is not None and resume.teacher is not None:  # the dense model, masks dropped
+        teacher = rewind(reset(copy.deepcopy(model)), dict(resume.teacher))
+    teacher_state = None if resume is None else resume.teacher
     if resume is not None:
         rounds = list(resume.rounds)
         rewind_to = dict(resume.rewind_to) if resume.rewind_to is not None else None
@@ -192,8 +219,13 @@ def run_schedule(
         first = resume.round + int(resume.round_done)
         if not resume.round_done:  # an epoch end: the interrupted round goes on from there
             start, elapsed = resume.train, resume.seconds
-    retrain = retrain_config(dense, schedule)
     lottery = schedule.kind == "lottery"
+    dense_run = replace(dense, objective="ce")  # no teacher before the dense model exists
+    n_cal = schedule.calibration
+    calibration = (
+        (data.x_train[:n_cal], data.y_train[:n_cal]) if METHODS[schedule.method].needs else None
+    )
+    distill = retrain.objective == "distill"
 
     rewind_at = 0 if schedule.rewind_step is None else schedule.rewind_step
 
@@ -212,17 +244,29 @@ def run_schedule(
             epoch = epochs if state is None else state.epoch
             seconds = time.perf_counter() - t0
             g_state = generator.get_state()
-            on_checkpoint(RunProgress(r, epoch, tuple(rounds), state, rewind_to, g_state, seconds))
+            on_checkpoint(
+                RunProgress(
+                    r, epoch, tuple(rounds), state, rewind_to, g_state, seconds, teacher_state
+                )
+            )
 
+    def prune_at(step: int, m: nn.Module) -> None:
+        for i in range(1, schedule.rounds + 1):
+            if schedule.prune_step(i) == step:
+                prune_round(m, schedule, generator, i, data=calibration)
+                if dist is not None:
+                    dist.broadcast_masks(m)
+
+    last = 1 if gradual else schedule.rounds
     bar = tqdm(  # on a terminal a bar over rounds (`train` adds one over epochs)
-        total=schedule.rounds + 1,
+        total=last + 1,
         initial=first,
         desc="rounds",
         unit="round",
         disable=not (progress and sys.stderr.isatty()),
     )
     try:
-        for r in range(first, schedule.rounds + 1):
+        for r in range(first, last + 1):
             t0 = time.perf_counter() - elapsed
             epochs = retrain.epochs if r > 0 else dense.epochs if train_dense else 0
             on_epoch = functools.partial(save, r, t0, epochs)
@@ -235,22 +279,29 @@ def run_schedule(
                         rewind_to = snapshot(model)
                     cb = keep if lottery else None
                     step_cb = keep_step if lottery and rewind_at > 0 else None
+                if r > 0 and distill and teacher is None:
+                    teacher = copy.deepcopy(model)
+                    teacher_state = snapshot(teacher)
+                if gradual and r > 0:
+                    if start is None:
+                        prepare_gradual(model, schedule)
+                    step_cb = prune_at
                 elif r > 0 and start is None:
-                    prune_round(model, schedule, generator, r)
+                    prune_round(model, schedule, generator, r, data=calibration)
                     if dist is not None:
                         dist.broadcast_masks(model)
                     if rewind_to is not None:
                         rewind(model, rewind_to)
                 if r > 0 or train_dense:  # round 0 trains dense, every later round retrains
-                    train(model, data, dense if r == 0 else retrain, seed=generator,
+                    train(model, data, dense_run if r == 0 else retrain, seed=generator,
                           progress=progress, callback=cb, on_step=step_cb, start=start,
-                          on_epoch=on_epoch, dist=dist)  # fmt: skip
+                          on_epoch=on_epoch, dist=dist, teacher=teacher)  # fmt: skip
             except NonFiniteError as e:
                 e.round = r
                 raise
             start, elapsed = None, 0.0
             rounds.append(measure(model, data, r, time.perf_counter() - t0, schedule))
-            _report_round(bar, rounds[-1], schedule.rounds)
+            _report_round(bar, rounds[-1], last)
             if on_round is not None:
                 on_round(rounds[-1])
             save(r, t0, epochs, None)

@@ -1,5 +1,6 @@
-"""Pruning schedules: one-shot, iterative (Han et al. 2015) and lottery ticket (Frankle & Carbin
-2019), each with any registered method (random pruning is the usual control).
+"""Pruning schedules: one-shot, iterative (Han et al. 2015), lottery ticket (Frankle & Carbin
+2019) and gradual (Zhu & Gupta 2017), each with any registered method (random pruning is the
+usual control).
 
 `Schedule` says what to prune and how fast; `prune_round` prunes a model to one round's
 sparsity. Round targets are cumulative and count-exact: after round r a layer of n weights
@@ -14,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, get_args
 
+import torch
 from torch import nn
 
 from prunebound._check import (
@@ -25,7 +27,7 @@ from prunebound._check import (
     in_interval,
     is_float,
 )
-from prunebound._masks import count_units, prunable_layers
+from prunebound._masks import count_units, mask_module, original_weight, prunable_layers, set_mask
 from prunebound.layer_types import Unit
 from prunebound.methods import METHODS
 from prunebound.outputs import leave_outputs
@@ -33,7 +35,7 @@ from prunebound.pruning import prune
 from prunebound.report import ALL_WEIGHTS
 from prunebound.training.loop import TrainConfig
 
-ScheduleKind = Literal["oneshot", "iterative", "lottery"]
+ScheduleKind = Literal["oneshot", "iterative", "lottery", "gradual"]
 RetrainLR = Literal["rewind", "restart", "constant"]
 
 
@@ -79,6 +81,11 @@ class Schedule:
         layers: names or glob patterns of the layers to prune (as `prune(layers=...)`); empty:
             every layer of the method, where structured methods leave the output layers alone
             unless named here exactly.
+        every: gradual only: optimizer steps between two pruning steps (Zhu & Gupta's Delta t).
+        begin_step: gradual only: round r prunes after step `begin_step + r * every` of the
+            retraining (steps count from 1, as `train(on_step=...)` does).
+        calibration: training examples (with their labels) given as `data=` to data-aware
+            methods at each pruning round.
     """
 
     kind: ScheduleKind = "iterative"
@@ -95,10 +102,18 @@ class Schedule:
     retrain_lr: RetrainLR = "rewind"
     retrain_lr_scale: float = 1.0
     layers: tuple[str, ...] = ()
+    every: int = 100
+    begin_step: int = 0
+    calibration: int = 1024
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
         check_choice("schedule.method", self.method, sorted(METHODS))
+        check_int("schedule.calibration", self.calibration, 1)
+        check_int("schedule.every", self.every, 1)
+        check_int("schedule.begin_step", self.begin_step, 0)
+        if self.kind == "gradual" and self.amount is not None:
+            raise ValueError("schedule.amount does not apply to gradual (cubic) schedules")
         t = check_float("schedule.target_sparsity", self.target_sparsity, 0, 1, closed="left")
         check_int("schedule.rounds", self.rounds, 1)
         a = self.amount
@@ -131,6 +146,10 @@ class Schedule:
         if not steps:
             if self.kind == "oneshot":
                 steps = (t,)
+            elif self.kind == "gradual":
+                steps = tuple(
+                    gradual_sparsity(t, r, self.rounds) for r in range(1, self.rounds + 1)
+                )
             elif a is not None:
                 n = max(1, math.ceil(math.log(1 - t) / math.log(1 - a) - 1e-9)) if t > 0 else 1
                 steps = tuple(min(t, 1 - (1 - a) ** r) for r in range(1, n))
@@ -143,6 +162,10 @@ class Schedule:
         object.__setattr__(self, "target_sparsity", steps[-1])
         object.__setattr__(self, "last_layer_scale", float(c))
         object.__setattr__(self, "retrain_lr_scale", float(f))
+
+    def prune_step(self, r: int) -> int:
+        """Gradual schedules: the retraining step after which round r (1-based) prunes."""
+        return self.begin_step + r * self.every
 
     def cumulative(self, r: int) -> float:
         """Overall sparsity after round r (1-based); 0 before round 1."""
@@ -200,12 +223,21 @@ def target_fraction(model: nn.Module, schedule: Schedule) -> tuple[float, str]:
     return (pruned / total if total else 0.0), what
 
 
+def gradual_sparsity(target: float, r: int, rounds: int) -> float:
+    """Zhu & Gupta's cubic schedule from 0 to `target` in `rounds` steps: sparsity after step r."""
+    if r >= rounds:
+        return target
+    return target * (1.0 - (1.0 - r / rounds) ** 3)
+
+
 def _pruned_units(module: nn.Module, unit: Unit) -> tuple[int, int]:
     total, alive = count_units(module, unit)
     return total, total - alive
 
 
-def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1) -> None:
+def prune_round(
+    model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1, *, data: object = None
+) -> None:
     """Prune `model` in place to the sparsity of round r (1-based) of `schedule`.
 
     With `s = schedule.cumulative(r)` and N prunable units (weights, or rows for structured
@@ -214,7 +246,8 @@ def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1
     the rest so that `round(s * N)` are pruned in all: exactly, in one ranking, for global
     scope; for layer scope each of them reaches `round(s' * n)` with the common `s'` that
     compensates, so the total is within one unit per layer. Sampling methods (Bernoulli) prune
-    each survivor with the round's rate instead, so they are not count-exact.
+    each survivor with the round's rate instead, so they are not count-exact. `data` is the
+    calibration data of data-aware methods (`prune(data=...)`).
     """
     g = as_generator(seed)  # one generator for every prune call of the round
     meth = METHODS[schedule.method]
@@ -248,14 +281,24 @@ def prune_round(model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1
         k = zeros_body - pruned_body
         if k > 0:
             alive = n_body - pruned_body
-            prune(model, meth, k / alive, scope="global", layers=body, seed=g)
+            prune(model, meth, k / alive, scope="global", layers=body, seed=g, data=data)
     else:
         # without a denser output layer every layer reaches round(s * n) exactly
         s_body = zeros_body / n_body if separate else schedule.cumulative(r)
         for n in body:
             counts[n] = max(0, round(s_body * units[n][0]) - units[n][1])
     if counts:
-        prune(model, meth, counts=counts, seed=g)
+        prune(model, meth, counts=counts, seed=g, data=data)
+
+
+def prepare_gradual(model: nn.Module, schedule: Schedule) -> None:
+    """Give every layer a gradual schedule prunes a mask (all kept where it has none) before
+    its retraining starts: masks added mid-training would reorder the model's parameters, and
+    a resumed optimizer state (stored by parameter position) would no longer line up."""
+    meth = METHODS[schedule.method]
+    for m in prunable_layers(model, types=meth.layer_types).values():
+        if mask_module(m) is None:
+            set_mask(m, torch.ones_like(original_weight(m), dtype=torch.bool))
 
 
 def retrain_config(dense: TrainConfig, schedule: Schedule) -> TrainConfig:
