@@ -20,7 +20,7 @@ import pytest
 import prunebound
 
 SRC = Path(prunebound.__file__).parent
-WINGS = ("theory", "deploy", "check", "training")
+WINGS = ("theory", "deploy", "check", "training", "certified")
 FACE = ("cli", "commands")
 ALLOWED = {
     "core": {"core"},
@@ -28,6 +28,7 @@ ALLOWED = {
     "deploy": {"core", "deploy"},
     "check": {"core", "theory", "check"},
     "training": {"core", "deploy", "training"},
+    "certified": {"core", "theory", "training", "certified"},
     "face": {"core", *WINGS, "face"},
 }
 MAX_LINES = 400

@@ -19,6 +19,7 @@ Every exported name, by wing (defining module in brackets; the design: docs/desi
     check     verify, VerifyReport, largest_fraction, LargestFraction   [check.verify]
               sampled_plan, SampledPlan                [check.sampled]
               SearchConfig                             [check.batch]
+    certified compress, CompressResult                  [certified.search]
     theory    theory                                   (module: plans, bounds, certificates)
               __version__
 """
@@ -35,6 +36,7 @@ from prunebound._masks import (
     remove,
     reset,
 )
+from prunebound.certified.search import CompressResult, compress
 from prunebound.check.batch import SearchConfig
 from prunebound.check.sampled import SampledPlan, sampled_plan
 from prunebound.check.verify import LargestFraction, VerifyReport, largest_fraction, verify
@@ -66,6 +68,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "METHODS",
+    "CompressResult",
     "DataSpec",
     "Experiment",
     "ExportReport",
@@ -86,6 +89,7 @@ __all__ = [
     "TrainConfig",
     "VerifyReport",
     "__version__",
+    "compress",
     "data",
     "evaluate",
     "export",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from prunebound import __version__
-from prunebound.commands import files, theory, train
+from prunebound.commands import compress, files, theory, train
 from prunebound.commands._args import UsageError, pos_int
 
 Handler = Callable[[argparse.Namespace], int]
@@ -34,6 +34,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     theory.add_certify_parser,
     theory.add_verify_parser,
     theory.add_data_certificate_parser,
+    compress.add_compress_parser,
 ]
 
 
