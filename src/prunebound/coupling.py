@@ -11,6 +11,7 @@ why a kept library rather than a hand-written fx walk).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,8 +19,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunebound._masks import Mask, remove
+from prunebound._check import Seed, as_generator
+from prunebound._masks import (
+    Mask,
+    alive_units,
+    mask_module,
+    original_weight,
+    remove,
+    set_mask,
+    unit_view,
+)
 from prunebound.layer_types import CONV_TRANSPOSE, is_transposed_linear
+from prunebound.methods import Method
 
 try:  # optional: pip install "prunebound[structured]"
     import torch_pruning as tp
@@ -181,3 +192,93 @@ def mask_entries(module: nn.Module, tensor: str, keep: torch.Tensor) -> None:
     parametrize.register_parametrization(
         module, tensor, Mask(keep.to(original.device)), unsafe=True
     )
+
+
+def _group_scores(
+    group: UnitGroup, layers: dict[str, nn.Module], method: Method, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, alive flag) of each unit of `group`: the members' row scores combined (summed
+    for an L1 method, root of the summed squares otherwise); a unit is alive while any member
+    row is."""
+    assert method.scores is not None
+    total = torch.zeros(group.size, dtype=torch.float64)
+    alive = torch.zeros(group.size, dtype=torch.bool)
+    for name, per in group.producers.items():
+        m = layers[name]
+        w = original_weight(m).detach()
+        mm = mask_module(m)
+        if mm is not None:
+            w = w * mm.mask
+        s = method.scores(unit_view(m, w, "row"), g).detach().double().reshape(-1)
+        idx = torch.tensor(per, dtype=torch.long)
+        s = s[idx.to(s.device)].cpu()
+        total += s if method.name.endswith("_l1") else s * s
+        a = alive_units(m, "row")
+        alive |= True if a is None else a[idx.to(a.device)].cpu()
+    score = total if method.name.endswith("_l1") else total.sqrt()
+    return score.masked_fill(~alive, math.inf), alive
+
+
+def prune_coupled(
+    model: nn.Module,
+    method: Method,
+    amount: float,
+    selected: dict[str, nn.Module],
+    *,
+    scope: str,
+    seed: Seed,
+    example_inputs: object,
+) -> None:
+    """Prune `amount` of the alive coupled units (per group, or globally) of the groups whose
+    producers are all `selected`, masking each pruned unit whole: its weight rows, biases and
+    BatchNorm entries. Validates (traces) before it changes anything."""
+    groups = [
+        gr for gr in unit_groups(model, example_inputs) if set(gr.producers) <= set(selected)
+    ]
+    if not groups:
+        raise ValueError(
+            f"coupled {method.name!r}: no coupled group has all its layers selected "
+            f"(selected {sorted(selected)})"
+        )
+    g = as_generator(seed)
+    scored = [_group_scores(gr, selected, method, g) for gr in groups]
+    alive = [a for _, a in scored]
+    if scope == "global":
+        flat = torch.cat([s for s, _ in scored])
+        k = round(amount * int(sum(int(a.sum()) for a in alive)))
+        drop = torch.zeros(flat.numel(), dtype=torch.bool)
+        drop[torch.sort(flat, stable=True).indices[:k]] = True
+        parts = list(torch.split(drop, [gr.size for gr in groups]))
+    else:
+        parts = []
+        for s, a in scored:
+            drop = torch.zeros(s.numel(), dtype=torch.bool)
+            drop[torch.sort(s, stable=True).indices[: round(amount * int(a.sum()))]] = True
+            parts.append(drop)
+    modules = dict(model.named_modules())
+    for gr, drop, a in zip(groups, parts, alive, strict=True):  # now mutate
+        dead = drop | ~a
+        if not bool(dead.any()):
+            continue
+        for name, per in gr.producers.items():
+            m = modules[name]
+            idx = torch.tensor(per, dtype=torch.long)[dead]
+            mm = mask_module(m)
+            w = original_weight(m)
+            keep = mm.mask.clone() if mm is not None else torch.ones_like(w, dtype=torch.bool)
+            unit_view(m, keep, "row")[idx.to(keep.device)] = False
+            set_mask(m, keep)
+            _mask_channels(m, "bias", idx)
+        for name, per in gr.norms.items():
+            idx = torch.tensor(per, dtype=torch.long)[dead]
+            _mask_channels(modules[name], "weight", idx)
+            _mask_channels(modules[name], "bias", idx)
+
+
+def _mask_channels(module: nn.Module, tensor: str, idx: torch.Tensor) -> None:
+    t = getattr(module, tensor, None)
+    if t is None:
+        return
+    keep = torch.ones(t.shape[0], dtype=torch.bool)
+    keep[idx] = False
+    mask_entries(module, tensor, keep)

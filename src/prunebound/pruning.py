@@ -31,6 +31,7 @@ from prunebound._masks import (
     set_mask,
     unit_view,
 )
+from prunebound.coupling import prune_coupled
 from prunebound.layer_types import CONV_TRANSPOSE, is_layer, unpruned_weights
 from prunebound.methods import Method, get_method
 from prunebound.outputs import leave_outputs
@@ -249,6 +250,8 @@ def prune(
     plan: PlanLike | None = None,
     seed: Seed = None,
     norm: int | None = None,
+    coupled: bool = False,
+    example_inputs: object = None,
 ) -> nn.Module:
     """Prune the Linear/Conv weights of `model` in place and return it.
 
@@ -276,6 +279,12 @@ def prune(
             generator, so `torch.manual_seed` reproduces the masks.
         norm: 1 or 2, the row norm of "neuron" / "filter" (default 2: L2; "neuron_l1" and
             "filter_l1" are the same as norm=1).
+        coupled: structured methods only: score and prune coupled groups of units together
+            (channels tied by residual adds or depthwise convs, traced on `example_inputs`
+            with Torch-Pruning), each pruned unit masked whole (weight rows, biases and the
+            BatchNorm entries after it), so that `prunebound.shrink` removes all of it.
+            Groups with a layer outside the selection are left alone; `amount` only.
+        example_inputs: a tensor (or tuple) the model runs on; needed with coupled=True.
 
     Masks compose: pruning a pruned layer prunes among its survivors and never revives a weight
     (use `reset` for that). On invalid input nothing is changed and a ValueError/TypeError names
@@ -330,7 +339,19 @@ def prune(
 
     if amount is not None:
         amount = _check_amount(amount)
-    else:
+    if coupled:
+        if meth.unit != "row" or meth.scores is None or amount is None or twins:
+            raise ValueError(
+                "coupled=True needs a structured ranking method ('neuron', 'filter'), amount "
+                f"(not counts or plan) and no tied weights; got method {meth.name!r}"
+            )
+        if example_inputs is None:
+            raise ValueError("coupled=True needs example_inputs (a tensor the model runs on)")
+        prune_coupled(
+            model, meth, amount, selected, scope=scope, seed=g, example_inputs=example_inputs
+        )
+        return model
+    if amount is None:
         assert counts is not None
         for name, c in counts.items():
             if name not in selected:
