@@ -88,7 +88,11 @@ def baked_eval_copy(model: nn.Module) -> nn.Module:
 def out_channel_fn(module: nn.Module) -> object:
     """Torch-Pruning's out-channel pruning function for a traced layer."""
     assert tp is not None
-    return tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+    return (
+        tp.prune_linear_out_channels
+        if isinstance(module, nn.Linear)
+        else tp.prune_conv_out_channels
+    )
 
 
 def is_traced(module: nn.Module) -> bool:
@@ -232,9 +236,7 @@ def prune_coupled(
     """Prune `amount` of the alive coupled units (per group, or globally) of the groups whose
     producers are all `selected`, masking each pruned unit whole: its weight rows, biases and
     BatchNorm entries. Validates (traces) before it changes anything."""
-    groups = [
-        gr for gr in unit_groups(model, example_inputs) if set(gr.producers) <= set(selected)
-    ]
+    groups = [gr for gr in unit_groups(model, example_inputs) if set(gr.producers) <= set(selected)]
     if not groups:
         raise ValueError(
             f"coupled {method.name!r}: no coupled group has all its layers selected "

@@ -74,8 +74,9 @@ def _check_modules(model: nn.Module) -> None:
         if isinstance(m, NORMS + CHANNELWISE):
             continue
         own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-        if own or type(m).__module__.startswith("torch.nn") and not isinstance(
-            m, nn.Sequential | nn.ModuleList | nn.ModuleDict
+        if own or (
+            type(m).__module__.startswith("torch.nn")
+            and not isinstance(m, nn.Sequential | nn.ModuleList | nn.ModuleDict)
         ):
             bad.append(f"{name or '<model>'} ({type(m).__name__})")
     if bad:

@@ -38,7 +38,11 @@ def _architecture(model: nn.Module) -> dict[str, dict[str, object]]:
         kind = _kind(m)
         if kind is not None:
             sizes: dict[str, object] = {a: int(getattr(m, a)) for a in _SIZES[kind]}
-            out[name] = {"type": kind.__name__, "bias": getattr(m, "bias", None) is not None, **sizes}
+            out[name] = {
+                "type": kind.__name__,
+                "bias": getattr(m, "bias", None) is not None,
+                **sizes,
+            }
     return out
 
 
