@@ -7,7 +7,8 @@ member of the coupled group lost them. Torch-Pruning's `DependencyGraph` finds w
 what; prunebound decides what may go, exactly:
 
 - a unit may go only if every producer row in its group is zero, and every consumer sees it as
-  zero (a Conv) or as an input-independent constant (a Linear, whose bias absorbs it: the fold).
+  zero, or as an input-independent constant that a Linear or an unpadded conv absorbs into its
+  bias (the fold).
   A pruned row whose bias (or BatchNorm shift) keeps a constant alive in front of a padded
   convolution stays (the border pattern is not a constant); `prune(..., coupled=True)` masks the
   bias and BatchNorm entries with the row, so nothing is left behind;
@@ -153,18 +154,31 @@ def _removable(
                 col = x[:, i]
                 if bool((col == 0).all()):
                     continue
-                if isinstance(m, nn.Linear) and bool((col == col[0]).all()):
+                if _foldable(m) and bool((col == col[0]).all()):
                     folds.setdefault(name, {})[i] = float(col[0])
                 else:
                     blocked.add(r)
     return blocked, folds
 
 
-def _fold(module: nn.Linear, consts: dict[int, float]) -> None:
-    """Add W[:, j] * c_j to the bias for each constant input column j about to be removed."""
+def _foldable(m: nn.Module) -> bool:
+    """A consumer whose constant input channel is a constant shift of its output: a Linear, or
+    an unpadded ungrouped conv (every output position sees the whole kernel)."""
+    if isinstance(m, nn.Linear):
+        return True
+    return (
+        isinstance(m, nn.Conv1d | nn.Conv2d)
+        and m.groups == 1
+        and not any(m.padding if isinstance(m.padding, tuple) else (1,))
+    )
+
+
+def _fold(module: nn.Module, consts: dict[int, float]) -> None:
+    """Add sum_k W[:, j, k] * c_j to the bias for each constant input channel j to be removed."""
     idx = torch.tensor(list(consts), dtype=torch.long)
-    c = torch.tensor(list(consts.values()), dtype=module.weight.dtype)
-    shift = module.weight.detach()[:, idx] @ c.to(module.weight.device)
+    w = module.weight.detach()
+    c = torch.tensor(list(consts.values()), dtype=w.dtype)
+    shift = w[:, idx].flatten(2).sum(2) @ c.to(w.device) if w.dim() > 2 else w[:, idx] @ c
     with torch.no_grad():
         if module.bias is None:
             module.bias = nn.Parameter(shift.clone())
@@ -200,7 +214,8 @@ def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> n
     probe = _probe(inputs)
     graph = dependency_graph(work, inputs)
     names = {id(m): n for n, m in work.named_modules()}
-    keep = set(output_layers(model))
+    keep = set(output_layers(model))  # empty for a one-layer model: that layer is the output
+    keep = keep or {n for n, m in work.named_modules() if is_traced(m)}
     for name, m in list(work.named_modules()):
         if not is_traced(m) or name in keep:
             continue
@@ -224,9 +239,7 @@ def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> n
         group = graph.get_pruning_group(m, fn, dead)  # type: ignore[attr-defined]
         _, folds = _removable(group, names, seen, keep)
         for cname, consts in folds.items():
-            consumer = work.get_submodule(cname)
-            assert isinstance(consumer, nn.Linear)
-            _fold(consumer, consts)
+            _fold(work.get_submodule(cname), consts)
         group.prune()
     work.train(model.training)
     if check:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import prunebound as pb
-from prunebound.theory import certify
+from prunebound._masks import count_units
 
 pytest.importorskip("torch_pruning")
 
@@ -105,21 +108,6 @@ def test_resnet_residual_channels_go_only_as_whole_groups() -> None:
     assert _params(small_plain) > _params(small)
 
 
-def test_whole_units_stay_dead_in_training_and_reset_revives_them() -> None:
-    torch.manual_seed(0)
-    x = torch.randn(4, 1, 16, 16)
-    net = _bn_stats(pb.models.resnet_small(), x)
-    bias_before = net[1].bias.detach().clone()
-    pb.prune(net, "filter", 0.5, coupled=True, example_inputs=x)
-    net.train()
-    net(x).square().sum().backward()
-    grad = net[1].parametrizations.bias.original.grad
-    dead = ~pb.masks(net)["0"].flatten(1).any(1)
-    assert grad is not None and bool((grad[dead] == 0).all()) and bool((grad[~dead] != 0).any())
-    pb.reset(net)
-    assert torch.equal(net[1].bias.detach(), bias_before) and not pb.is_pruned(net)
-
-
 class _Branches(nn.Module):
     """Depthwise conv, concat of two branches, and a split feeding two heads."""
 
@@ -192,8 +180,92 @@ def test_shrunk_model_file_round_trip(tmp_path) -> None:  # type: ignore[no-unty
         pb.save_shrunk(net, tmp_path / "masked.safetensors")
 
 
-def test_certify_refuses_whole_unit_masks_it_does_not_model() -> None:
-    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
-    pb.prune(net, "neuron", 0.5, coupled=True, example_inputs=torch.randn(3, 4))
-    with pytest.raises(ValueError, match="parametrization other than prunebound's weight mask"):
-        certify(net, radius=1.0)
+def test_shrunk_model_runs_in_onnxruntime(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    net, x = pb.models.lenet5().eval(), torch.randn(4, 1, 28, 28)
+    pb.prune(net, "filter", 0.5, coupled=True, example_inputs=x)
+    small = pb.shrink(net, x)
+    path = str(tmp_path / "small.onnx")
+    with warnings.catch_warnings():  # the TorchScript exporter (no onnxscript) is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(small, (x,), path, dynamo=False)
+    session = ort.InferenceSession(path)
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert _close(torch.from_numpy(y), net(x), 1e-5)
+
+
+_ACTS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU)
+
+
+@st.composite
+def _chains(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor, str, bool]:
+    """Random conv chains (BatchNorm, activations that keep or break zeros, pooling) with a
+    Flatten -> Linear head, or Linear chains; a structured prune, plain or coupled."""
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    conv = draw(st.booleans())
+    c = 2
+    if conv:
+        for _ in range(draw(st.integers(1, 3))):
+            out = draw(st.integers(2, 6))
+            layers.append(nn.Conv2d(c, out, 3, padding=draw(st.sampled_from([0, 1]))))
+            if draw(st.booleans()):
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(draw(st.sampled_from(_ACTS))())
+            c = out
+        if draw(st.booleans()):
+            layers.append(nn.MaxPool2d(2))
+        layers.append(nn.Flatten())
+        x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+        width = nn.Sequential(*layers).double()(x).shape[1]
+    else:
+        x = torch.randn(3, 5, dtype=torch.float64)
+        width = 5
+    for _ in range(draw(st.integers(0, 2))):
+        out = draw(st.integers(2, 6))
+        layers += [nn.Linear(width, out), draw(st.sampled_from(_ACTS))()]
+        width = out
+    layers.append(nn.Linear(width, 3))
+    net = _bn_stats(nn.Sequential(*layers).double(), x) if conv else nn.Sequential(*layers)
+    net = net.double().eval()
+    method = "filter" if conv and draw(st.booleans()) else "neuron"
+    return net, x, method, draw(st.booleans())
+
+
+@settings(max_examples=40, deadline=None)
+@given(_chains())
+def test_shrink_computes_the_masked_function_on_random_chains(
+    case: tuple[nn.Module, torch.Tensor, str, bool],
+) -> None:
+    net, x, method, coupled = case
+    convs = any(isinstance(m, nn.Conv2d) for m in net)
+    if method == "neuron" and convs and sum(isinstance(m, nn.Linear) for m in net) == 1:
+        return  # a conv chain whose only Linear is the head: "neuron" has nothing to prune
+    pb.prune(net, method, 0.5, coupled=coupled, example_inputs=x if coupled else None)
+    small = pb.shrink(net, x)
+    assert _params(small) <= _params(net)
+    y = torch.randn(7, *x.shape[1:], dtype=torch.float64)  # other inputs than the traced ones
+    assert _close(small(y), net(y), 1e-10)
+    sigmoid = any(isinstance(m, nn.Sigmoid) for m in net)  # 0 -> 1/2: padded convs keep it
+    if coupled and not sigmoid:  # whole units: every pruned unit is gone (one group per layer)
+        for name, m in pb.prunable_layers(net).items():
+            if name == str(len(net) - 1):
+                continue  # the head keeps its outputs (a one-layer model prunes it)
+            assert small.get_submodule(name).weight.shape[0] == count_units(m, "row")[1]
+
+
+def test_constant_channels_fold_into_unpadded_convs_but_not_padded_ones() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 8, 8)
+    for padding, width in ((0, 2), (1, 4)):  # sigmoid(0) = 1/2 reaches the second conv
+        net = nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.Sigmoid(), nn.Conv2d(4, 4, 3, padding=padding), nn.ReLU(),
+            nn.Flatten(), nn.Linear(4 * (4 + 2 * padding) ** 2, 3),
+        )  # fmt: skip
+        pb.prune(net, "filter", 0.5, coupled=True, example_inputs=x)
+        small = pb.shrink(net, x)
+        assert (small[0].out_channels, small[2].out_channels) == (width, 2)
+        assert _close(small(x), net(x), 1e-5)
