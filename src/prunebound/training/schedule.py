@@ -79,6 +79,9 @@ class Schedule:
         layers: names or glob patterns of the layers to prune (as `prune(layers=...)`); empty:
             every layer of the method, where structured methods leave the output layers alone
             unless named here exactly.
+        shrink: structured methods only: after the last round, `prunebound.shrink` the model
+            (example inputs: the first 64 test inputs) and report the shrunk model's parameters,
+            MACs and measured latency (`results.json` "shrink"; `model.shrunk.safetensors`).
     """
 
     kind: ScheduleKind = "iterative"
@@ -95,6 +98,7 @@ class Schedule:
     retrain_lr: RetrainLR = "rewind"
     retrain_lr_scale: float = 1.0
     layers: tuple[str, ...] = ()
+    shrink: bool = False
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
@@ -125,6 +129,13 @@ class Schedule:
         )
         if not all(isinstance(n, str) for n in self.layers):
             raise ValueError(f"schedule.layers must be layer names, got {self.layers!r}")
+        if not isinstance(self.shrink, bool):
+            raise ValueError(f"schedule.shrink must be true or false, got {self.shrink!r}")
+        if self.shrink and METHODS[self.method].unit != "row":
+            raise ValueError(
+                f"schedule.shrink needs a structured method ('neuron', 'filter'), got "
+                f"{self.method!r}: unstructured masks leave no whole unit to remove"
+            )
         if self.kind == "oneshot" and len(steps) > 1:
             raise ValueError(f"schedule.steps must have one entry for oneshot, got {steps!r}")
         # all checked: normalise (frozen, hence object.__setattr__)
@@ -169,6 +180,8 @@ class Schedule:
             d["layers"] = list(self.layers)
         else:
             del d["layers"]
+        if not self.shrink:  # absent when false: older configs keep their hash
+            del d["shrink"]
         return d
 
 
