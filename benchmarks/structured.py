@@ -5,7 +5,8 @@ the dense model, prunebound's masked model (`prune(..., "filter", r, coupled=Tru
 `"neuron"` on LeNet's hidden Linear layers), its `shrink`, and Torch-Pruning's
 `MagnitudePruner` (L2 group magnitude, same ratio, output layer ignored). Parameters, MACs
 (Torch-Pruning's counter), latency at batch 64 (and batch 1) with 2 threads, eval mode, no
-grad, all four timed interleaved in one `measure_ms` call, and ratios against the dense model
+grad, all four timed interleaved in one `measure_ms` call (minimum over repeats: on a shared
+machine interference only adds time), and ratios against the dense model
 measured in the same run. `max_abs_diff`: shrunk vs masked outputs. Untrained weights with
 randomised BatchNorm statistics (speed does not depend on training). Prints JSON.
 
@@ -72,7 +73,10 @@ def _row(name: str, dense: nn.Module, ratio: float, budget: float) -> dict[str, 
         for batch in (64, 1):
             xb = x[:batch]
             ms = measure_ms(
-                {k: (lambda m=m, xb=xb: m(xb)) for k, m in models.items()}, budget_s=budget
+                {k: (lambda m=m, xb=xb: m(xb)) for k, m in models.items()},
+                budget_s=budget,
+                max_repeats=200,
+                statistic="min",  # on a shared machine interference only adds time
             )
             out[f"ms_b{batch}"] = {k: round(v, 4) for k, v in ms.items()}
             out[f"speedup_b{batch}"] = {k: round(ms["dense"] / v, 3) for k, v in ms.items()}
