@@ -176,14 +176,16 @@ def _foldable(m: nn.Module) -> bool:
 def _fold(module: nn.Module, consts: dict[int, float]) -> None:
     """Add sum_k W[:, j, k] * c_j to the bias for each constant input channel j to be removed."""
     idx = torch.tensor(list(consts), dtype=torch.long)
-    w = module.weight.detach()
+    weight, bias = module.weight, module.bias
+    assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+    w = weight.detach()
     c = torch.tensor(list(consts.values()), dtype=w.dtype)
     shift = w[:, idx].flatten(2).sum(2) @ c.to(w.device) if w.dim() > 2 else w[:, idx] @ c
     with torch.no_grad():
-        if module.bias is None:
+        if bias is None:
             module.bias = nn.Parameter(shift.clone())
         else:
-            module.bias += shift
+            bias += shift
 
 
 def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> nn.Module:

@@ -75,12 +75,14 @@ def _narrow(name: str, m: nn.Module, spec: dict[str, object], path: Path) -> Non
             raise ValueError(f"{path}: layer {name!r}: bad {a} {v!r}")
         setattr(m, a, v)
     w = m.weight
+    assert isinstance(w, torch.Tensor)
     with torch.no_grad():
         if isinstance(m, nn.Linear):
             shape: tuple[int, ...] = (m.out_features, m.in_features)
         elif isinstance(m, nn.Conv1d | nn.Conv2d):
             shape = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
         else:
+            assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
             shape = (m.num_features,)
         m.weight = nn.Parameter(w.new_empty(shape))
         out = shape[0]
