@@ -269,3 +269,38 @@ def test_constant_channels_fold_into_unpadded_convs_but_not_padded_ones() -> Non
         small = pb.shrink(net, x)
         assert (small[0].out_channels, small[2].out_channels) == (width, 2)
         assert _close(small(x), net(x), 1e-5)
+
+
+class _Centred(nn.Module):
+    """A forward that mixes channels (subtracts their mean): no module says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.head((y - y.mean(1, keepdim=True)).flatten(1))
+
+
+def test_channels_a_forward_mixes_are_kept_and_grouped_convs_refused() -> None:
+    torch.manual_seed(0)
+    net, x = _Centred(), torch.randn(3, 2, 8, 8)
+    pb.prune(net, "filter", 0.5, coupled=True, example_inputs=x)
+    small = pb.shrink(net, x)  # the head sees the pruned channels as -mean: not removable
+    assert small.conv.out_channels == 4 and _close(small(x), net(x), 1e-5)
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 36, 2))
+    with pytest.raises(ValueError, match=r"'0 \(Conv2d, groups=2\)'"):
+        pb.shrink(grouped, torch.randn(2, 4, 8, 8))
+
+
+def test_the_shrunk_model_keeps_the_training_mode_and_trains() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 16, 16)
+    net = _bn_stats(pb.models.resnet_small(), x).train()
+    pb.prune(net, "filter", 0.5, coupled=True, example_inputs=x)
+    small = pb.shrink(net, x)
+    assert small.training and net.training
+    small(x).square().mean().backward()
+    assert all(p.grad is not None for p in small.parameters())
