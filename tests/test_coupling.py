@@ -67,3 +67,12 @@ def test_certify_refuses_whole_unit_masks_it_does_not_model() -> None:
     pb.prune(net, "neuron", 0.5, coupled=True, example_inputs=torch.randn(3, 4))
     with pytest.raises(ValueError, match="parametrization other than prunebound's weight mask"):
         certify(net, radius=1.0)
+
+
+def test_bad_example_inputs_leave_the_model_unpruned() -> None:
+    net = pb.models.lenet_300_100()
+    with pytest.raises(ValueError, match="cannot run on example_inputs of shape"):
+        pb.prune(net, "neuron", 0.5, coupled=True, example_inputs=torch.randn(2, 10))
+    with pytest.raises(ValueError, match="amount"):
+        pb.prune(net, "neuron", counts={"1": 3}, coupled=True, example_inputs=torch.randn(2, 784))
+    assert not pb.is_pruned(net)

@@ -304,3 +304,24 @@ def test_the_shrunk_model_keeps_the_training_mode_and_trains() -> None:
     assert small.training and net.training
     small(x).square().mean().backward()
     assert all(p.grad is not None for p in small.parameters())
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    st.lists(st.integers(2, 6), min_size=1, max_size=3),
+    st.integers(1, 2),
+    st.sampled_from([0.3, 0.5, 0.7]),
+    st.booleans(),
+)
+def test_random_resnets_shrink_exactly(
+    widths: list[int], blocks: int, amount: float, coupled: bool
+) -> None:
+    torch.manual_seed(sum(widths) + blocks)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    net = _bn_stats(pb.models.resnet_small(widths=widths, blocks=blocks).double(), x)
+    pb.prune(net, "filter", amount, coupled=coupled, example_inputs=x if coupled else None)
+    small = pb.shrink(net, x)
+    y = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    assert _close(small(y), net(y), 1e-10)
+    if coupled:  # every stage's residual stream lost round(amount * width) channels
+        assert small[0].out_channels == widths[0] - round(amount * widths[0])
