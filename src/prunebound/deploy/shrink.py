@@ -199,7 +199,11 @@ def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> n
             they differ (allclose: rtol 1e-4 in float32, 1e-9 in float64).
 
     Returns:
-        a mask-free model in the training mode of `model`, with the pruned units removed.
+        a mask-free model in the training mode of `model`, with the pruned units removed. It
+        computes the masked model's function in eval mode; a folded constant is the eval-mode
+        value, so after a plain prune with BatchNorm or Dropout between a pruned unit and its
+        folding consumer, train-mode outputs can differ (whole units, `coupled=True`, are zero
+        in both modes).
 
     Raises:
         ValueError: a module shrink cannot follow (named), inputs the model cannot run on, a
