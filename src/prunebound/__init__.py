@@ -16,6 +16,8 @@ Every exported name, by wing (defining module in brackets; the design: docs/desi
     deploy    export, export_report, ExportReport, LayerExport   [deploy.export]
               save_export, load_export                 [deploy.export_file]
               SparseLinear, SparseConv2d               [deploy.sparse]
+              shrink                                   [deploy.shrink]
+              save_shrunk, load_shrunk                 [deploy.shrink_file]
     check     verify, VerifyReport, largest_fraction, LargestFraction   [check.verify]
               sampled_plan, SampledPlan                [check.sampled]
               SearchConfig                             [check.batch]
@@ -50,6 +52,8 @@ from prunebound.checkpoint import (
 )
 from prunebound.deploy.export import ExportReport, LayerExport, export, export_report
 from prunebound.deploy.export_file import load_export, save_export
+from prunebound.deploy.shrink import shrink
+from prunebound.deploy.shrink_file import load_shrunk, save_shrunk
 from prunebound.deploy.sparse import SparseConv2d, SparseLinear
 from prunebound.methods import METHODS, Method, ScoreContext, register_method
 from prunebound.pruning import prune
@@ -100,6 +104,7 @@ __all__ = [
     "largest_fraction",
     "load",
     "load_export",
+    "load_shrunk",
     "masks",
     "models",
     "original_weight",
@@ -115,6 +120,8 @@ __all__ = [
     "sampled_plan",
     "save",
     "save_export",
+    "save_shrunk",
+    "shrink",
     "snapshot",
     "sparsity",
     "theory",

@@ -229,30 +229,38 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _masked_tensors(module: nn.Module) -> list[str]:
+    """Names of the tensors of `module` carrying a prunebound `Mask` (the weight; for whole
+    units pruned with `coupled=True`, also the bias and BatchNorm entries)."""
+    if not parametrize.is_parametrized(module):
+        return []
+    plists = getattr(module, "parametrizations")  # noqa: B009
+    return [n for n, plist in plists.items() if any(isinstance(p, Mask) for p in plist)]
+
+
 def _drop_mask(module: nn.Module, *, bake: bool) -> None:
-    """Remove the mask parametrization of one layer, safely for deep copies.
+    """Remove the mask parametrizations of one layer, safely for deep copies.
 
     `copy.deepcopy` of a parametrized module shares its dynamically created class, and
     `remove_parametrizations` deletes the `weight` property from that class, which would break
     every copy. So the layer first gets a private class holding the same attributes.
     """
-    cls = type(module)
-    attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, attrs)
-    parametrize.remove_parametrizations(module, "weight", leave_parametrized=bake)
+    for name in _masked_tensors(module):
+        cls = type(module)
+        attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, attrs)
+        parametrize.remove_parametrizations(module, name, leave_parametrized=bake)
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Bake the masks into plain weights (pruned entries become 0) and drop the parametrizations."""
     for m in model.modules():
-        if mask_module(m) is not None:
-            _drop_mask(m, bake=True)
+        _drop_mask(m, bake=True)
     return model
 
 
 def reset(model: nn.Module) -> nn.Module:
-    """Drop the masks, reviving the pruned weights with their underlying values."""
+    """Drop the masks, reviving the pruned weights (and masked biases) with their values."""
     for m in model.modules():
-        if mask_module(m) is not None:
-            _drop_mask(m, bake=False)
+        _drop_mask(m, bake=False)
     return model

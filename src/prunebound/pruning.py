@@ -26,6 +26,7 @@ from prunebound._masks import (
     set_mask,
 )
 from prunebound.calibration import collect
+from prunebound.coupling import prune_coupled
 from prunebound.layer_types import CONV_TRANSPOSE, is_layer, unpruned_weights
 from prunebound.methods import Method, ScoreContext, get_method
 from prunebound.outputs import leave_outputs
@@ -114,6 +115,8 @@ def prune(
     norm: int | None = None,
     data: object = None,
     pattern: str | None = None,
+    coupled: bool = False,
+    example_inputs: object = None,
 ) -> nn.Module:
     """Prune the Linear/Conv weights of `model` in place and return it.
 
@@ -148,6 +151,12 @@ def prune(
         pattern: "N:M" instead of `amount`: keep the N best-scored of every M consecutive input
             weights of each output row (semi-structured, "2:4" for GPU sparse kernels), for any
             weight-scoring method; needs M to divide every selected layer's input dimension.
+        coupled: structured methods only: score and prune coupled groups of units together
+            (channels tied by residual adds or depthwise convs, traced on `example_inputs`
+            with Torch-Pruning), each pruned unit masked whole (weight rows, biases and the
+            BatchNorm entries after it), so that `prunebound.shrink` removes all of it.
+            Groups with a layer outside the selection are left alone; `amount` only.
+        example_inputs: a tensor (or tuple) the model runs on; needed with coupled=True.
 
     Masks compose: pruning a pruned layer prunes among its survivors and never revives a weight
     (use `reset` for that). On invalid input nothing is changed and a ValueError/TypeError names
@@ -208,7 +217,19 @@ def prune(
 
     if amount is not None:
         amount = _check_amount(amount)
-    elif counts is not None:
+    if coupled:
+        if meth.unit != "row" or meth.scores is None or amount is None or twins or nm:
+            raise ValueError(
+                "coupled=True needs a structured ranking method ('neuron', 'filter'), amount "
+                f"(not counts, plan or pattern) and no tied weights; got method {meth.name!r}"
+            )
+        if example_inputs is None:
+            raise ValueError("coupled=True needs example_inputs (a tensor the model runs on)")
+        prune_coupled(
+            model, meth, amount, selected, scope=scope, seed=g, example_inputs=example_inputs
+        )
+        return model
+    if amount is None and counts is not None:
         for name, c in counts.items():
             if name not in selected:
                 raise ValueError(

@@ -24,6 +24,7 @@ import torch
 
 from prunebound import report
 from prunebound.checkpoint import load, save
+from prunebound.deploy.shrink_report import shrink_summary
 from prunebound.deploy.summary import export_summary
 from prunebound.sparsity_stats import sparsity
 from prunebound.training.config import Experiment, materialise
@@ -49,6 +50,7 @@ class RunResult:
     final_sparsity: Mapping[str, Any] = field(default_factory=dict)
     distributed: Mapping[str, Any] = field(default_factory=dict)
     export: Mapping[str, Any] = field(default_factory=dict)
+    shrink: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The content of results.json (`distributed` only for a multi-process run)."""
@@ -64,6 +66,8 @@ class RunResult:
             d["distributed"] = dict(self.distributed)
         if self.export:
             d["export"] = dict(self.export)
+        if self.shrink:
+            d["shrink"] = dict(self.shrink)
         return d
 
 
@@ -166,6 +170,9 @@ def run(
     if dist is None and any(r.sparsity > 0 for r in rounds):
         summary = export_summary(model, data.input_shape, path=out / "model.export.safetensors")
         result = replace(result, export=summary)
+    if dist is None and exp.schedule.shrink:
+        shrunk = shrink_summary(model, data.x_test[:64], path=out / "model.shrunk.safetensors")
+        result = replace(result, shrink=shrunk)
     write_results(result, model)
     if write_plots:
         report.plot_run(result.to_dict(), out)

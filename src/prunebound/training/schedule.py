@@ -86,6 +86,9 @@ class Schedule:
             retraining (steps count from 1, as `train(on_step=...)` does).
         calibration: training examples (with their labels) given as `data=` to data-aware
             methods at each pruning round.
+        shrink: structured methods only: after the last round, `prunebound.shrink` the model
+            (example inputs: the first 64 test inputs) and report the shrunk model's parameters,
+            MACs and measured latency (`results.json` "shrink"; `model.shrunk.safetensors`).
     """
 
     kind: ScheduleKind = "iterative"
@@ -105,6 +108,7 @@ class Schedule:
     every: int = 100
     begin_step: int = 0
     calibration: int = 1024
+    shrink: bool = False
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
@@ -140,6 +144,13 @@ class Schedule:
         )
         if not all(isinstance(n, str) for n in self.layers):
             raise ValueError(f"schedule.layers must be layer names, got {self.layers!r}")
+        if not isinstance(self.shrink, bool):
+            raise ValueError(f"schedule.shrink must be true or false, got {self.shrink!r}")
+        if self.shrink and METHODS[self.method].unit != "row":
+            raise ValueError(
+                f"schedule.shrink needs a structured method ('neuron', 'filter'), got "
+                f"{self.method!r}: unstructured masks leave no whole unit to remove"
+            )
         if self.kind == "oneshot" and len(steps) > 1:
             raise ValueError(f"schedule.steps must have one entry for oneshot, got {steps!r}")
         # all checked: normalise (frozen, hence object.__setattr__)
@@ -192,6 +203,8 @@ class Schedule:
             d["layers"] = list(self.layers)
         else:
             del d["layers"]
+        if not self.shrink:  # absent when false: older configs keep their hash
+            del d["shrink"]
         return d
 
 

@@ -1,0 +1,286 @@
+"""Coupled output units: channels tied across layers by the model's dataflow.
+
+A residual add ties channel j of every conv feeding it; a depthwise conv ties its input channel
+to its output channel; a BatchNorm entry belongs to the channel before it. Such a set of tied
+channels is one *unit group*: it can be removed from the model only as a whole, and a
+structured prune that wants a smaller model must prune it as a whole. The dataflow is traced
+with Torch-Pruning's `DependencyGraph` (the optional `structured` extra; see docs/design.md for
+why a kept library rather than a hand-written fx walk).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunebound._check import Seed, as_generator
+from prunebound._masks import (
+    Mask,
+    alive_units,
+    mask_module,
+    original_weight,
+    remove,
+    set_mask,
+    unit_view,
+)
+from prunebound.layer_types import CONV_TRANSPOSE, is_transposed_linear
+from prunebound.methods import Method
+
+try:  # optional: pip install "prunebound[structured]"
+    import torch_pruning as tp
+except ImportError:  # pragma: no cover - exercised only without the extra
+    tp = None
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+#: layers whose output channels the tracer can remove (weight rows; depthwise convs included)
+TRACED: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def require_torch_pruning() -> None:
+    """Raise ImportError with the install hint when Torch-Pruning is missing."""
+    if tp is None:  # pragma: no cover
+        raise ImportError(
+            "structured tracing needs Torch-Pruning: pip install 'prunebound[structured]'"
+        )
+
+
+def as_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
+    """`example_inputs` as a tuple of finite tensors, or TypeError/ValueError saying why not."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError(
+            "example_inputs must be a tensor (or a tuple of tensors) the model runs on, "
+            f"got {type(example_inputs).__name__}"
+        )
+    for t in inputs:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError("example_inputs contain NaN or Inf")
+    return inputs
+
+
+def run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`model(*inputs)` without gradients, or ValueError naming the failure and the shapes."""
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    except Exception as e:  # any failure: wrong shape, dtype, device
+        shapes = [tuple(t.shape) for t in inputs]
+        raise ValueError(
+            f"model cannot run on example_inputs of shape {shapes}: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model must return one tensor, got {type(out).__name__}")
+    return out
+
+
+def baked_eval_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with every prunebound mask baked into plain tensors."""
+    return remove(copy.deepcopy(model)).eval()
+
+
+def out_channel_fn(module: nn.Module) -> object:
+    """Torch-Pruning's out-channel pruning function for a traced layer."""
+    assert tp is not None
+    return (
+        tp.prune_linear_out_channels
+        if isinstance(module, nn.Linear)
+        else tp.prune_conv_out_channels
+    )
+
+
+def is_traced(module: nn.Module) -> bool:
+    """Whether `module` is a layer whose output channels the tracer removes."""
+    return (
+        isinstance(module, TRACED)
+        and not isinstance(module, CONV_TRANSPOSE)
+        and not is_transposed_linear(module)
+    )
+
+
+def dependency_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> object:
+    """Torch-Pruning's DependencyGraph of `model` (which must be mask-free and in eval mode)."""
+    require_torch_pruning()
+    assert tp is not None
+    try:
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=inputs if len(inputs) > 1 else inputs[0]
+        )
+    except Exception as e:
+        raise ValueError(
+            f"cannot trace the model's channel dependencies: {type(e).__name__}: {e}"
+        ) from e
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """Output channels tied together: unit u is channel `producers[name][u]` of each producer.
+
+    `norms` maps each BatchNorm name to its entry for each unit.
+    """
+
+    producers: dict[str, tuple[int, ...]]
+    norms: dict[str, tuple[int, ...]]
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.producers.values())))
+
+
+def _per_unit(idxs: Sequence[int], roots: Sequence[int], size: int) -> tuple[int, ...] | None:
+    """Channel of each root unit (None unless one channel per unit)."""
+    by_root: dict[int, int] = {}
+    for i, r in zip(idxs, roots, strict=True):
+        if r in by_root and by_root[r] != i:
+            return None
+        by_root[r] = int(i)
+    return tuple(by_root[r] for r in range(size)) if len(by_root) == size else None
+
+
+def unit_groups(model: nn.Module, example_inputs: object) -> list[UnitGroup]:
+    """The coupled output-channel groups of every traced layer of `model`, in module order.
+
+    Each Linear/Conv belongs to exactly one group as a producer (a plain chain gives one group
+    per layer). Groups the tracer maps irregularly (a producer with several channels per unit)
+    are left out.
+    """
+    inputs = as_inputs(example_inputs)
+    work = baked_eval_copy(model)
+    run(work, inputs)
+    graph = dependency_graph(work, inputs)
+    names = {id(m): n for n, m in work.named_modules()}
+    seen: set[str] = set()
+    groups: list[UnitGroup] = []
+    for name, m in work.named_modules():
+        if not is_traced(m) or name in seen:
+            continue
+        size = int(m.weight.shape[0])
+        group = graph.get_pruning_group(m, out_channel_fn(m), list(range(size)))  # type: ignore[attr-defined]
+        producers: dict[str, tuple[int, ...]] = {}
+        norms: dict[str, tuple[int, ...]] = {}
+        ok = True
+        for item in group.items:
+            target = item.dep.target.module
+            tname = names.get(id(target))
+            if tname is None:
+                continue
+            out = graph.is_out_channel_pruning_fn(item.dep.handler)  # type: ignore[attr-defined]
+            if isinstance(target, NORMS) or (is_traced(target) and out):
+                per = _per_unit(item.idxs, item.root_idxs, size)
+                if per is None:
+                    ok = False
+                    break
+                (norms if isinstance(target, NORMS) else producers)[tname] = per
+        seen.update(producers)
+        if ok and name in producers:
+            groups.append(UnitGroup(producers, norms))
+    return groups
+
+
+def mask_entries(module: nn.Module, tensor: str, keep: torch.Tensor) -> None:
+    """Install or update a prunebound `Mask` on `module.<tensor>` (a bias, a BatchNorm entry)."""
+    if getattr(module, tensor, None) is None:
+        return
+    if parametrize.is_parametrized(module, tensor):
+        for p in getattr(module, "parametrizations")[tensor]:  # noqa: B009
+            if isinstance(p, Mask):
+                p.mask = p.mask & keep.to(p.mask.device)
+                return
+    original = getattr(module, tensor)
+    parametrize.register_parametrization(
+        module, tensor, Mask(keep.to(original.device)), unsafe=True
+    )
+
+
+def _group_scores(
+    group: UnitGroup, layers: dict[str, nn.Module], method: Method, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, alive flag) of each unit of `group`: the members' row scores combined (summed
+    for an L1 method, root of the summed squares otherwise); a unit is alive while any member
+    row is."""
+    assert method.scores is not None
+    total = torch.zeros(group.size, dtype=torch.float64)
+    alive = torch.zeros(group.size, dtype=torch.bool)
+    for name, per in group.producers.items():
+        m = layers[name]
+        w = original_weight(m).detach()
+        mm = mask_module(m)
+        if mm is not None:
+            w = w * mm.mask
+        s = method.scores(unit_view(m, w, "row"), g).detach().double().reshape(-1)
+        idx = torch.tensor(per, dtype=torch.long)
+        s = s[idx.to(s.device)].cpu()
+        total += s if method.name.endswith("_l1") else s * s
+        a = alive_units(m, "row")
+        alive |= True if a is None else a[idx.to(a.device)].cpu()
+    score = total if method.name.endswith("_l1") else total.sqrt()
+    return score.masked_fill(~alive, math.inf), alive
+
+
+def prune_coupled(
+    model: nn.Module,
+    method: Method,
+    amount: float,
+    selected: dict[str, nn.Module],
+    *,
+    scope: str,
+    seed: Seed,
+    example_inputs: object,
+) -> None:
+    """Prune `amount` of the alive coupled units (per group, or globally) of the groups whose
+    producers are all `selected`, masking each pruned unit whole: its weight rows, biases and
+    BatchNorm entries. Validates (traces) before it changes anything."""
+    groups = [gr for gr in unit_groups(model, example_inputs) if set(gr.producers) <= set(selected)]
+    if not groups:
+        raise ValueError(
+            f"coupled {method.name!r}: no coupled group has all its layers selected "
+            f"(selected {sorted(selected)})"
+        )
+    g = as_generator(seed)
+    scored = [_group_scores(gr, selected, method, g) for gr in groups]
+    alive = [a for _, a in scored]
+    if scope == "global":
+        flat = torch.cat([s for s, _ in scored])
+        k = round(amount * int(sum(int(a.sum()) for a in alive)))
+        drop = torch.zeros(flat.numel(), dtype=torch.bool)
+        drop[torch.sort(flat, stable=True).indices[:k]] = True
+        parts = list(torch.split(drop, [gr.size for gr in groups]))
+    else:
+        parts = []
+        for s, a in scored:
+            drop = torch.zeros(s.numel(), dtype=torch.bool)
+            drop[torch.sort(s, stable=True).indices[: round(amount * int(a.sum()))]] = True
+            parts.append(drop)
+    modules = dict(model.named_modules())
+    for gr, drop, a in zip(groups, parts, alive, strict=True):  # now mutate
+        dead = drop | ~a
+        if not bool(dead.any()):
+            continue
+        for name, per in gr.producers.items():
+            m = modules[name]
+            idx = torch.tensor(per, dtype=torch.long)[dead]
+            mm = mask_module(m)
+            w = original_weight(m)
+            keep = mm.mask.clone() if mm is not None else torch.ones_like(w, dtype=torch.bool)
+            unit_view(m, keep, "row")[idx.to(keep.device)] = False
+            set_mask(m, keep)
+            _mask_channels(m, "bias", idx)
+        for name, per in gr.norms.items():
+            idx = torch.tensor(per, dtype=torch.long)[dead]
+            _mask_channels(modules[name], "weight", idx)
+            _mask_channels(modules[name], "bias", idx)
+
+
+def _mask_channels(module: nn.Module, tensor: str, idx: torch.Tensor) -> None:
+    t = getattr(module, tensor, None)
+    if t is None:
+        return
+    keep = torch.ones(t.shape[0], dtype=torch.bool)
+    keep[idx] = False
+    mask_entries(module, tensor, keep)
