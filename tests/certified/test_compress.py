@@ -117,3 +117,22 @@ def test_compress_command(tmp_path: Path, trained: tuple[nn.Module, object]) -> 
     with pytest.raises(SystemExit) as e:
         main([*args, "--distill"])
     assert e.value.code == 2
+
+
+def test_retrained_candidates_are_certified_against_the_original(
+    trained: tuple[nn.Module, object],
+) -> None:
+    model, data = trained
+    search, certify = _splits(data)
+    cfg = pb.TrainConfig(epochs=1, lr=5e-4, objective="distill")
+    res = pb.compress(
+        model, search, certify, max_flip_rate=0.1, method="magnitude", retrain=cfg,
+        sparsities=(0.5, 0.8, 0.9),
+    )  # fmt: skip
+    assert res.accepted and res.certificate is not None
+    with torch.no_grad():
+        flips = int((res.model(certify[0]).argmax(1) != model(certify[0]).argmax(1)).sum())
+    assert res.certificate.flips == flips  # against the original, not a retrained reference
+    assert len(res.history) >= 2 and any(t.retrained for t in res.history)
+    with pytest.raises(ValueError, match="labelled search data"):
+        pb.compress(model, search[0], certify, method="magnitude", retrain=cfg)

@@ -57,6 +57,7 @@ class Trial:
     val_accuracy: float | None
     passed: bool
     seconds: float
+    retrained: bool = False  # the candidate kept at this sparsity is the retrained one
 
 
 @dataclass(frozen=True)
@@ -252,16 +253,27 @@ def compress(
         t1 = time.perf_counter()
         amount = 1.0 - (1.0 - s) / (1.0 - done)  # of the surviving weights
         prune(current, method, min(max(amount, 0.0), 1.0), scope="global", data=calib, seed=gen)
+        trial = _measure(current.eval(), s, x_val, y_val, ref_val, target, level, rate)
+        best = current
         if fit_data is not None and retrain is not None:
+            # retraining recovers accuracy but also moves the model: the candidate at s is the
+            # one-shot pruning or the retrained one, whichever validates closer to F; the chain
+            # goes on from the retrained one
+            one_shot = copy.deepcopy(current)
             teacher = original if retrain.objective == "distill" else None
             train(current, fit_data, retrain, seed=gen, teacher=teacher)
-        current.eval()
-        trial = _measure(current, s, x_val, y_val, ref_val, target, level, rate)
+            again = replace(
+                _measure(current.eval(), s, x_val, y_val, ref_val, target, level, rate),
+                retrained=True,
+            )
+            trial, best = (
+                (again, current) if again.val_upper <= trial.val_upper else (trial, one_shot)
+            )
         history.append(replace(trial, seconds=time.perf_counter() - t1))
         log.info("compress: %.3f -> val upper %.4g (%s)", s, trial.val_upper, trial.passed)
         done = s
         if trial.passed:
-            kept.append((s, copy.deepcopy(current)))
+            kept.append((s, copy.deepcopy(best)))
             fails = 0
         else:
             fails += 1
