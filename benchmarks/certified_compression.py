@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--targets", default="0.01,0.02,0.05")
     ap.add_argument("--epochs", type=int, default=5, help="dense training epochs")
     ap.add_argument("--retrain-epochs", type=int, default=1, help="per candidate sparsity")
+    ap.add_argument("--distill-weight", type=float, default=1.0, help="KL share (1: no labels)")
+    ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--data-dir")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -54,6 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     raw = load_dataset("fashion-mnist", data_dir=args.data_dir)
     out: dict[str, Any] = {"benchmark": "certified_compression", "confidence": 0.95, "runs": []}
+    out["args"] = vars(args)
     for name in args.models.split(","):
         data = raw.image() if name == "lenet5" else raw.flat()
         t0 = time.perf_counter()
@@ -73,6 +76,7 @@ def main() -> None:
                     retrain = TrainConfig(
                         epochs=args.retrain_epochs, batch_size=128, lr=5e-4,
                         objective="distill" if mode == "distill" else "ce",
+                        distill_weight=args.distill_weight, temperature=args.temperature,
                     )  # fmt: skip
                 for target in (float(t) for t in args.targets.split(",")):
                     t1 = time.perf_counter()

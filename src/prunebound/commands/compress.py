@@ -68,7 +68,11 @@ def run_compress(args: argparse.Namespace) -> int:
     retrain = None
     if args.retrain_epochs > 0:
         objective = "distill" if args.distill else "ce"
-        retrain = TrainConfig(epochs=args.retrain_epochs, lr=5e-4, objective=objective)
+        # the goal is to match the original: pure distillation at a mild temperature
+        retrain = TrainConfig(
+            epochs=args.retrain_epochs, lr=5e-4, objective=objective, distill_weight=1.0,
+            temperature=2.0,
+        )  # fmt: skip
     res = compress(
         model,
         (data.x_train, data.y_train),
