@@ -136,3 +136,23 @@ def test_retrained_candidates_are_certified_against_the_original(
     assert len(res.history) >= 2 and any(t.retrained for t in res.history)
     with pytest.raises(ValueError, match="labelled search data"):
         pb.compress(model, search[0], certify, method="magnitude", retrain=cfg)
+
+
+def test_gap_rate_budget_for_regression_outputs(trained: tuple[nn.Module, object]) -> None:
+    _, data = trained
+    torch.manual_seed(0)  # test-only: default init
+    reg = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2)).eval()
+    search, certify = _splits(data)
+    res = pb.compress(
+        reg, search[0], certify[0], max_flip_rate=None, max_gap_rate=0.1, eps=0.05,
+        method="magnitude",
+    )  # fmt: skip
+    assert res.accepted and res.certificate is not None and res.sparsity > 0
+    with torch.no_grad():
+        gaps = (res.model(certify[0]) - reg(certify[0])).norm(dim=1)
+    k, n = int((gaps > 0.05).sum()), certify[0].shape[0]
+    assert res.certificate.exceed == k
+    assert res.certificate.exceed_upper == pytest.approx(
+        float(stats.beta.ppf(1 - res.attempt_level, k + 1, n - k)), rel=1e-12
+    )
+    assert res.certificate.exceed_upper <= 0.1
