@@ -12,6 +12,7 @@ from scipy import stats
 from torch import nn
 
 import prunebound as pb
+from prunebound.certified import search as search_module
 from prunebound.certified.search import needed_samples
 from prunebound.cli import main
 
@@ -156,3 +157,34 @@ def test_gap_rate_budget_for_regression_outputs(trained: tuple[nn.Module, object
         float(stats.beta.ppf(1 - res.attempt_level, k + 1, n - k)), rel=1e-12
     )
     assert res.certificate.exceed_upper <= 0.1
+
+
+def test_no_forward_pass_reads_the_certify_split_before_certification(
+    trained: tuple[nn.Module, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A global forward hook watches every module call: no input shares storage with the
+    certify split until the final certification starts."""
+    model, data = trained
+    search, certify = _splits(data)
+    storage = certify[0].untyped_storage().data_ptr()
+    phase, reads = ["search"], []
+
+    def hook(module: nn.Module, args: tuple[object, ...]) -> None:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == storage:
+                reads.append(phase[0])
+
+    real = search_module.data_certificate
+
+    def certifying(*args: object, **kwargs: object) -> object:
+        phase[0] = "certify"
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search_module, "data_certificate", certifying)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        cfg = pb.TrainConfig(epochs=1, lr=5e-4, objective="distill")
+        res = pb.compress(model, search, certify, max_flip_rate=0.1, method="obs", retrain=cfg)
+    finally:
+        handle.remove()
+    assert res.accepted and reads and set(reads) == {"certify"}

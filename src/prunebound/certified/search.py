@@ -121,7 +121,11 @@ class _Target:
         return what if upper is None else f"{what} (certified {upper:.4g})"
 
 
-def _check_split(name: str, data: object, model: nn.Module) -> tuple[torch.Tensor, Any]:
+def _check_split(
+    name: str, data: object, model: nn.Module | None
+) -> tuple[torch.Tensor, Any]:
+    """Inputs and labels of a split, checked; `model` (None for the certify split, which only
+    the final certification may run the model on) is run on two samples to check they fit."""
     try:
         x, y = inputs_and_labels(data)  # type: ignore[arg-type]
     except (TypeError, ValueError) as e:
@@ -134,6 +138,8 @@ def _check_split(name: str, data: object, model: nn.Module) -> tuple[torch.Tenso
         raise ValueError(f"{name} inputs must be finite, got NaN or Inf")
     if y is not None and y.dtype != torch.int64:
         raise ValueError(f"{name} labels must be int64 class indices, got dtype {y.dtype}")
+    if model is None:
+        return x, y
     try:
         with torch.no_grad():
             out = model_outputs(model, x[:2], 2)
@@ -213,11 +219,11 @@ def compress(
         raise ValueError(f"sparsities must be increasing numbers in (0, 1), got {list(grid)}")
     original = copy.deepcopy(model).eval()
     xs, ys = _check_split("search", search, original)
-    xc, yc = _check_split("certify", certify, original)
+    xc, yc = _check_split("certify", certify, None)
     if xs.shape[1:] != xc.shape[1:]:
         raise ValueError(f"search and certify samples differ in shape: {xs.shape} vs {xc.shape}")
     check_disjoint(xs, xc)
-    out = model_outputs(original, xc[:2], 2)
+    out = model_outputs(original, xs[:2], 2)
     if max_flip_rate is not None and (out.dim() != 2 or out.shape[1] < 2):
         raise ValueError(
             "max_flip_rate needs a classifier (outputs of shape (batch, classes >= 2)), got "
