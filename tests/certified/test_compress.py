@@ -62,8 +62,8 @@ def test_search_never_reads_the_certify_split(trained: tuple[nn.Module, object])
     other = (certify[0].flip(1).contiguous(), certify[1])  # other inputs, same size
     a = pb.compress(model, search, certify, max_flip_rate=0.1, method="magnitude")
     b = pb.compress(model, search, other, max_flip_rate=0.1, method="magnitude")
-    strip = [(t.sparsity, t.val_flips, t.val_upper) for t in a.history]
-    assert strip == [(t.sparsity, t.val_flips, t.val_upper) for t in b.history]
+    strip = [(t.sparsity, t.val_flips, t.predicted_upper) for t in a.history]
+    assert strip == [(t.sparsity, t.val_flips, t.predicted_upper) for t in b.history]
 
 
 def test_nothing_certified_returns_the_unpruned_model(trained: tuple[nn.Module, object]) -> None:

@@ -53,7 +53,9 @@ class Trial:
     val_n: int
     val_flips: int | None  # argmax changes against the original (classifiers)
     val_exceed: int  # ||f - F|| > eps (regression target), else 0
-    val_upper: float  # Clopper-Pearson limit of the targeted rate, at the attempt level
+    # the Clopper-Pearson limit (at the attempt level) the certify split would give if it saw the
+    # validation rate: what the sparsity is chosen by, so that the chosen one tends to certify
+    predicted_upper: float
     val_accuracy: float | None
     passed: bool
     seconds: float
@@ -90,9 +92,9 @@ class CompressResult:
             if self.accepted
             else f"compress: NOTHING certified ({self.target}); the model is returned unpruned"
         )
-        rows = [head, f"  {'sparsity':>9} {'val upper':>10} {'val acc':>8}  passed"]
+        rows = [head, f"  {'sparsity':>9} {'predicted':>10} {'val acc':>8}  passed"]
         rows += [
-            f"  {t.sparsity:>9.1%} {t.val_upper:>10.4f} "
+            f"  {t.sparsity:>9.1%} {t.predicted_upper:>10.4f} "
             f"{'' if t.val_accuracy is None else f'{t.val_accuracy:.4f}':>8}  {t.passed}"
             for t in self.history
         ]
@@ -121,9 +123,7 @@ class _Target:
         return what if upper is None else f"{what} (certified {upper:.4g})"
 
 
-def _check_split(
-    name: str, data: object, model: nn.Module | None
-) -> tuple[torch.Tensor, Any]:
+def _check_split(name: str, data: object, model: nn.Module | None) -> tuple[torch.Tensor, Any]:
     """Inputs and labels of a split, checked; `model` (None for the certify split, which only
     the final certification may run the model on) is run on two samples to check they fit."""
     try:
@@ -252,6 +252,7 @@ def compress(
         shape = tuple(xs.shape[1:])
         fit_data = Dataset("search", x_fit, ys[fit], x_val, ys[val], out.shape[1], shape)
 
+    n_cert = xc.shape[0]  # its size only: the sparsity is chosen to pass a test of this size
     history: list[Trial] = []
     kept: list[tuple[float, nn.Module]] = []
     current, done, fails = copy.deepcopy(original), 0.0, 0
@@ -259,7 +260,7 @@ def compress(
         t1 = time.perf_counter()
         amount = 1.0 - (1.0 - s) / (1.0 - done)  # of the surviving weights
         prune(current, method, min(max(amount, 0.0), 1.0), scope="global", data=calib, seed=gen)
-        trial = _measure(current.eval(), s, x_val, y_val, ref_val, target, level, rate)
+        trial = _measure(current.eval(), s, x_val, y_val, ref_val, target, level, rate, n_cert)
         best = current
         if fit_data is not None and retrain is not None:
             # retraining recovers accuracy but also moves the model: the candidate at s is the
@@ -269,14 +270,18 @@ def compress(
             teacher = original if retrain.objective == "distill" else None
             train(current, fit_data, retrain, seed=gen, teacher=teacher)
             again = replace(
-                _measure(current.eval(), s, x_val, y_val, ref_val, target, level, rate),
+                _measure(current.eval(), s, x_val, y_val, ref_val, target, level, rate, n_cert),
                 retrained=True,
             )
             trial, best = (
-                (again, current) if again.val_upper <= trial.val_upper else (trial, one_shot)
+                (again, current)
+                if again.predicted_upper <= trial.predicted_upper
+                else (trial, one_shot)
             )
         history.append(replace(trial, seconds=time.perf_counter() - t1))
-        log.info("compress: %.3f -> val upper %.4g (%s)", s, trial.val_upper, trial.passed)
+        log.info(
+            "compress: %.3f -> predicted limit %.4g (%s)", s, trial.predicted_upper, trial.passed
+        )
         done = s
         if trial.passed:
             kept.append((s, copy.deepcopy(best)))
@@ -297,6 +302,7 @@ def _measure(
     target: _Target,
     level: float,
     rate: float,
+    n_cert: int,
 ) -> Trial:
     outs = model_outputs(model, x, 1024).double()
     n = x.shape[0]
@@ -307,7 +313,7 @@ def _measure(
         flips = int((outs.argmax(1) != ref.argmax(1)).sum())
     k = flips if target.flip_rate is not None else exceed
     assert k is not None
-    upper = clopper_pearson_upper(k, n, level)
+    upper = clopper_pearson_upper(min(n_cert, math.ceil(k / n * n_cert)), n_cert, level)
     acc = None if y is None or outs.dim() != 2 else float((outs.argmax(1) == y).double().mean())
     counts = _counts(model)
     total = sum(count_units(m, "weight")[0] for m in prunable_layers(model).values())
