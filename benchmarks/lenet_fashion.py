@@ -33,6 +33,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from dataclasses import replace
 from typing import Any
@@ -131,6 +132,12 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
+def _progress(seed: int, arm: str, dense_acc: float, result: dict[str, Any]) -> None:
+    """One JSON line per finished arm on stderr, so a long run's figures survive an abort."""
+    line = {"seed": seed, "arm": arm, "dense_accuracy": dense_acc, **result}
+    print(json.dumps({k: v for k, v in line.items() if k != "schedule"}), file=sys.stderr)
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and standard deviation over seeds of every arm's accuracy and gap per target."""
     out: dict[str, Any] = {"dense_accuracy": _mean_std([r["dense_accuracy"] for r in runs])}
@@ -214,10 +221,12 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             sched = Schedule(**{"method": "magnitude", **kw})
             g = torch.Generator().manual_seed(args.seed)
             arms[name] = prunebound_arm(model, data, cfg, sched, g)
+            _progress(args.seed, name, dense_acc, arms[name])
     if "torch_l1_baseline" in wanted:
         t0 = time.perf_counter()
         base = torch_baseline(model, data, torch.Generator().manual_seed(args.seed), batch)
         arms["torch_l1_baseline"] = {"accuracy": base, "seconds": time.perf_counter() - t0}
+        _progress(args.seed, "torch_l1_baseline", dense_acc, arms["torch_l1_baseline"])
 
     gaps = {
         n: {k: round(100 * (dense_acc - v), 2) for k, v in a["accuracy"].items()}
