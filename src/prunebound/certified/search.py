@@ -254,7 +254,7 @@ def compress(
 
     n_cert = xc.shape[0]  # its size only: the sparsity is chosen to pass a test of this size
     history: list[Trial] = []
-    kept: list[tuple[float, nn.Module]] = []
+    kept: list[tuple[float, nn.Module, float]] = []  # (sparsity, model, predicted limit)
     current, done, fails = copy.deepcopy(original), 0.0, 0
     for s in grid:
         t1 = time.perf_counter()
@@ -284,13 +284,30 @@ def compress(
         )
         done = s
         if trial.passed:
-            kept.append((s, copy.deepcopy(best)))
+            kept.append((s, copy.deepcopy(best), trial.predicted_upper))
             fails = 0
         else:
             fails += 1
             if fails >= 2 or retrain is None:  # one-shot rates only grow with sparsity
                 break
-    return _certify(original, kept[::-1][:attempts], xc, yc, target, confidence, level, history, t0)
+    chosen = _attempts(kept, attempts, rate)
+    return _certify(original, chosen, xc, yc, target, confidence, level, history, t0)
+
+
+def _attempts(
+    kept: list[tuple[float, nn.Module, float]], attempts: int, rate: float
+) -> list[tuple[float, nn.Module]]:
+    """The candidates to certify, in order: attempt i takes the sparsest validated candidate
+    whose predicted limit is <= rate * (1 - i / (attempts + 1)), so that a later attempt is a
+    safer one, not the next sparsity with the same odds (the first is the sparsest passing)."""
+    out: list[tuple[float, nn.Module]] = []
+    for i in range(attempts):
+        margin = rate * (1 - i / (attempts + 1))
+        for s, model, predicted in sorted(kept, key=lambda k: -k[0]):
+            if predicted <= margin and all(s != t for t, _ in out):
+                out.append((s, model))
+                break
+    return out
 
 
 def _measure(
