@@ -77,3 +77,17 @@ def tiny_experiment(out: Path, *, seed: int, **schedule: Any) -> Experiment:
         out_dir=str(out),
         quiet=True,
     )
+
+
+def with_bn_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """`model` in eval mode with non-trivial BatchNorm affine parameters and running statistics
+    (as after training): random gamma/beta, then one training-mode pass over `x`."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+        model.train()
+        model(x)
+    return model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import with_bn_stats
 from torch import nn
 
 import prunebound as pb
@@ -12,18 +13,6 @@ from prunebound.coupling import unit_groups
 from prunebound.theory import certify
 
 pytest.importorskip("torch_pruning")
-
-
-def _bn_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-        model.train()
-        model(x)
-    return model.eval()
 
 
 def test_resnet_groups_tie_the_residual_stream() -> None:
@@ -50,7 +39,7 @@ def test_global_scope_ranks_units_across_groups() -> None:
 def test_whole_units_stay_dead_in_training_and_reset_revives_them() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 1, 16, 16)
-    net = _bn_stats(pb.models.resnet_small(), x)
+    net = with_bn_stats(pb.models.resnet_small(), x)
     bias_before = net[1].bias.detach().clone()
     pb.prune(net, "filter", 0.5, coupled=True, example_inputs=x)
     net.train()

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import with_bn_stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -19,19 +20,6 @@ pytest.importorskip("torch_pruning")
 
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _bn_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics (as after training)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-        model.train()
-        model(x)
-    return model.eval()
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
@@ -71,7 +59,7 @@ def test_lenet5_filters_and_flatten_columns_in_both_precisions(dtype: torch.dtyp
 def test_vgg_with_batchnorm_coupled_is_exact_and_plain_keeps_constant_channels() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 1, 28, 28)
-    dense = _bn_stats(pb.models.vgg_small(batch_norm=True), x)
+    dense = with_bn_stats(pb.models.vgg_small(batch_norm=True), x)
     plain, whole = copy.deepcopy(dense), copy.deepcopy(dense)
     pb.prune(plain, "filter", 0.5)
     pb.prune(whole, "filter", 0.5, coupled=True, example_inputs=x)
@@ -87,7 +75,7 @@ def test_vgg_with_batchnorm_coupled_is_exact_and_plain_keeps_constant_channels()
 def test_resnet_residual_channels_go_only_as_whole_groups() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 1, 16, 16)
-    dense = _bn_stats(pb.models.resnet_small(), x)
+    dense = with_bn_stats(pb.models.resnet_small(), x)
     net = copy.deepcopy(dense)
     pb.prune(net, "filter", 0.5, coupled=True, example_inputs=x)
     # the stem and the first block's conv2 feed one add: the same channels are pruned in both
@@ -166,7 +154,7 @@ def test_a_layer_with_every_unit_pruned_is_named() -> None:
 def test_shrunk_model_file_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     x = torch.randn(4, 1, 16, 16)
-    net = _bn_stats(pb.models.resnet_small(), x)
+    net = with_bn_stats(pb.models.resnet_small(), x)
     pb.prune(net, "filter", 0.5, coupled=True, example_inputs=x)
     small = pb.shrink(net, x)
     path = pb.save_shrunk(small, tmp_path / "small.safetensors")
@@ -229,7 +217,7 @@ def _chains(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor, str, bool]:
         layers += [nn.Linear(width, out), draw(st.sampled_from(_ACTS))()]
         width = out
     layers.append(nn.Linear(width, 3))
-    net = _bn_stats(nn.Sequential(*layers).double(), x) if conv else nn.Sequential(*layers)
+    net = with_bn_stats(nn.Sequential(*layers).double(), x) if conv else nn.Sequential(*layers)
     net = net.double().eval()
     method = "filter" if conv and draw(st.booleans()) else "neuron"
     return net, x, method, draw(st.booleans())
@@ -298,7 +286,7 @@ def test_channels_a_forward_mixes_are_kept_and_grouped_convs_refused() -> None:
 def test_the_shrunk_model_keeps_the_training_mode_and_trains() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 1, 16, 16)
-    net = _bn_stats(pb.models.resnet_small(), x).train()
+    net = with_bn_stats(pb.models.resnet_small(), x).train()
     pb.prune(net, "filter", 0.5, coupled=True, example_inputs=x)
     small = pb.shrink(net, x)
     assert small.training and net.training
@@ -318,7 +306,7 @@ def test_random_resnets_shrink_exactly(
 ) -> None:
     torch.manual_seed(sum(widths) + blocks)
     x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
-    net = _bn_stats(pb.models.resnet_small(widths=widths, blocks=blocks).double(), x)
+    net = with_bn_stats(pb.models.resnet_small(widths=widths, blocks=blocks).double(), x)
     pb.prune(net, "filter", amount, coupled=coupled, example_inputs=x if coupled else None)
     small = pb.shrink(net, x)
     y = torch.randn(5, 1, 8, 8, dtype=torch.float64)
