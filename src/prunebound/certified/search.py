@@ -40,7 +40,21 @@ from prunebound.training.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
 # candidate shares of the prunable weights: coarse where flips are rare, fine where they rise
-DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95)
+DEFAULT_SPARSITIES: tuple[float, ...] = (
+    0.1,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.85,
+    0.9,
+    0.92,
+    0.94,
+    0.95,
+)
 DEFAULT_SPARSITIES += (0.96, 0.97, 0.98)
 
 

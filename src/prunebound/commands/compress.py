@@ -21,7 +21,7 @@ from prunebound.commands._args import (
 )
 from prunebound.data import load_dataset
 from prunebound.layer_types import CONV
-from prunebound.training.loop import TrainConfig, evaluate
+from prunebound.training.loop import Objective, TrainConfig, evaluate
 
 
 def add_compress_parser(sub: Any) -> None:
@@ -67,7 +67,7 @@ def run_compress(args: argparse.Namespace) -> int:
         raise UsageError(f"--certify {n_cert} exceeds the {n_test} test samples")
     retrain = None
     if args.retrain_epochs > 0:
-        objective = "distill" if args.distill else "ce"
+        objective: Objective = "distill" if args.distill else "ce"
         # the goal is to match the original: pure distillation at a mild temperature
         retrain = TrainConfig(
             epochs=args.retrain_epochs, lr=5e-4, objective=objective, distill_weight=1.0,

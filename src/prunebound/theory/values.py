@@ -23,6 +23,9 @@ PlanLaw = Literal["uniform", "gaussian", "trained"]  # what the weights are, for
 LawName = Literal["uniform", "gaussian"]  # an i.i.d. law (`Law.name`)
 BudgetSplit = Literal["optimized", "equal", "params"]  # how eps is shared across layers
 Sampling = Literal["count", "bernoulli"]  # exact counts, or independent coin flips
+# what a plan's counts mean to `verify`: also "threshold" (magnitude: prune every |w| < t_l, the
+# form the theorem covers), which a user may set with `dataclasses.replace(plan, sampling=...)`
+PlanSampling = Literal["count", "bernoulli", "threshold"]
 Guarantee = Literal["prior", "trained", "sampled", "data"]  # what a `Plan` promises
 LayerKind = Literal["linear", "conv1d", "conv2d"]
 
@@ -112,7 +115,7 @@ class Plan:
     layers: tuple[LayerPlan, ...]
     specs: tuple[LayerSpec, ...]
     output_scale: float
-    sampling: Sampling = "count"
+    sampling: PlanSampling = "count"
     split: BudgetSplit | None = "optimized"  # None: the guarantee is not split across layers
     notes: tuple[str, ...] = field(default_factory=tuple)
     # the network between the layers: "relu" (ReLU alone between layers, nothing after the
