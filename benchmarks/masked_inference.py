@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from functools import partial
@@ -34,7 +33,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 import prunebound as pb
-from prunebound.timing import measure_ms
+from prunebound.timing import machine_state, measure_ms
 
 
 class UncachedMask(nn.Module):
@@ -128,12 +127,7 @@ def main() -> None:
         "target": "masked eval forward <= 1.1x dense",
         "worst_masked_vs_dense": worst,
         "check_ok": worst <= 1.1,
-        "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": list(load_start),
-        "loadavg_end": list(os.getloadavg()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **machine_state(args.threads, load_start),
         "seconds": time.perf_counter() - t0,
         "results": results,
     }

@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from torch import nn
 import prunebound as pb
 from prunebound.deploy.export import export, export_report
 from prunebound.deploy.export_file import save_export
-from prunebound.timing import measure_ms
+from prunebound.timing import machine_state, measure_ms
 
 
 def linear_stack(width: int, depth: int) -> nn.Sequential:
@@ -162,12 +161,7 @@ def main() -> None:
         # where the chooser picked a sparse layer, the exported model should not be slower
         "check_min_speedup_where_sparse": min(chosen, default=None),
         "check_ok": all(v >= 0.9 for v in chosen),
-        "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": list(load_start),
-        "loadavg_end": list(os.getloadavg()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **machine_state(args.threads, load_start),
         "seconds": time.perf_counter() - t0,
         "results": results,
     }

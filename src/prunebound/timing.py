@@ -12,11 +12,14 @@ decision logic is tested with fake clocks, not with timings.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+import torch
 
 
 def measure_ms(
@@ -111,3 +114,16 @@ def measure_rounds(
         n = len(per[next(iter(per))]) if per else rounds
         if n >= max_rounds or (n >= rounds and (not per or _agree(per, baseline, margin))):
             return Timings(per)
+
+
+def machine_state(threads: int, load_start: Sequence[float]) -> dict[str, Any]:
+    """What a timing depends on, for a benchmark's JSON: threads, cores, load average at the
+    start and now (a loaded machine makes ratios noise), torch and Python versions."""
+    return {
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": list(load_start),
+        "loadavg_end": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
