@@ -7,6 +7,7 @@ them live in `conftest.py`.
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import pytest
 import torch
 from torch import nn
 
+import prunebound.training.experiment as ex
 from prunebound.training.config import DataSpec, Experiment, ModelSpec
+from prunebound.training.experiment import RunResult, run
 from prunebound.training.loop import TrainConfig
 from prunebound.training.schedule import Schedule
 
@@ -91,3 +94,22 @@ def with_bn_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
         model.train()
         model(x)
     return model.eval()
+
+
+def run_keeping_checkpoints(
+    exp: Experiment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[RunResult, list[Path]]:
+    """`run(exp)`, with a copy (tmp_path/ckpt<i>.safetensors) of every run checkpoint it writes,
+    in order: the states a killed run could resume from."""
+    copies: list[Path] = []
+    write = ex.write_checkpoint
+
+    def write_and_copy(path: Path, *args: Any, **kwargs: Any) -> None:
+        write(path, *args, **kwargs)
+        copies.append(tmp_path / f"ckpt{len(copies)}.safetensors")
+        shutil.copy(path, copies[-1])
+
+    monkeypatch.setattr(ex, "write_checkpoint", write_and_copy)
+    full = run(exp, write_plots=False)
+    monkeypatch.undo()
+    return full, copies

@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from helpers import tiny_experiment
+from helpers import run_keeping_checkpoints, tiny_experiment
 
 import prunebound as pb
-import prunebound.training.experiment as ex
 import prunebound.training.runner as runner
 from prunebound.training.config import Experiment
 from prunebound.training.experiment import run
@@ -181,17 +180,7 @@ def test_gradual_distill_run_resumes_bit_for_bit(
 ) -> None:
     exp = _digits_experiment(tmp_path / "full", kind="gradual", method="random", rounds=3, every=3)
     exp = replace(exp, train=replace(exp.train, objective="distill"))
-    copies: list[Path] = []
-    write = ex.write_checkpoint
-
-    def write_and_copy(path: Path, *args: Any, **kwargs: Any) -> None:
-        write(path, *args, **kwargs)
-        copies.append(tmp_path / f"ckpt{len(copies)}.safetensors")
-        shutil.copy(path, copies[-1])
-
-    monkeypatch.setattr(ex, "write_checkpoint", write_and_copy)
-    full = run(exp, write_plots=False)
-    monkeypatch.undo()
+    full, copies = run_keeping_checkpoints(exp, tmp_path, monkeypatch)
     final = safetensors.torch.load_file(full.out_dir / "model.safetensors")
     assert len(copies) == 6  # dense: 2 epoch ends + round end; the gradual round: the same
     for i in (1, 3, 4):  # dense round end, then the gradual round's epoch ends

@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from helpers import tiny_experiment
+from helpers import run_keeping_checkpoints, tiny_experiment
 
 import prunebound as pb
-import prunebound.training.experiment as ex
 from prunebound._files import flatten_state, unflatten_state
 from prunebound.cli import main
 from prunebound.training.config import Experiment
@@ -69,17 +68,7 @@ def test_resume_at_every_boundary_matches_uninterrupted_run(
     exp = _experiment(tmp_path / "full", **schedule)
     if schedule:
         exp = replace(exp, train=replace(exp.train, optimizer="adam", lr=0.01))
-    copies: list[Path] = []
-    write = ex.write_checkpoint
-
-    def write_and_copy(path: Path, *args: Any, **kwargs: Any) -> None:
-        write(path, *args, **kwargs)
-        copies.append(tmp_path / f"ckpt{len(copies)}.safetensors")
-        shutil.copy(path, copies[-1])
-
-    monkeypatch.setattr(ex, "write_checkpoint", write_and_copy)
-    full = run(exp, write_plots=False)
-    monkeypatch.undo()
+    full, copies = run_keeping_checkpoints(exp, tmp_path, monkeypatch)
     # dense: 2 epoch ends + round end; each of 2 rounds: 2 epoch ends + round end
     assert len(copies) == 9
     kinds = set()
