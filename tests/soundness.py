@@ -9,7 +9,8 @@ A certificate must never be below what it finds (relative `TOL`).
 Linear (flat or token-wise inputs), Conv1d/Conv2d with stride/padding/dilation, ReLU, LeakyReLU,
 Tanh, Sigmoid, GELU, MaxPool/AvgPool, eval BatchNorm with random running statistics, Flatten,
 Identity, Dropout, biases up to 30x the weights, radii 1e-3 to 10, and magnitude, random, neuron
-and filter masks from 1% to 99%.
+and filter masks from 1% to 99% (structured ones also as whole units: rows, biases and BatchNorm
+entries), with random masks on bias and BatchNorm entries on top.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prunebound as pb
+from prunebound.coupling import mask_entries
 
 TOL = 1e-6  # relative slack of "certificate >= found gap" (the search itself rounds in float64)
 
@@ -131,6 +133,19 @@ def _batchnorm(c: int, dim: int, gen: torch.Generator) -> nn.Module:
     return bn
 
 
+def mask_random_entries(model: nn.Module, share: float, gen: torch.Generator) -> None:
+    """Mask a random `share` of every bias and BatchNorm weight/bias entry (prunebound masks)."""
+    for m in model.modules():
+        for tensor in (
+            ("weight", "bias")
+            if isinstance(m, nn.modules.batchnorm._NormBase)
+            else (("bias",) if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d) else ())
+        ):
+            t = getattr(m, tensor, None)
+            if isinstance(t, torch.Tensor):
+                mask_entries(m, tensor, torch.rand(t.shape, generator=gen) >= share)
+
+
 @st.composite
 def architectures(draw: st.DrawFn) -> Case:
     """A random model certify accepts, pruned at random, with a random radius."""
@@ -202,11 +217,18 @@ def architectures(draw: st.DrawFn) -> Case:
     has = any(isinstance(m, layer_type) for m in model.modules())
     if structured and not has:
         method = "magnitude"
+    whole = structured and draw(st.booleans())  # whole units: rows, biases, BatchNorm entries
     if method in ("neuron", "filter"):  # the output layer too: named, so it is opted in
         names = [n for n, m in model.named_modules() if isinstance(m, layer_type)]
-        pb.prune(model, method, amount, layers=names)
+        example = torch.randn(2, *input_shape, generator=gen) if whole else None
+        pb.prune(model, method, amount, layers=names, coupled=whole, example_inputs=example)
     else:
         pb.prune(model, method, amount, seed=seed)
+    entries = draw(st.sampled_from([0.0, 0.0, 0.3, 0.7]))
+    if entries:  # masks on bias and BatchNorm entries, independent of the weight masks
+        mask_random_entries(model, entries, gen)
     radius = draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0]))
+    method += "/whole" if whole else ""
+    method += f"/entries@{entries}" if entries else ""
     desc = f"{kind}/{act_name}/{extras}/{method}@{amount}/R={radius}/seed={seed}"
     return Case(model, input_shape, radius, desc)

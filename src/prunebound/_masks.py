@@ -56,13 +56,20 @@ def mask_module(module: nn.Module) -> Mask | None:
     return None
 
 
+def original_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The underlying (unmasked) tensor `module.<name>` (a weight, a bias, a BatchNorm entry),
+    or None if the module has none."""
+    if parametrize.is_parametrized(module, name):
+        t = getattr(module, "parametrizations")[name].original  # noqa: B009
+    else:
+        t = getattr(module, name, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
 def original_weight(module: nn.Module) -> torch.Tensor:
     """The underlying (unmasked) weight parameter of a layer."""
-    if parametrize.is_parametrized(module, "weight"):
-        weight = getattr(module, "parametrizations")["weight"].original  # noqa: B009
-    else:
-        weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
+    weight = original_tensor(module, "weight")
+    if weight is None:
         raise TypeError(f"{type(module).__name__} has no weight tensor")
     return weight
 

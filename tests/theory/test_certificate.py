@@ -17,12 +17,8 @@ import prunebound as pb
 from prunebound._masks import set_mask
 from prunebound.theory.certificate import certify, float_margin
 from prunebound.theory.lemma_a import propagate
-from prunebound.theory.network import (
-    GELU_LIPSCHITZ,
-    SILU_LIPSCHITZ,
-    extract,
-    pool_multiplicity,
-)
+from prunebound.theory.lipschitz import GELU_LIPSCHITZ, SILU_LIPSCHITZ, pool_multiplicity
+from prunebound.theory.network import extract
 from prunebound.theory.norms import (
     conv_norm,
     frobenius,
@@ -536,3 +532,59 @@ def test_nested_train_mode_layers_are_named() -> None:
         certify(bn)
     model.eval()
     assert certify(model).bound == 0.0
+
+
+# ----------------------------------------------------------------- whole units and references
+
+
+def _bn_cnn() -> tuple[nn.Sequential, tuple[int, ...]]:
+    from helpers import with_bn_stats
+
+    torch.manual_seed(3)
+    shape = (2, 6, 6)
+    net = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 36, 3),
+    )
+    return with_bn_stats(net, torch.randn(16, *shape)), shape
+
+
+def test_whole_filter_masks_with_batchnorm_are_certified() -> None:
+    """Coupled filter pruning masks bias and BatchNorm entries with the row; certify models
+    those gaps (the padded-border pattern of a live shift) and stays above the worst gap."""
+    net, shape = _bn_cnn()
+    pb.prune(net, "filter", 0.5, coupled=True, example_inputs=torch.randn(1, *shape))
+    assert isinstance(net[1].parametrizations.bias[0], pb.Mask)  # the BN shift is masked too
+    cert = certify(net, radius=1.0, input_shape=shape)
+    low = worst_gap(net, input_shape=shape)
+    assert 0 < low <= cert.bound
+
+
+def test_baked_model_certified_against_reference() -> None:
+    """A model whose masks were made permanent has no record of the original: certify says so,
+    and with `reference=` gives the masked model's bound."""
+    net = _mlp((8, 16, 16, 3), seed=5)
+    pb.prune(net, "neuron", 0.25)
+    original = _reference(net)
+    masked_bound = certify(net, radius=1.0).bound
+    baked = pb.remove(copy.deepcopy(net))
+    unreferenced = certify(baked, radius=1.0)
+    assert unreferenced.bound == 0 and "reference" in str(unreferenced.notes)
+    cert = certify(baked, radius=1.0, reference=original)
+    assert cert.bound == pytest.approx(masked_bound, rel=1e-6)
+    assert worst_gap(baked, original, input_shape=(8,)) <= cert.bound
+
+
+def test_reference_of_another_chain_is_refused() -> None:
+    net = _mlp((8, 16, 3), seed=1)
+    other = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match=r"layer '1'.*Tanh"):
+        certify(net, radius=1.0, reference=other)
+    with pytest.raises(ValueError, match="are not the model's"):
+        certify(net, radius=1.0, reference=_mlp((8, 16, 16, 3), seed=1))

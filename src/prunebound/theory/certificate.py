@@ -19,12 +19,7 @@ import torch
 from torch import nn
 
 from prunebound._check import Seed, as_generator, check_float, finite
-from prunebound._masks import (
-    effective_weight,
-    mask_module,
-    original_weight,
-    trained_since_masked,
-)
+from prunebound._masks import is_pruned, trained_since_masked
 from prunebound.theory.layer_norms import EXACT_MAX, LargeLinear, step_norm
 from prunebound.theory.network import Step, extract
 from prunebound.theory.norms import NormBound, NormMethod
@@ -96,14 +91,20 @@ class Certificate:
         return asdict(self)
 
 
-def bias_norm(step: Step) -> float:
-    """||b|| as seen in the layer's output (a bias repeats at every output position)."""
-    b = getattr(step.module, "bias", None)
-    if b is None:
-        return 0.0
+def bias_norms(step: Step) -> tuple[float, float, float]:
+    """(||b||, ||b~||, ||b - b~||) as seen in the layer's output (a bias repeats at every output
+    position): F's unmasked bias, f's bias as it computes (masked entries 0), their gap."""
+    b, bt = step.biases()
     assert step.spec is not None
-    reps = out_positions(step.spec)
-    return float(torch.linalg.vector_norm(b.detach().double())) * math.sqrt(reps) * (1 + 1e-12)
+    reps = math.sqrt(out_positions(step.spec)) * (1 + 1e-12)
+    zero = torch.zeros(step.spec.shape[0], dtype=torch.float64)
+    b64 = zero if b is None else b.double()
+    bt64 = zero if bt is None else bt.double()
+
+    def norm(v: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(v)) * reps
+
+    return norm(b64), norm(bt64), norm(b64 - bt64)
 
 
 def float_margin(bound: float, output_scale: float, radius: float) -> float:
@@ -138,7 +139,7 @@ class _Norms:
     nw: NormBound
     nt: NormBound
     nd: NormBound
-    bias: float
+    bias: tuple[float, float, float]  # bias_norms: ||b||, ||b~||, ||b - b~||
     pruned: int
     total: int
     refine: Callable[..., NormBound] | None = None  # Lanczos for ||Delta|| (k steps)
@@ -160,18 +161,23 @@ def _chain(
     for i, step in enumerate(steps):
         if step.spec is None:
             lip, off = step.lipschitz, step.offset
-            r, rt, r_h = lip * r + off, lip * rt + off, lip * r_h + off
-            e_a, e_mix, e_hyb = lip * e_a, lip * e_mix, lip * e_hyb
-            contribs = [c * lip for c in contribs]
+            # a BatchNorm with masked entries: f's map s~ x + t~ against F's s x + t (§7.3)
+            lip_t, off_t, d_s, d_t = step.pruned_map or (lip, off, 0.0, 0.0)
+            e_a = lip_t * e_a + d_s * r + d_t
+            e_mix = min(lip_t * e_mix + d_s * r, lip * e_mix + d_s * rt) + d_t
+            e_hyb = lip_t * e_hyb + d_s * r_h + d_t
+            r, rt, r_h = lip * r + off, lip_t * rt + off_t, lip * r_h + off
+            contribs = [c * lip_t for c in contribs]
         else:
             nm = norms[i]
             nw, nt, nd = nm.nw.value, nm.nt.value, delta_value(nm)
-            contribs = [c * nt for c in contribs] + [nd * r]
+            nb, nbt, nbd = nm.bias
+            contribs = [c * nt for c in contribs] + [nd * r + nbd]
             r_in.append(r)
-            e_a = nt * e_a + nd * r
-            e_mix = min(nt * e_mix + nd * r, nw * e_mix + nd * rt)
-            e_hyb = nt * e_hyb + nd * r_h
-            r, rt, r_h = nw * r + nm.bias, nt * rt + nm.bias, nw * r_h + nm.bias
+            e_a = nt * e_a + nd * r + nbd
+            e_mix = min(nt * e_mix + nd * r, nw * e_mix + nd * rt) + nbd
+            e_hyb = nt * e_hyb + nd * r_h + nbd
+            r, rt, r_h = nw * r + nb, nt * rt + nbt, nw * r_h + nb
         if rel is not None:
             e_hyb = min(e_hyb, rel.gap_after[i])
             r_h = min(r_h, rel.out_after[i])
@@ -193,6 +199,7 @@ def certify(
     seed: Seed = 0,
     slopes: bool | None = None,
     slopes_max_elements: int = 30_000_000,
+    reference: nn.Module | None = None,
 ) -> Certificate:
     """Certify sup_{||x|| <= radius} ||f(x) - F(x)||_2 for a pruned model (docs/theory.md §7).
 
@@ -216,6 +223,9 @@ def certify(
         slopes: compute the slopes/hybrid candidates: True (error if unsupported), False, or
             None (default: when supported and the atom matrices stay under
             `slopes_max_elements`).
+        reference: the model F to compare with, when it is not `model` with its masks removed:
+            a chain with the same layers and shapes (e.g. `prunebound.expand(shrunk, original)`
+            of a shrunk model); its own masks are removed (F is its unmasked weights).
 
     Example:
         >>> import torch, prunebound as pb
@@ -227,8 +237,10 @@ def certify(
     """
     t_start = time.perf_counter()
     _check(model, radius)
+    if reference is not None:
+        _check(reference, radius)
     check_float("fail_prob", fail_prob, 0.0, 1.0, closed="neither")
-    net = extract(model, input_shape)
+    net = extract(model, input_shape, reference=reference)
     gen = as_generator(seed)
     notes: list[str] = []
     rel: SlopeBound | None = None
@@ -255,10 +267,10 @@ def certify(
         for i, step in enumerate(net.steps):
             if step.spec is None:
                 continue
-            w = original_weight(step.module).detach()
-            wt = effective_weight(step.module).detach() if mask_module(step.module) else w
+            w, wt = step.weights()
+            wt = w if torch.equal(w, wt) else wt  # `is` below: nothing pruned in this layer
             pruned = int((wt == 0).sum() - (w == 0).sum())
-            b = bias_norm(step)
+            b = bias_norms(step)
             large = (
                 step.spec.kind == "linear"
                 and norm_method in ("auto", "lanczos")
@@ -334,7 +346,13 @@ def certify(
             f"vacuous: the bound {bound:.4g} is no better than the trivial bound on the unpruned "
             f"output itself (sup ||F(x)|| <= {scale:.4g})"
         )
-    drifted = trained_since_masked(model)
+    drifted = trained_since_masked(model if reference is None else reference)
+    if reference is None and bound == 0 and not is_pruned(model):
+        notes.append(
+            "no prunebound masks: F is the model itself, so the bound is 0; a model baked by "
+            "`remove` or physically shrunk has no record of its original: certify the masked "
+            "model, or pass `reference=` (for a shrunk model, `expand` it first)"
+        )
     if drifted:
         notes.append(
             f"layers {drifted[:5]} were trained after pruning: F is the model with its masks "

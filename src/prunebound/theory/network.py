@@ -8,9 +8,9 @@ Derived for prunebound in the setting of Qian & Klabjan (2021).
 
 from __future__ import annotations
 
-import math
+import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as nnf
@@ -18,20 +18,20 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 
-from prunebound._masks import Mask, effective_weight, original_weight
+from prunebound._masks import Mask, effective_weight, original_tensor, original_weight, reset
+from prunebound.theory.lipschitz import (
+    ELEMENTWISE_1,
+    POOLS,
+    batchnorm_gap,
+    step_lipschitz,
+    unsupported,
+)
 from prunebound.theory.values import LayerKind, LayerSpec
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
-_ELEMENTWISE_1 = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softsign)
-# GELU: sup |d/dx x Phi(x)| = Phi(sqrt 2) + sqrt 2 phi(sqrt 2) (at x = sqrt 2; docs §3.1)
-GELU_LIPSCHITZ = 0.5 * (1 + math.erf(1.0)) + math.sqrt(2) * math.exp(-1.0) / math.sqrt(2 * math.pi)
-SILU_LIPSCHITZ = 1.1  # sup |d/dx x sigmoid(x)| = 1.0998.. (grid + curvature bound, docs §3.1)
-SUPPORTED = (
-    "Linear, Conv1d/Conv2d (groups=1, zero padding), ReLU, ReLU6, LeakyReLU, Tanh, Hardtanh, "
-    "Softsign, Sigmoid, ELU, GELU, SiLU, MaxPool1d/2d, AvgPool1d/2d, global AdaptiveAvgPool, "
-    "Flatten, Dropout, Identity, eval BatchNorm1d/2d, nested nn.Sequential"
-)
+#: the tensors a prunebound mask may sit on and the theory still models (docs §7.3)
+_MASKABLE = frozenset({"weight", "bias"})
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,11 @@ class Step:
     """One step of the chain.
 
     Prunable layers have `spec` set. For the others, `lipschitz` L and `offset` c = ||phi(0)||
-    give ||phi(x) - phi(y)|| <= L ||x - y|| and ||phi(x)|| <= L ||x|| + c.
+    give ||phi(x) - phi(y)|| <= L ||x - y|| and ||phi(x)|| <= L ||x|| + c for the reference F.
+    `module` is the pruned network f's module; F's is `reference` when given (another model of
+    the same shapes, e.g. the one a shrunk model came from), else `module` with its masks
+    removed. `pruned_map` is set for a BatchNorm that f and F compute differently (masked
+    entries): `lipschitz.batchnorm_gap`'s (L~, c~, max |s - s~|, ||t - t~|| sqrt(positions)).
     """
 
     name: str
@@ -48,12 +52,28 @@ class Step:
     lipschitz: float = 1.0
     offset: float = 0.0
     in_shape: tuple[int, ...] = ()
+    reference: nn.Module | None = None
+    pruned_map: tuple[float, float, float, float] | None = None
+
+    @property
+    def target(self) -> nn.Module:
+        """F's module: `reference`, or `module` (read through its masks)."""
+        return self.module if self.reference is None else self.reference
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, W~): the unmasked weight and the masked one (equal if unpruned), detached."""
+        """(W, W~): F's unmasked weight and f's weight as it computes (equal if unpruned)."""
         if self.spec is None:
             raise ValueError(f"step {self.name!r} is not a prunable layer")
-        return original_weight(self.module).detach(), effective_weight(self.module).detach()
+        return original_weight(self.target).detach(), effective_weight(self.module).detach()
+
+    def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(b, b~): F's unmasked bias and f's bias as it computes (None where absent)."""
+        b = original_tensor(self.target, "bias")
+        bt = getattr(self.module, "bias", None)
+        return (
+            None if b is None else b.detach(),
+            bt.detach() if isinstance(bt, torch.Tensor) else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -131,8 +151,12 @@ def _modelled_class(name: str, m: nn.Module, supported: tuple[type[nn.Module], .
     cls: type = type(m)
     if parametrize.is_parametrized(m):
         plists = getattr(m, "parametrizations")  # noqa: B009
-        if set(plists) != {"weight"} or not all(isinstance(p, Mask) for p in plists["weight"]):
-            raise _unmodelled(name, m, "has a parametrization other than prunebound's weight mask")
+        if not set(plists) <= _MASKABLE or not all(
+            isinstance(p, Mask) for plist in plists.values() for p in plist
+        ):
+            raise _unmodelled(
+                name, m, "has a parametrization other than prunebound's weight and bias masks"
+            )
         cls = cls.__bases__[0]  # the class parametrize derived the module's class from
     for c in cls.__mro__:
         if c in supported:
@@ -140,7 +164,7 @@ def _modelled_class(name: str, m: nn.Module, supported: tuple[type[nn.Module], .
         extra = set(vars(c)) - _INERT
         if extra:
             raise _unmodelled(name, m, f"is a subclass defining {sorted(extra)}")
-    raise _unsupported(name, m)
+    raise unsupported(name, m)
 
 
 def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -156,84 +180,6 @@ def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     return [(prefix or "<model>", model)]
 
 
-def _tuple(v: int | Sequence[int], d: int) -> list[int]:
-    return [int(v)] * d if isinstance(v, int) else [int(x) for x in v]
-
-
-def pool_multiplicity(kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> int:
-    """Max number of pooling windows containing one input entry: prod min(k, ceil(ext / s))."""
-    return math.prod(
-        min(k, math.ceil((dl * (k - 1) + 1) / s))
-        for k, s, dl in zip(kernel, stride, dilation, strict=True)
-    )
-
-
-def _unsupported(name: str, m: nn.Module, why: str = "") -> ValueError:
-    return ValueError(
-        f"layer {name!r} ({type(m).__name__}) is not supported by the theory{why}; supported: "
-        f"{SUPPORTED}"
-    )
-
-
-def _pool_lipschitz(name: str, m: nn.Module) -> float:
-    d = 1 if isinstance(m, nn.MaxPool1d | nn.AvgPool1d) else 2
-    k = _tuple(m.kernel_size, d)  # type: ignore[arg-type]
-    s = _tuple(m.stride if m.stride is not None else k, d)  # type: ignore[arg-type]
-    if isinstance(m, nn.MaxPool1d | nn.MaxPool2d):
-        # |max a - max b| <= ||a - b||_2 per window; each entry is in <= mult windows (§3.2)
-        return math.sqrt(pool_multiplicity(k, s, _tuple(m.dilation, d)))
-    mult = pool_multiplicity(k, s, [1] * d)
-    if getattr(m, "divisor_override", None) is not None:
-        raise _unsupported(name, m, " with divisor_override")
-    if m.count_include_pad and not m.ceil_mode:  # y_o = sum(win)/K: ||y||^2 <= mult/K ||x||^2
-        return math.sqrt(mult / math.prod(k))
-    return math.sqrt(mult)  # y_o = sum(win)/c_o with c_o >= |win|: |y_o| <= ||x_win|| (§3.2)
-
-
-def _lipschitz(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> tuple[float, float]:
-    """(Lipschitz constant, ||phi(0)||) of a non-prunable step (docs/theory.md §7.3)."""
-    if isinstance(m, nn.Dropout) and m.training and m.p > 0:
-        raise _unsupported(name, m, " in training mode (call model.eval())")
-    if isinstance(m, nn.Flatten | nn.Dropout | nn.Identity):
-        return 1.0, 0.0  # Dropout: the identity in eval mode
-    if isinstance(m, _POOLS):
-        return _pool_lipschitz(name, m), 0.0
-    if isinstance(m, nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d):
-        if _tuple(m.output_size, len(in_shape) - 1) != [1] * (len(in_shape) - 1):  # type: ignore[arg-type]
-            raise _unsupported(name, m, " unless global (output_size 1)")
-        return 1.0 / math.sqrt(math.prod(in_shape[1:])), 0.0  # Cauchy-Schwarz per channel
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        if m.training or m.running_var is None or m.running_mean is None:
-            raise _unsupported(name, m, " in training mode or without running stats (call eval())")
-        scale = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
-        shift = -m.running_mean.double() * scale
-        if m.affine:
-            scale = scale * m.weight.double()
-            shift = shift * m.weight.double() + m.bias.double()
-        reps = math.prod(in_shape[1:]) if len(in_shape) > 1 else 1  # shift repeated per position
-        return float(scale.abs().max()), float(torch.linalg.vector_norm(shift)) * math.sqrt(reps)
-    if isinstance(m, nn.LeakyReLU):
-        lip = max(1.0, abs(m.negative_slope))
-    elif isinstance(m, nn.ELU):
-        lip = max(1.0, abs(m.alpha))
-    elif isinstance(m, nn.Sigmoid):
-        lip = 0.25
-    elif isinstance(m, nn.GELU):
-        if m.approximate != "none":
-            raise _unsupported(name, m, " with approximate='tanh'")
-        lip = GELU_LIPSCHITZ * (1 + 1e-12)
-    elif isinstance(m, nn.SiLU):
-        lip = SILU_LIPSCHITZ
-    elif isinstance(m, _ELEMENTWISE_1):
-        lip = 1.0
-    else:
-        raise _unsupported(name, m)
-    # elementwise: ||phi(0)|| = |phi(0)| sqrt(n), computed rather than assumed (Sigmoid: 1/2)
-    with torch.no_grad():
-        zero = float(m(torch.zeros(1, dtype=torch.float64)).abs().item())
-    return lip, zero * math.sqrt(math.prod(in_shape))
-
-
 def _spec(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> LayerSpec:
     weight = m.weight
     assert isinstance(weight, torch.Tensor)
@@ -243,21 +189,29 @@ def _spec(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> LayerSpec:
         return LayerSpec(name, "linear", shape, in_shape, bias=has_bias)
     assert isinstance(m, nn.Conv1d | nn.Conv2d)
     if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-        raise _unsupported(name, m, " unless groups=1 and numeric zero padding")
+        raise unsupported(name, m, " unless groups=1 and numeric zero padding")
     kind: LayerKind = "conv1d" if isinstance(m, nn.Conv1d) else "conv2d"
     pad = tuple(int(p) for p in m.padding)
     return LayerSpec(name, kind, shape, in_shape, tuple(m.stride), pad, tuple(m.dilation), has_bias)
 
 
-def extract(model: nn.Module, input_shape: Sequence[int] | None = None) -> Network:
+def extract(
+    model: nn.Module,
+    input_shape: Sequence[int] | None = None,
+    *,
+    reference: nn.Module | None = None,
+) -> Network:
     """The chain of steps of `model` (nn.Sequential, possibly nested, or one prunable layer).
 
     Input shapes come from a dry run on zeros of shape (1, *input_shape). For a model whose
     first prunable layer is a Linear (and no conv), `input_shape` defaults to (in_features,).
+    `reference`: the model F to compare with (same chain, same shapes; its masks removed),
+    instead of `model` with its masks removed.
 
     Raises:
         ValueError: an unsupported module (named by path and type), no prunable layer, a conv
-            model without `input_shape`, or an input_shape the model cannot run on.
+            model without `input_shape`, an input_shape the model cannot run on, or a
+            `reference` whose chain differs (named).
     """
     if _global_hooks():
         raise ValueError(
@@ -279,7 +233,7 @@ def extract(model: nn.Module, input_shape: Sequence[int] | None = None) -> Netwo
                 )
             seen[id(m)] = name
         if isinstance(m, nn.MaxPool1d | nn.MaxPool2d) and m.return_indices:
-            raise _unsupported(name, m, " with return_indices=True")
+            raise unsupported(name, m, " with return_indices=True")
     if not any(isinstance(m, _PRUNABLE) for _, m in leaves):
         raise ValueError("model must contain a Linear/Conv1d/Conv2d layer, got none")
     if input_shape is None:
@@ -293,15 +247,22 @@ def extract(model: nn.Module, input_shape: Sequence[int] | None = None) -> Netwo
         raise ValueError(f"input_shape must be positive ints, got {tuple(input_shape)}")
     p = next(model.parameters())
     x = torch.zeros((1, *shape_in), dtype=p.dtype, device=p.device)
+    refs = _reference_leaves(leaves, reference, shape_in)
     steps: list[Step] = []
     with torch.no_grad():
-        for name, m in leaves:
+        for (name, m), ref in zip(leaves, refs, strict=True):
             shape = tuple(int(s) for s in x.shape[1:])
             if isinstance(m, _PRUNABLE):
-                steps.append(Step(name, m, _spec(name, m, shape), in_shape=shape))
+                spec = _spec(name, m, shape)
+                if ref is not None and replace(_spec(name, ref, shape), bias=spec.bias) != spec:
+                    raise _mismatch(name, m, ref)
+                steps.append(Step(name, m, spec, in_shape=shape, reference=ref))
             else:
-                lip, off = _lipschitz(name, m, shape)
-                steps.append(Step(name, m, None, lip, off, shape))
+                target = m if ref is None else ref
+                lip, off = step_lipschitz(name, target, shape)
+                bn = isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
+                gap = batchnorm_gap(name, m, target, shape) if bn else None
+                steps.append(Step(name, m, None, lip, off, shape, ref, gap))
             try:
                 x = m(x)
             except RuntimeError as err:
@@ -310,6 +271,40 @@ def extract(model: nn.Module, input_shape: Sequence[int] | None = None) -> Netwo
     net = Network(tuple(steps), shape_in)
     _check_chain(model, net)
     return net
+
+
+def _mismatch(name: str, m: nn.Module, ref: nn.Module) -> ValueError:
+    return ValueError(
+        f"layer {name!r}: the model has {m!r} where the reference has {ref!r}; a reference "
+        "must be the same chain with the same shapes (expand a shrunk model first)"
+    )
+
+
+def _reference_leaves(
+    leaves: list[tuple[str, nn.Module]], reference: nn.Module | None, shape: tuple[int, ...]
+) -> list[nn.Module | None]:
+    """The reference's module for each step (None without a reference), after checking that
+    the reference, with its masks removed, is a chain the theory models exactly."""
+    if reference is None:
+        return [None] * len(leaves)
+    extract(reset(copy.deepcopy(reference)), shape)  # every check of the reference itself
+    ref_leaves = _leaves(reference)
+    if [n for n, _ in ref_leaves] != [n for n, _ in leaves]:
+        raise ValueError(
+            f"the reference's layers {[n for n, _ in ref_leaves]} are not the model's "
+            f"{[n for n, _ in leaves]}"
+        )
+    for (name, m), (_, ref) in zip(leaves, ref_leaves, strict=True):
+        if _base(m) is not _base(ref) or (
+            not isinstance(m, _PRUNABLE + _NORMS) and repr(m) != repr(ref)
+        ):
+            raise _mismatch(name, m, ref)
+    return [ref for _, ref in ref_leaves]
+
+
+def _base(m: nn.Module) -> type:
+    """The supported torch class `m` computes as (through a parametrized class)."""
+    return next(c for c in type(m).__mro__ if c in _SUPPORTED or c is nn.Sequential)
 
 
 _KNOWN = {
@@ -328,7 +323,7 @@ _KNOWN = {
 }
 
 
-_SUPPORTED: tuple[type[nn.Module], ...] = (*_PRUNABLE, *_POOLS, *_ELEMENTWISE_1, *_KNOWN)
+_SUPPORTED: tuple[type[nn.Module], ...] = (*_PRUNABLE, *POOLS, *ELEMENTWISE_1, *_KNOWN)
 
 
 def _global_hooks() -> bool:

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from prunebound._masks import effective_weight, original_weight
-from prunebound.theory.network import Network, Step, pool_multiplicity
+from prunebound._masks import reset
+from prunebound.theory.lipschitz import pool_multiplicity
+from prunebound.theory.network import Network, Step
 from prunebound.theory.norms import spectral_norm
 
 _U64 = 2.0**-53
@@ -202,8 +203,13 @@ def _opabs(step: Step, weight: torch.Tensor) -> tuple[float, int]:
     return fro * math.sqrt(pool_multiplicity(k, spec.stride, spec.dilation)), spec.fan_in
 
 
-def _affine_fn(step: Step) -> Any:
-    mod = copy.deepcopy(step.module).double().eval()
+def _affine_fn(step: Step, module: nn.Module, *, original: bool) -> Any:
+    """(linear part, value at 0) of the affine step as `module` computes it (with `original`:
+    its masks removed)."""
+    mod = copy.deepcopy(module)
+    if original:
+        reset(mod)
+    mod = mod.double().eval()
     shape = step.in_shape
     with torch.no_grad():
         zero = mod(torch.zeros(1, *shape, dtype=torch.float64)).flatten(1)
@@ -239,27 +245,46 @@ def slope_bound(
     unstable = 0
     for i, step in enumerate(net.steps):
         if step.spec is not None:
-            mod = step.module
-            w = original_weight(mod).detach()
-            wt = effective_weight(mod).detach()
+            w, wt = step.weights()
             fw, ft, fd = _layer_fn(step, w), _layer_fn(step, wt), _layer_fn(step, w - wt)
             (ow, n), (ot, _), (od, _) = _opabs(step, w), _opabs(step, wt), _opabs(step, w - wt)
-            b = getattr(mod, "bias", None)
+            b, bt = step.biases()
             z = _map(h, fw, ow, n, rho)
-            if b is not None:  # the bias in the output's own layout (per pixel / per token)
-                zero = torch.zeros(1, math.prod(step.in_shape), dtype=torch.float64)
-                z.const = z.const + fw(zero, b.detach().double())[0]
             p = _map(d, ft, ot, n, rho).plus(_map(h, fd, od, n, rho), rho, -1.0)
+            # the biases in the output's own layout (per pixel / per token): z gets b, the
+            # difference b~ - b (masked bias entries)
+            zero = torch.zeros(1, math.prod(step.in_shape), dtype=torch.float64)
+            if b is not None:
+                z.const = z.const + fw(zero, b.double())[0]
+            none = torch.zeros(wt.shape[0], dtype=torch.float64)
+            gap = (none if bt is None else bt.double()) - (none if b is None else b.double())
+            if bool(gap.any()):
+                p.const = p.const + fw(zero, gap)[0]
+                p.err += _U64 * float(torch.linalg.vector_norm(p.const))
             h, d = z, p
         elif isinstance(step.module, _AFFINE):
-            fn, zero = _affine_fn(step)
+            fn, zero = _affine_fn(step, step.target, original=True)
             lip = step.lipschitz
             n = math.prod(step.in_shape)
+            # the difference of two images of one affine map is the linear part applied to the
+            # difference, its constant part included (-Delta h.const from the 2nd layer on);
+            # a BatchNorm that f computes otherwise (masked entries) adds (A~ - A) h + (c~ - c)
+            d_new = _map(d, fn, lip, n, rho)
+            if step.pruned_map is not None:
+                fn_t, zero_t = _affine_fn(step, step.module, original=False)
+                lip_t, _, d_s, _ = step.pruned_map
+                d_new = _map(d, fn_t, lip_t, n, rho)
+
+                def diff(a: torch.Tensor, f1: Any = fn_t, f0: Any = fn) -> torch.Tensor:
+                    out: torch.Tensor = f1(a) - f0(a)
+                    return out
+
+                d_new = d_new.plus(_map(h, diff, d_s + lip + lip_t, n, rho), rho)
+                d_new.const = d_new.const + (zero_t - zero)
+                d_new.err += _U64 * float(torch.linalg.vector_norm(d_new.const))
             h = _map(h, fn, lip, n, rho)
             h.const = h.const + zero
-            # the difference of two images of one affine map is the linear part applied to the
-            # difference, its constant part included (-Delta h.const from the 2nd layer on)
-            d = _map(d, fn, lip, n, rho)
+            d = d_new
         else:  # activation: sigma(z) and sigma(z~) - sigma(z)
             rad_h = h.radius(rho)
             mid, hw = _slopes(step, h.const - rad_h, h.const + rad_h)
