@@ -51,10 +51,21 @@ def test_whole_units_stay_dead_in_training_and_reset_revives_them() -> None:
     assert torch.equal(net[1].bias.detach(), bias_before) and not pb.is_pruned(net)
 
 
-def test_certify_refuses_whole_unit_masks_it_does_not_model() -> None:
+def test_certify_models_whole_unit_masks_and_refuses_foreign_parametrizations() -> None:
+    from soundness import worst_gap
+    from torch.nn.utils import parametrize
+
     net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
     pb.prune(net, "neuron", 0.5, coupled=True, example_inputs=torch.randn(3, 4))
-    with pytest.raises(ValueError, match="parametrization other than prunebound's weight mask"):
+    assert isinstance(net[0].parametrizations.bias[0], pb.Mask)
+    assert worst_gap(net, input_shape=(4,)) <= certify(net, radius=1.0).bound
+
+    class Double(nn.Module):
+        def forward(self, b: torch.Tensor) -> torch.Tensor:
+            return 2 * b
+
+    parametrize.register_parametrization(net[2], "bias", Double())
+    with pytest.raises(ValueError, match=r"'2'.*parametrization other than prunebound's"):
         certify(net, radius=1.0)
 
 

@@ -45,33 +45,32 @@ class Mask(nn.Module):
         return f"kept={int(self.mask.sum())}/{self.mask.numel()}"
 
 
-def mask_module(module: nn.Module) -> Mask | None:
-    """The `Mask` parametrization on `module.weight`, or None."""
-    if not parametrize.is_parametrized(module, "weight"):
+def mask_module(module: nn.Module, tensor: str = "weight") -> Mask | None:
+    """The `Mask` parametrization on `module.<tensor>` (default: its weight), or None."""
+    if not parametrize.is_parametrized(module, tensor):
         return None
-    plist: nn.ModuleList = getattr(module, "parametrizations")["weight"]  # noqa: B009
+    plist: nn.ModuleList = getattr(module, "parametrizations")[tensor]  # noqa: B009
     for p in plist:
         if isinstance(p, Mask):
             return p
     return None
 
 
-def original_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
-    """The underlying (unmasked) tensor `module.<name>` (a weight, a bias, a BatchNorm entry),
-    or None if the module has none."""
-    if parametrize.is_parametrized(module, name):
-        t = getattr(module, "parametrizations")[name].original  # noqa: B009
+def original_tensor(module: nn.Module, tensor: str) -> torch.Tensor:
+    """The underlying (unmasked) parameter `module.<tensor>` (a weight, a bias, a BatchNorm
+    entry)."""
+    if parametrize.is_parametrized(module, tensor):
+        t = getattr(module, "parametrizations")[tensor].original  # noqa: B009
     else:
-        t = getattr(module, name, None)
-    return t if isinstance(t, torch.Tensor) else None
+        t = getattr(module, tensor, None)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no {tensor} tensor")
+    return t
 
 
 def original_weight(module: nn.Module) -> torch.Tensor:
     """The underlying (unmasked) weight parameter of a layer."""
-    weight = original_tensor(module, "weight")
-    if weight is None:
-        raise TypeError(f"{type(module).__name__} has no weight tensor")
-    return weight
+    return original_tensor(module, "weight")
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -87,21 +86,22 @@ def _fingerprint(weight: torch.Tensor) -> tuple[float, float]:
     return float(w.sum()), float((w * w).sum())
 
 
-def set_mask(module: nn.Module, keep: torch.Tensor) -> None:
-    """Install or replace the keep-mask of `module.weight` (no checks: callers validate)."""
-    existing = mask_module(module)
-    weight = original_weight(module)
-    keep = keep.to(device=weight.device, dtype=torch.bool)
+def set_mask(module: nn.Module, keep: torch.Tensor, *, tensor: str = "weight") -> None:
+    """Install or replace the keep-mask of `module.<tensor>` (default: its weight; a bias or a
+    BatchNorm entry for whole units). No checks: callers validate."""
+    existing = mask_module(module, tensor)
+    original = original_tensor(module, tensor)
+    keep = keep.to(device=original.device, dtype=torch.bool)
     if existing is not None:
         existing.mask = keep
     else:
         # unsafe=True: Mask keeps shape and dtype, so parametrize's consistency re-check (a full
         # forward of the parametrization) is not needed.
-        parametrize.register_parametrization(module, "weight", Mask(keep), unsafe=True)
+        parametrize.register_parametrization(module, tensor, Mask(keep), unsafe=True)
         make_picklable(module)
-        existing = mask_module(module)
+        existing = mask_module(module, tensor)
         assert existing is not None
-    existing.fingerprint = _fingerprint(weight)
+    existing.fingerprint = _fingerprint(original)
 
 
 def trained_since_masked(model: nn.Module) -> list[str]:
@@ -236,23 +236,39 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _masked_tensors(module: nn.Module) -> list[str]:
-    """Names of the tensors of `module` carrying a prunebound `Mask` (the weight; for whole
-    units pruned with `coupled=True`, also the bias and BatchNorm entries)."""
+def masked_tensors(module: nn.Module) -> list[str]:
+    """Names of the tensors of `module` itself carrying a prunebound `Mask` (the weight; for
+    whole units pruned with `coupled=True`, also the bias and BatchNorm entries)."""
     if not parametrize.is_parametrized(module):
         return []
     plists = getattr(module, "parametrizations")  # noqa: B009
     return [n for n, plist in plists.items() if any(isinstance(p, Mask) for p in plist)]
 
 
-def _drop_mask(module: nn.Module, *, bake: bool) -> None:
-    """Remove the mask parametrizations of one layer, safely for deep copies.
+def tensor_masks(model: nn.Module) -> dict[str, tuple[nn.Module, str, Mask]]:
+    """Every prunebound `Mask` of `model`, on any tensor, keyed by the masked tensor's dense
+    `state_dict` key (`"0.weight"`, `"0.bias"`, `"1.weight"` of a BatchNorm): (module, tensor
+    name, mask), in module order."""
+    out = {}
+    for name, m in model.named_modules():
+        for t in masked_tensors(m):
+            mm = mask_module(m, t)
+            assert mm is not None
+            out[f"{name}.{t}" if name else t] = (m, t, mm)
+    return out
 
-    `copy.deepcopy` of a parametrized module shares its dynamically created class, and
-    `remove_parametrizations` deletes the `weight` property from that class, which would break
-    every copy. So the layer first gets a private class holding the same attributes.
+
+def drop_masks(module: nn.Module, *, bake: bool, tensors: Sequence[str] | None = None) -> None:
+    """Remove the mask parametrizations of `module` itself (of `tensors` only, if given),
+    baking the masks into plain tensors (`bake=True`) or reviving the values behind them.
+
+    Safe for deep copies: `copy.deepcopy` of a parametrized module shares its dynamically
+    created class, and `remove_parametrizations` deletes the property from that class, which
+    would break every copy. So the layer first gets a private class holding the same attributes.
     """
-    for name in _masked_tensors(module):
+    for name in masked_tensors(module):
+        if tensors is not None and name not in tensors:
+            continue
         cls = type(module)
         attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
         module.__class__ = type(cls.__name__, cls.__bases__, attrs)
@@ -262,12 +278,12 @@ def _drop_mask(module: nn.Module, *, bake: bool) -> None:
 def remove(model: nn.Module) -> nn.Module:
     """Bake the masks into plain weights (pruned entries become 0) and drop the parametrizations."""
     for m in model.modules():
-        _drop_mask(m, bake=True)
+        drop_masks(m, bake=True)
     return model
 
 
 def reset(model: nn.Module) -> nn.Module:
     """Drop the masks, reviving the pruned weights (and masked biases) with their values."""
     for m in model.modules():
-        _drop_mask(m, bake=False)
+        drop_masks(m, bake=False)
     return model

@@ -6,10 +6,12 @@ holding the weight *as the model computes with it*: a pruned layer's `X.weight` 
 weight (zeros where pruned), so any safetensors loader (`model.load_state_dict(
 safetensors.torch.load_file(p), strict=False)`) gets the sparse model. Beside them:
 
-- `__mask__.X.weight`: the bool keep-mask of each masked layer (True = kept);
-- `__pruned__.X.weight`: the underlying values at the pruned positions (1-D, row-major order),
-  only where some are nonzero: `reset` and lottery-ticket rewinding need them, and `load`
-  restores them, so a round trip is exact;
+- `__mask__.X.weight`: the bool keep-mask of each masked layer (True = kept); likewise
+  `__mask__.X.bias`, `__mask__.N.weight` and `__mask__.N.bias` for the other tensors a mask
+  sits on (the bias and BatchNorm entries of whole units pruned with `coupled=True`);
+- `__pruned__.X.weight` (`.bias`, ...): the underlying values at the pruned positions (1-D,
+  row-major order), only where some are nonzero: `reset` and lottery-ticket rewinding need
+  them, and `load` restores them, so a round trip is exact;
 - `__state__.*`: training checkpoints' extra tensors (optimizer moments, RNG states;
   `read_state`), which `load` ignores.
 
@@ -32,13 +34,15 @@ from torch.nn.utils import prune as torch_prune
 
 from prunebound._files import DIGEST_KEY, digest, read_checked, write_atomic
 from prunebound._masks import (
+    drop_masks,
     mask_module,
     maskable_layers,
-    original_weight,
-    prunable_layers,
-    reset,
+    masked_tensors,
+    original_tensor,
     set_mask,
+    tensor_masks,
 )
+from prunebound.layer_types import NORMS
 
 MASK_PREFIX = "__mask__."
 PRUNED_PREFIX = "__pruned__."
@@ -48,11 +52,11 @@ LAYOUT = "2"  # 2: masked weights under the plain keys; 1 (no "layout" key): unm
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 _SPECIAL = (MASK_PREFIX, PRUNED_PREFIX, STATE_PREFIX)
 logger = logging.getLogger(__name__)
-_PARAM = re.compile(r"^(?:(.*)\.)?parametrizations\.weight\.(original|0\.mask)$")
+_PARAM = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.(original|0\.mask)$")
 
 
 def _live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Dense state_dict key -> the live tensor behind it (underlying weights for masked layers)."""
+    """Dense state_dict key -> the live tensor behind it (the underlying tensor where masked)."""
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict(keep_vars=True).items():
         m = _PARAM.match(key)
@@ -60,8 +64,8 @@ def _live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if ".parametrizations." in f".{key}":
                 raise ValueError(f"{key}: only prunebound masks are supported as parametrizations")
             out[key] = t
-        elif m.group(2) == "original":
-            out[f"{m.group(1)}.weight" if m.group(1) else "weight"] = t
+        elif m.group(3) == "original":
+            out[f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)] = t
     return out
 
 
@@ -99,25 +103,21 @@ def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def file_tensors(model: nn.Module, *, pruned_values: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors `save` writes (no `extra`): masked weights under the plain keys (a tied
-    weight once, under its first key), `__mask__.*` and (with `pruned_values`) `__pruned__.*`
-    beside them."""
+    """The tensors `save` writes (no `extra`): masked tensors (weights; biases and BatchNorm
+    entries of whole units) under the plain keys (a tied weight once, under its first key),
+    `__mask__.*` and (with `pruned_values`) `__pruned__.*` beside them."""
     live = _live_tensors(model)
     first = {id(t): k for k, t in reversed(live.items())}
     # a tied weight is stored once, under its first key (safetensors refuses shared tensors)
     tensors = {k: t.detach().contiguous() for k, t in live.items() if first[id(t)] == k}
-    for name, m in prunable_layers(model).items():
-        mm = mask_module(m)
-        if mm is None:
-            continue
-        own = f"{name}.weight" if name else "weight"
+    for own, (m, tensor, mm) in tensor_masks(model).items():
         tensors[MASK_PREFIX + own] = mm.mask.contiguous()
-        weight = original_weight(m)
-        key = first[id(weight)]  # a tied weight is stored under its first key (a holder too)
+        original = original_tensor(m, tensor)
+        key = first[id(original)]  # a tied weight is stored under its first key (a holder too)
         if key != own:
             continue
-        tensors[key] = (weight.detach() * mm.mask).contiguous()
-        behind = weight.detach()[~mm.mask]
+        tensors[key] = (original.detach() * mm.mask).contiguous()
+        behind = original.detach()[~mm.mask]
         if pruned_values and bool(behind.any()):
             tensors[PRUNED_PREFIX + key] = behind.contiguous()
     return tensors
@@ -174,14 +174,10 @@ def save_masks(model: nn.Module, path: str | Path) -> Path:
     return Path(path)
 
 
-def _layer_name(key: str) -> str:
-    return key.removesuffix("weight").removesuffix(".")
-
-
 def _underlying(
     weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: str | Path
 ) -> dict[str, torch.Tensor]:
-    """Layout 2: the masked weights under the plain keys, with the pruned values put back."""
+    """Layout 2: the masked tensors under the plain keys, with the pruned values put back."""
     out = dict(weights)
     for k, behind in tensors.items():
         if not k.startswith(PRUNED_PREFIX):
@@ -189,7 +185,7 @@ def _underlying(
         key = k[len(PRUNED_PREFIX) :]
         keep = tensors.get(MASK_PREFIX + key)
         if key not in weights or keep is None or keep.dtype != torch.bool:
-            raise ValueError(f"{path}: {k} has no weight and bool mask beside it")
+            raise ValueError(f"{path}: {k} has no tensor and bool mask beside it")
         if keep.shape != weights[key].shape or behind.shape != (int((~keep).sum()),):
             raise ValueError(f"{path}: {k} does not fit the pruned positions of {key}")
         w = weights[key].clone()
@@ -221,18 +217,25 @@ def _strip_wrappers(
 
 
 def read(
-    path: str | Path, expected: set[str] | None = None
+    path: str | Path, expected: set[str] | None = None, *, all_masks: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(weights, masks) of a checkpoint; masks keyed by layer name. Never executes code.
+    """(weights, masks) of a checkpoint. Never executes code.
 
-    The weights are the model's underlying values (for a masked layer: the unmasked weight,
-    whatever the file's layout). With `expected` (a model's state_dict keys), keys saved from a
-    `torch.compile`d or DataParallel/DDP model lose their prefix (`_orig_mod.`, `module.`).
+    The weights are the model's underlying values (for a masked tensor: the unmasked values,
+    whatever the file's layout). The masks are the weight masks keyed by layer name (as
+    `prunebound.masks`), or with `all_masks` every mask keyed by its tensor's state_dict key
+    (`"0.weight"`, and for whole units `"0.bias"`, `"1.weight"`, `"1.bias"`). With `expected`
+    (a model's state_dict keys), keys saved from a `torch.compile`d or DataParallel/DDP model
+    lose their prefix (`_orig_mod.`, `module.`).
     """
     tensors, meta = read_checked(path)
     if expected is not None:
         tensors = _strip_wrappers(tensors, expected, path)
-    return _split(tensors, meta, path)
+    weights, file_masks = _split(tensors, meta, path)
+    if all_masks:
+        return weights, file_masks
+    names = {k: k.removesuffix("weight").removesuffix(".") for k in file_masks}
+    return weights, {names[k]: t for k, t in file_masks.items() if k.rpartition(".")[2] == "weight"}
 
 
 def _split(
@@ -241,11 +244,7 @@ def _split(
     weights = {k: t for k, t in tensors.items() if not k.startswith(_SPECIAL)}
     if meta.get("layout", "1") != "1":
         weights = _underlying(weights, tensors, path)
-    masks = {
-        _layer_name(k[len(MASK_PREFIX) :]): t
-        for k, t in tensors.items()
-        if k.startswith(MASK_PREFIX)
-    }
+    masks = {k[len(MASK_PREFIX) :]: t for k, t in tensors.items() if k.startswith(MASK_PREFIX)}
     return weights, masks
 
 
@@ -263,7 +262,7 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
     shapes and masks are all checked before anything is changed.
     """
     live = _live_tensors(model)
-    weights, file_masks = read(path, expected=set(live))
+    weights, file_masks = read(path, expected=set(live), all_masks=True)
     return _install(model, live, weights, file_masks, path)
 
 
@@ -275,7 +274,7 @@ def load_masks(model: nn.Module, path: str | Path) -> nn.Module:
     if meta.get("format") != "prunebound-masks":
         raise ValueError(f"{path}: not a prunebound masks file (format {meta.get('format')!r})")
     live = _live_tensors(model)
-    if any(mask_module(m) is not None for m in model.modules()):
+    if tensor_masks(model):
         raise ValueError("load_masks: the model already has masks (load into a dense model)")
     first = {id(t): k for k, t in reversed(live.items())}  # a tied weight once, as `save`
     plain = {k: t.detach().clone() for k, t in live.items() if first[id(t)] == k}
@@ -294,53 +293,62 @@ def _install(
     # a tied weight is stored once (see `save`): its other keys may be absent from the file
     live = {k: t for k, t in live.items() if k in weights or id(t) not in stored}
     _check_compatible(live, weights, f"checkpoint {path}")
+    modules = dict(model.named_modules())
     layers = maskable_layers(model)  # masks may sit on embeddings and tied layers too
-    for name, keep in file_masks.items():
-        if name not in layers:
+    for key, keep in file_masks.items():
+        owner, _, tensor = key.rpartition(".")
+        m = modules.get(owner)
+        if m is None or not _maskable(m, tensor, owner in layers):
             raise ValueError(
-                f"checkpoint {path}: mask for {name!r}, which is not a prunable layer of the model"
+                f"checkpoint {path}: mask for {key!r}, which is not the weight or bias of a "
+                "prunable layer (nor a BatchNorm entry) of the model"
             )
-        if keep.dtype != torch.bool or tuple(keep.shape) != tuple(
-            original_weight(layers[name]).shape
-        ):
+        if keep.dtype != torch.bool or keep.shape != original_tensor(m, tensor).shape:
             raise ValueError(
-                f"checkpoint {path}: mask {name!r} must be bool with the weight's shape"
+                f"checkpoint {path}: mask {key!r} must be bool with the shape of its tensor"
             )
     with torch.no_grad():
         for k, t in weights.items():
             live[k].copy_(t)
-    for name, m in layers.items():
-        if name in file_masks:
-            set_mask(m, file_masks[name])
-        elif mask_module(m) is not None:
-            reset(m)
+    for owner, m in modules.items():
+        prefix = f"{owner}." if owner else ""
+        wanted = [t for t in ("weight", "bias") if prefix + t in file_masks]
+        drop_masks(m, bake=False, tensors=[t for t in masked_tensors(m) if t not in wanted])
+        for t in wanted:  # weight before bias, as `prune` masks them: the parameter order
+            set_mask(m, file_masks[prefix + t], tensor=t)  # (optimizer states) is the run's
     return model
 
 
-def import_torch_prune(model: nn.Module) -> nn.Module:
-    """Convert `torch.nn.utils.prune` masks (`weight_orig`/`weight_mask`) into prunebound masks.
+def _maskable(module: nn.Module, tensor: str, layer: bool) -> bool:
+    """Whether a checkpoint may put a mask on `module.<tensor>`: the weight or bias of a
+    maskable layer, or a BatchNorm entry (whole units)."""
+    if tensor not in ("weight", "bias") or not (layer or isinstance(module, NORMS)):
+        return False
+    return isinstance(getattr(module, tensor, None), torch.Tensor)
 
-    Bias masks, which prunebound does not use, are baked into the bias.
-    """
+
+def import_torch_prune(model: nn.Module) -> nn.Module:
+    """Convert `torch.nn.utils.prune` masks (`weight_orig`/`weight_mask`, and `bias_orig`/
+    `bias_mask`) into prunebound masks on the same tensors."""
     for m in model.modules():
-        if hasattr(m, "bias_mask"):
-            torch_prune.remove(m, "bias")  # type: ignore[no-untyped-call]
-        orig, keep = getattr(m, "weight_orig", None), getattr(m, "weight_mask", None)
-        if isinstance(orig, torch.Tensor) and isinstance(keep, torch.Tensor):
-            orig, keep = orig.detach().clone(), keep.detach().to(torch.bool)
-            torch_prune.remove(m, "weight")  # type: ignore[no-untyped-call]
-            with torch.no_grad():
-                original_weight(m).copy_(orig)
-            set_mask(m, keep)
+        for t in ("weight", "bias"):
+            orig, keep = getattr(m, f"{t}_orig", None), getattr(m, f"{t}_mask", None)
+            if isinstance(orig, torch.Tensor) and isinstance(keep, torch.Tensor):
+                orig, keep = orig.detach().clone(), keep.detach().to(torch.bool)
+                torch_prune.remove(m, t)  # type: ignore[no-untyped-call]
+                with torch.no_grad():
+                    original_tensor(m, t).copy_(orig)
+                set_mask(m, keep, tensor=t)
     return model
 
 
 def export_torch_prune(model: nn.Module) -> nn.Module:
-    """Convert prunebound masks into `torch.nn.utils.prune`'s `weight_orig`/`weight_mask` form."""
+    """Convert prunebound masks into `torch.nn.utils.prune`'s `weight_orig`/`weight_mask` form
+    (`bias_orig`/`bias_mask`, ... for the bias and BatchNorm masks of whole units)."""
     for m in model.modules():
-        mm = mask_module(m)
-        if mm is not None:
-            keep = mm.mask.clone()
-            reset(m)
-            torch_prune.custom_from_mask(m, "weight", keep)  # type: ignore[no-untyped-call]
+        names = masked_tensors(m)
+        keeps = {t: mm.mask.clone() for t in names if (mm := mask_module(m, t)) is not None}
+        drop_masks(m, bake=False)
+        for t, keep in keeps.items():
+            torch_prune.custom_from_mask(m, t, keep)  # type: ignore[no-untyped-call]
     return model

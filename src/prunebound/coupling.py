@@ -17,11 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from prunebound._check import Seed, as_generator
 from prunebound._masks import (
-    Mask,
     alive_units,
     mask_module,
     original_weight,
@@ -29,7 +27,7 @@ from prunebound._masks import (
     set_mask,
     unit_view,
 )
-from prunebound.layer_types import CONV_TRANSPOSE, is_transposed_linear
+from prunebound.layer_types import CONV_TRANSPOSE, NORMS, is_transposed_linear
 from prunebound.methods import Method
 
 try:  # optional: pip install "prunebound[structured]"
@@ -40,7 +38,6 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 #: layers whose output channels the tracer can remove (weight rows; depthwise convs included)
 TRACED: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def require_torch_pruning() -> None:
@@ -184,18 +181,14 @@ def unit_groups(model: nn.Module, example_inputs: object) -> list[UnitGroup]:
 
 
 def mask_entries(module: nn.Module, tensor: str, keep: torch.Tensor) -> None:
-    """Install or update a prunebound `Mask` on `module.<tensor>` (a bias, a BatchNorm entry)."""
+    """Install or narrow a prunebound `Mask` on `module.<tensor>` (a bias, a BatchNorm entry):
+    entries already masked stay masked."""
     if getattr(module, tensor, None) is None:
         return
-    if parametrize.is_parametrized(module, tensor):
-        for p in getattr(module, "parametrizations")[tensor]:  # noqa: B009
-            if isinstance(p, Mask):
-                p.mask = p.mask & keep.to(p.mask.device)
-                return
-    original = getattr(module, tensor)
-    parametrize.register_parametrization(
-        module, tensor, Mask(keep.to(original.device)), unsafe=True
-    )
+    mm = mask_module(module, tensor)
+    if mm is not None:
+        keep = mm.mask & keep.to(mm.mask.device)
+    set_mask(module, keep, tensor=tensor)
 
 
 def _group_scores(

@@ -28,6 +28,9 @@ CONV_TRANSPOSE: tuple[type[nn.Module], ...] = (
 )
 CONV: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *CONV_TRANSPOSE)
 PRUNABLE: tuple[type[nn.Module], ...] = LINEAR + CONV
+#: Normalisation layers whose entries belong to the channel before them: a whole unit pruned
+#: with `coupled=True` masks its BatchNorm weight and bias entries too.
+NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 #: Prunable only when selected explicitly (by exact name or by type), never by default or by glob.
 OPT_IN: tuple[type[nn.Module], ...] = (nn.Embedding,)
 

@@ -23,7 +23,6 @@ from prunebound._masks import is_pruned, trained_since_masked
 from prunebound.theory.layer_norms import EXACT_MAX, LargeLinear, step_norm
 from prunebound.theory.network import Step, extract
 from prunebound.theory.norms import NormBound, NormMethod
-from prunebound.theory.oracles import out_positions
 from prunebound.theory.slopes import SlopeBound, slope_bound, slope_cost, supported
 
 log = logging.getLogger(__name__)
@@ -91,22 +90,6 @@ class Certificate:
         return asdict(self)
 
 
-def bias_norms(step: Step) -> tuple[float, float, float]:
-    """(||b||, ||b~||, ||b - b~||) as seen in the layer's output (a bias repeats at every output
-    position): F's unmasked bias, f's bias as it computes (masked entries 0), their gap."""
-    b, bt = step.biases()
-    assert step.spec is not None
-    reps = math.sqrt(out_positions(step.spec)) * (1 + 1e-12)
-    zero = torch.zeros(step.spec.shape[0], dtype=torch.float64)
-    b64 = zero if b is None else b.double()
-    bt64 = zero if bt is None else bt.double()
-
-    def norm(v: torch.Tensor) -> float:
-        return float(torch.linalg.vector_norm(v)) * reps
-
-    return norm(b64), norm(bt64), norm(b64 - bt64)
-
-
 def float_margin(bound: float, output_scale: float, radius: float) -> float:
     """`bound` raised to stay above a gap evaluated in float64 (docs/theory.md §7.3b): relative
     1e-9 for the rounding of norms and sums, absolute 1e-12 (output_scale + radius) for outputs
@@ -139,7 +122,7 @@ class _Norms:
     nw: NormBound
     nt: NormBound
     nd: NormBound
-    bias: tuple[float, float, float]  # bias_norms: ||b||, ||b~||, ||b - b~||
+    bias: tuple[float, float, float]  # Step.bias_norms: ||b||, ||b~||, ||b - b~||
     pruned: int
     total: int
     refine: Callable[..., NormBound] | None = None  # Lanczos for ||Delta|| (k steps)
@@ -270,7 +253,7 @@ def certify(
             w, wt = step.weights()
             wt = w if torch.equal(w, wt) else wt  # `is` below: nothing pruned in this layer
             pruned = int((wt == 0).sum() - (w == 0).sum())
-            b = bias_norms(step)
+            b = step.bias_norms()
             large = (
                 step.spec.kind == "linear"
                 and norm_method in ("auto", "lanczos")

@@ -9,6 +9,7 @@ Derived for prunebound in the setting of Qian & Klabjan (2021).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -26,6 +27,7 @@ from prunebound.theory.lipschitz import (
     step_lipschitz,
     unsupported,
 )
+from prunebound.theory.oracles import out_positions
 from prunebound.theory.values import LayerKind, LayerSpec
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -68,12 +70,27 @@ class Step:
 
     def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(b, b~): F's unmasked bias and f's bias as it computes (None where absent)."""
-        b = original_tensor(self.target, "bias")
+        has_bias = isinstance(getattr(self.target, "bias", None), torch.Tensor)
+        b = original_tensor(self.target, "bias") if has_bias else None
         bt = getattr(self.module, "bias", None)
         return (
             None if b is None else b.detach(),
             bt.detach() if isinstance(bt, torch.Tensor) else None,
         )
+
+    def bias_norms(self) -> tuple[float, float, float]:
+        """(||b||, ||b~||, ||b - b~||) as seen in the output (a bias repeats at every output
+        position): F's unmasked bias, f's bias as it computes (masked entries 0), their gap."""
+        b, bt = self.biases()
+        assert self.spec is not None
+        reps = math.sqrt(out_positions(self.spec)) * (1 + 1e-12)
+        zero = torch.zeros(self.spec.shape[0], dtype=torch.float64)
+        b64 = zero if b is None else b.double()
+        bt64 = zero if bt is None else bt.double()
+        norm_b, norm_bt, norm_gap = (
+            float(torch.linalg.vector_norm(v)) * reps for v in (b64, bt64, b64 - bt64)
+        )
+        return norm_b, norm_bt, norm_gap
 
 
 @dataclass(frozen=True)
