@@ -25,6 +25,7 @@ from torch import nn
 
 import prunebound as pb
 from prunebound.coupling import mask_entries
+from prunebound.layer_types import NORMS
 
 TOL = 1e-6  # relative slack of "certificate >= found gap" (the search itself rounds in float64)
 
@@ -138,7 +139,7 @@ def mask_random_entries(model: nn.Module, share: float, gen: torch.Generator) ->
     for m in model.modules():
         for tensor in (
             ("weight", "bias")
-            if isinstance(m, nn.modules.batchnorm._NormBase)
+            if isinstance(m, NORMS)
             else (("bias",) if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d) else ())
         ):
             t = getattr(m, tensor, None)

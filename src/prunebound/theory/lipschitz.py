@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from prunebound._masks import original_tensor
+from prunebound.layer_types import NORMS
 
 POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
 ELEMENTWISE_1 = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softsign)
@@ -73,7 +74,7 @@ def step_lipschitz(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> tuple[
         if as_tuple(m.output_size, len(in_shape) - 1) != [1] * (len(in_shape) - 1):  # type: ignore[arg-type]
             raise unsupported(name, m, " unless global (output_size 1)")
         return 1.0 / math.sqrt(math.prod(in_shape[1:])), 0.0  # Cauchy-Schwarz per channel
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+    if isinstance(m, NORMS):
         scale, shift = batchnorm_affine(name, m, original=True)
         reps = _positions(in_shape)
         return float(scale.abs().max()), float(torch.linalg.vector_norm(shift)) * math.sqrt(reps)
@@ -110,7 +111,7 @@ def batchnorm_affine(
     """(s, t) in float64 with BN(x) = s * x + t per channel in eval mode; with `original`, from
     the unmasked gamma and beta (the reference F), else from the values the module computes
     with (masked entries are 0: the pruned network f)."""
-    assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
+    assert isinstance(m, NORMS)
     if m.training or m.running_var is None or m.running_mean is None:
         raise unsupported(name, m, " in training mode or without running stats (call eval())")
     scale = 1.0 / torch.sqrt(m.running_var.double() + m.eps)

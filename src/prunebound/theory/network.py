@@ -20,6 +20,7 @@ from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 
 from prunebound._masks import Mask, effective_weight, original_tensor, original_weight, reset
+from prunebound.layer_types import NORMS
 from prunebound.theory.lipschitz import (
     ELEMENTWISE_1,
     POOLS,
@@ -33,7 +34,6 @@ from prunebound.theory.values import LayerKind, LayerSpec
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: the tensors a prunebound mask may sit on and the theory still models (docs §7.3)
 _MASKABLE = frozenset({"weight", "bias"})
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ def extract(
             else:
                 target = m if ref is None else ref
                 lip, off = step_lipschitz(name, target, shape)
-                bn = isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
+                bn = isinstance(m, NORMS)
                 gap = batchnorm_gap(name, m, target, shape) if bn else None
                 steps.append(Step(name, m, None, lip, off, shape, ref, gap))
             try:
@@ -313,7 +313,7 @@ def _reference_leaves(
         )
     for (name, m), (_, ref) in zip(leaves, ref_leaves, strict=True):
         if _base(m) is not _base(ref) or (
-            not isinstance(m, _PRUNABLE + _NORMS) and repr(m) != repr(ref)
+            not isinstance(m, _PRUNABLE + NORMS) and repr(m) != repr(ref)
         ):
             raise _mismatch(name, m, ref)
     return [ref for _, ref in ref_leaves]

@@ -269,8 +269,9 @@ def slope_bound(
             # the difference of two images of one affine map is the linear part applied to the
             # difference, its constant part included (-Delta h.const from the 2nd layer on);
             # a BatchNorm that f computes otherwise (masked entries) adds (A~ - A) h + (c~ - c)
-            d_new = _map(d, fn, lip, n, rho)
-            if step.pruned_map is not None:
+            if step.pruned_map is None:
+                d_new = _map(d, fn, lip, n, rho)
+            else:
                 fn_t, zero_t = _affine_fn(step, step.module, original=False)
                 lip_t, _, d_s, _ = step.pruned_map
                 d_new = _map(d, fn_t, lip_t, n, rho)
