@@ -226,6 +226,8 @@ def run_schedule(
         (data.x_train[:n_cal], data.y_train[:n_cal]) if METHODS[schedule.method].needs else None
     )
     distill = retrain.objective == "distill"
+    # coupled schedules trace the model's channel dependencies on one training batch
+    example = data.x_train[: dense.batch_size] if schedule.coupled else None
 
     rewind_at = 0 if schedule.rewind_step is None else schedule.rewind_step
 
@@ -287,7 +289,8 @@ def run_schedule(
                         prepare_gradual(model, schedule)
                     step_cb = prune_at
                 elif r > 0 and start is None:
-                    prune_round(model, schedule, generator, r, data=calibration)
+                    prune_round(model, schedule, generator, r, data=calibration,
+                                example_inputs=example)  # fmt: skip
                     if dist is not None:
                         dist.broadcast_masks(model)
                     if rewind_to is not None:

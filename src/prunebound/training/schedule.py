@@ -89,6 +89,12 @@ class Schedule:
         shrink: structured methods only: after the last round, `prunebound.shrink` the model
             (example inputs: the first 64 test inputs) and report the shrunk model's parameters,
             MACs and measured latency (`results.json` "shrink"; `model.shrunk.safetensors`).
+        coupled: structured methods only: each round prunes whole coupled units
+            (`prune(..., coupled=True)`: channels tied by residual adds pruned together, each
+            unit's weight row, bias and BatchNorm entries masked), `rate(r)` of the units still
+            alive in each group (or globally), traced on one batch of training inputs. Rounds
+            compose but are not count-exact (rounding per group and round). Not for gradual
+            schedules, nor with `last_layer_scale` other than 1.
     """
 
     kind: ScheduleKind = "iterative"
@@ -109,6 +115,7 @@ class Schedule:
     begin_step: int = 0
     calibration: int = 1024
     shrink: bool = False
+    coupled: bool = False
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
@@ -151,6 +158,7 @@ class Schedule:
                 f"schedule.shrink needs a structured method ('neuron', 'filter'), got "
                 f"{self.method!r}: unstructured masks leave no whole unit to remove"
             )
+        self._check_coupled()
         if self.kind == "oneshot" and len(steps) > 1:
             raise ValueError(f"schedule.steps must have one entry for oneshot, got {steps!r}")
         # all checked: normalise (frozen, hence object.__setattr__)
@@ -173,6 +181,24 @@ class Schedule:
         object.__setattr__(self, "target_sparsity", steps[-1])
         object.__setattr__(self, "last_layer_scale", float(c))
         object.__setattr__(self, "retrain_lr_scale", float(f))
+
+    def _check_coupled(self) -> None:
+        if not isinstance(self.coupled, bool):
+            raise ValueError(f"schedule.coupled must be true or false, got {self.coupled!r}")
+        if not self.coupled:
+            return
+        meth = METHODS[self.method]
+        if meth.unit != "row" or meth.scores is None:
+            raise ValueError(
+                f"schedule.coupled needs a structured method ('neuron', 'filter'), got "
+                f"{self.method!r}: only whole units are coupled"
+            )
+        if self.kind == "gradual":
+            raise ValueError("schedule.coupled does not apply to gradual schedules (yet)")
+        if self.last_layer_scale != 1.0:
+            raise ValueError(
+                "schedule.coupled prunes coupled groups, not layers: last_layer_scale must be 1"
+            )
 
     def prune_step(self, r: int) -> int:
         """Gradual schedules: the retraining step after which round r (1-based) prunes."""
@@ -203,8 +229,9 @@ class Schedule:
             d["layers"] = list(self.layers)
         else:
             del d["layers"]
-        if not self.shrink:  # absent when false: older configs keep their hash
-            del d["shrink"]
+        for flag in ("shrink", "coupled"):  # absent when false: older configs keep their hash
+            if not d[flag]:
+                del d[flag]
         return d
 
 
@@ -249,7 +276,13 @@ def _pruned_units(module: nn.Module, unit: Unit) -> tuple[int, int]:
 
 
 def prune_round(
-    model: nn.Module, schedule: Schedule, seed: Seed = 0, r: int = 1, *, data: object = None
+    model: nn.Module,
+    schedule: Schedule,
+    seed: Seed = 0,
+    r: int = 1,
+    *,
+    data: object = None,
+    example_inputs: object = None,
 ) -> None:
     """Prune `model` in place to the sparsity of round r (1-based) of `schedule`.
 
@@ -260,7 +293,9 @@ def prune_round(
     scope; for layer scope each of them reaches `round(s' * n)` with the common `s'` that
     compensates, so the total is within one unit per layer. Sampling methods (Bernoulli) prune
     each survivor with the round's rate instead, so they are not count-exact. `data` is the
-    calibration data of data-aware methods (`prune(data=...)`).
+    calibration data of data-aware methods (`prune(data=...)`). A `coupled` schedule prunes
+    `schedule.rate(r)` of the alive coupled units instead (`prune(..., coupled=True,
+    example_inputs=example_inputs)`), which a schedule run takes from one training batch.
     """
     g = as_generator(seed)  # one generator for every prune call of the round
     meth = METHODS[schedule.method]
@@ -268,6 +303,12 @@ def prune_round(
     names = list(layers)
     if not names:
         raise ValueError(f"model has no layer that method {schedule.method!r} can prune")
+    if schedule.coupled:
+        if example_inputs is None:
+            raise ValueError("a coupled schedule needs example_inputs (a batch the model runs on)")
+        prune(model, meth, schedule.rate(r), scope=schedule.scope, layers=names, seed=g,
+              coupled=True, example_inputs=example_inputs)  # fmt: skip
+        return
     separate = schedule.last_layer_scale != 1.0 and len(names) > 1
     body = names[:-1] if separate else names
     if meth.mask is not None:  # sampling method: no exact counts
