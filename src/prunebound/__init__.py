@@ -17,6 +17,7 @@ Every exported name, by wing (defining module in brackets; the design: docs/desi
               save_export, load_export                 [deploy.export_file]
               SparseLinear, SparseConv2d               [deploy.sparse]
               shrink                                   [deploy.shrink]
+              expand                                   [deploy.expand]
               save_shrunk, load_shrunk                 [deploy.shrink_file]
     check     verify, VerifyReport, largest_fraction, LargestFraction   [check.verify]
               sampled_plan, SampledPlan                [check.sampled]
@@ -50,6 +51,7 @@ from prunebound.checkpoint import (
     save,
     snapshot,
 )
+from prunebound.deploy.expand import expand
 from prunebound.deploy.export import ExportReport, LayerExport, export, export_report
 from prunebound.deploy.export_file import load_export, save_export
 from prunebound.deploy.shrink import shrink
@@ -96,6 +98,7 @@ __all__ = [
     "compress",
     "data",
     "evaluate",
+    "expand",
     "export",
     "export_report",
     "export_torch_prune",

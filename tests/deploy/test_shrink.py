@@ -27,6 +27,27 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     return torch.allclose(a, b, rtol=tol, atol=tol * (1 + float(b.abs().max())))
 
 
+def _check_expand(small: nn.Module, net: nn.Module, y: torch.Tensor, *, whole: bool) -> None:
+    """`expand(small, net)` has net's shapes and small's function; after whole-unit pruning
+    (nothing folded) its weights are the masked model's as it computes, except the input
+    columns of removed units (zero in the expansion, dead inputs in the masked model)."""
+    big = pb.expand(small, net).eval()
+    assert _close(big(y), small.eval()(y), 1e-10 if y.dtype == torch.float64 else 1e-5)
+    masked = pb.remove(copy.deepcopy(net)).state_dict()
+    assert {k: v.shape for k, v in big.state_dict().items()} == {
+        k: v.shape for k, v in masked.items()
+    }
+    if whole:
+        for k, v in big.state_dict().items():
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                live = v != 0
+                assert torch.equal(v[live], masked[k][live]), k
+                if v.dim() > 0:  # the removed output units are the masked model's zero rows
+                    dead = v.flatten(1).eq(0).all(1) if v.dim() > 1 else ~live
+                    gone = masked[k].flatten(1).eq(0).all(1) if v.dim() > 1 else masked[k] == 0
+                    assert torch.equal(dead, gone), k
+
+
 def test_mlp_neurons_are_removed_with_exact_parameter_count() -> None:
     torch.manual_seed(0)
     net = pb.models.lenet_300_100()
@@ -121,6 +142,7 @@ def test_depthwise_and_concat_shrink_exactly() -> None:
     assert (small.a.out_channels, small.dw.groups, small.b.out_channels) == (3, 3, 2)
     assert (small.mix.in_channels, small.mix.out_channels, small.head.in_features) == (5, 4, 4)
     assert _close(small(x), net(x), 1e-5)
+    _check_expand(small, net, x, whole=True)
 
 
 def test_bad_input_is_refused_and_the_model_is_untouched() -> None:
@@ -161,6 +183,8 @@ def test_shrunk_model_file_round_trip(tmp_path) -> None:  # type: ignore[no-unty
     fresh = pb.models.resnet_small()
     loaded = pb.load_shrunk(fresh, path).eval()
     assert torch.equal(loaded(x), small(x)) and _params(loaded) == _params(small)
+    assert loaded.kept_units == small.kept_units  # expand works on a loaded model too
+    assert torch.equal(pb.expand(loaded, net).eval()(x), pb.expand(small, net).eval()(x))
     assert fresh[0].out_channels == 16  # the given model is left as built
     with pytest.raises(ValueError, match="do not match the model's"):
         pb.load_shrunk(pb.models.vgg_small(), path)
@@ -238,6 +262,7 @@ def test_shrink_computes_the_masked_function_on_random_chains(
     y = torch.randn(7, *x.shape[1:], dtype=torch.float64)  # other inputs than the traced ones
     assert _close(small(y), net(y), 1e-10)
     sigmoid = any(isinstance(m, nn.Sigmoid) for m in net)  # 0 -> 1/2: padded convs keep it
+    _check_expand(small, net, y, whole=coupled and not sigmoid)
     if coupled and not sigmoid:  # whole units: every pruned unit is gone (one group per layer)
         for name, m in pb.prunable_layers(net).items():
             if name == str(len(net) - 1):
@@ -311,5 +336,6 @@ def test_random_resnets_shrink_exactly(
     small = pb.shrink(net, x)
     y = torch.randn(5, 1, 8, 8, dtype=torch.float64)
     assert _close(small(y), net(y), 1e-10)
+    _check_expand(small, net, y, whole=coupled)
     if coupled:  # every stage's residual stream lost round(amount * width) channels
         assert small[0].out_channels == widths[0] - round(amount * widths[0])

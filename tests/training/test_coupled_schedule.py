@@ -4,6 +4,7 @@ BatchNorm entries; residual channels together), so the run's `shrink` removes al
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -56,10 +57,10 @@ def test_coupled_schedule_prunes_whole_units_and_shrink_removes_them(tmp_path: P
     masked = pb.load(arch, out / "model.safetensors")
     # whole units: each BatchNorm after a conv is zero (gamma and beta) exactly where the
     # conv's filters are (trained weights are never exactly zero elsewhere)
-    mods = [(n, m) for n, m in masked.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    mods = [m for m in masked.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
     pairs = [
-        (ma, mb) for (_, ma), (_, mb) in zip(mods, mods[1:], strict=False)
-        if isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d)
+        (a, b) for a, b in pairwise(mods)
+        if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d)
     ]  # fmt: skip
     assert len(pairs) >= 6
     total = alive = 0
@@ -71,7 +72,9 @@ def test_coupled_schedule_prunes_whole_units_and_shrink_removes_them(tmp_path: P
     # two rounds of 25% then to 50% of the units: about half of the channels are gone
     assert 0.35 <= 1 - alive / total <= 0.6
     # shrink removed everything pruned: each conv is as wide as its alive rows
-    small = pb.load_shrunk(pb.models.resnet_small(widths=(8, 16, 16)), out / "model.shrunk.safetensors")
+    small = pb.load_shrunk(
+        pb.models.resnet_small(widths=(8, 16, 16)), out / "model.shrunk.safetensors"
+    )
     small_convs = dict(_masked_convs(small))
     for name, conv in _masked_convs(masked):
         rows = conv.weight.detach().flatten(1).ne(0).any(1)

@@ -34,6 +34,7 @@ from prunebound.coupling import (
     require_torch_pruning,
     run,
 )
+from prunebound.deploy.expand import KEPT, check_record, record_prune, start_record
 from prunebound.outputs import output_layers
 
 #: modules without parameters that act on each channel separately (or reshape it)
@@ -199,7 +200,8 @@ def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> n
             they differ (allclose: rtol 1e-4 in float32, 1e-9 in float64).
 
     Returns:
-        a mask-free model in the training mode of `model`, with the pruned units removed. It
+        a mask-free model in the training mode of `model`, with the pruned units removed (its
+        `kept_units` attribute records which original units each layer kept: see `expand`). It
         computes the masked model's function in eval mode; a folded constant is the eval-mode
         value, so after a plain prune with BatchNorm or Dropout between a pruned unit and its
         folding consumer, train-mode outputs can differ (whole units, `coupled=True`, are zero
@@ -220,6 +222,7 @@ def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> n
     probe = _probe(inputs)
     graph = dependency_graph(work, inputs)
     names = {id(m): n for n, m in work.named_modules()}
+    kept = start_record(work)
     keep = set(output_layers(model))  # empty for a one-layer model: that layer is the output
     keep = keep or {n for n, m in work.named_modules() if is_traced(m)}
     for name, m in list(work.named_modules()):
@@ -246,7 +249,10 @@ def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> n
         _, folds = _removable(group, names, seen, keep)
         for cname, consts in folds.items():
             _fold(work.get_submodule(cname), consts)
+        record_prune(kept, group, names)
         group.prune()
+    check_record(work, kept)
+    setattr(work, KEPT, kept)  # which original units survive: `expand` undoes the shrink
     work.train(model.training)
     if check:
         was = work.training

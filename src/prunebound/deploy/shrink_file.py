@@ -3,8 +3,9 @@
 A shrunk model has the class of the model it came from but narrower layers, so a plain
 state_dict does not load into a freshly built one. The file records, per Linear/Conv/BatchNorm,
 its sizes (`in_features`, `out_channels`, `groups`, `num_features`, ...) and whether it has a
-bias; `load_shrunk` narrows a fresh model to them, then loads the weights. No code is
-unpickled (safetensors plus JSON metadata).
+bias, and which original units it kept (`kept_units`, for `expand`); `load_shrunk` narrows a
+fresh model to them, then loads the weights. No code is unpickled (safetensors plus JSON
+metadata).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from prunebound._files import DIGEST_KEY, digest, read_checked, write_atomic
+from prunebound.deploy.expand import KEPT, check_record
 
 FORMAT = "prunebound-shrunk"
 _SIZES: dict[type[nn.Module], tuple[str, ...]] = {
@@ -57,6 +59,9 @@ def save_shrunk(model: nn.Module, path: str | Path) -> Path:
         "architecture": json.dumps(_architecture(model)),
         DIGEST_KEY: digest(tensors),
     }
+    kept = getattr(model, KEPT, None)
+    if isinstance(kept, dict):  # which original units survive (`expand`)
+        meta[KEPT] = json.dumps(kept)
     write_atomic(tensors, path, meta)
     return path
 
@@ -123,4 +128,11 @@ def load_shrunk(model: nn.Module, path: str | Path) -> nn.Module:
         trial.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path}: its tensors do not fit the model: {e}") from None
+    if KEPT in meta:
+        try:
+            kept = json.loads(meta[KEPT])
+            check_record(trial, kept)
+        except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: corrupt {KEPT} record ({e})") from None
+        setattr(trial, KEPT, kept)
     return trial
