@@ -24,6 +24,11 @@ def test_plan_table_and_json_match_the_library(capsys: pytest.CaptureFixture[str
     ref = plan([64, 32, 10], 0.3, 0.05, method="random")
     assert got["counts"] == ref.counts and got["method"] == "random"
     assert got["relative_eps"] == pytest.approx(0.3 / ref.output_scale)
+    neurons = ["plan", "--widths", "20,500,30,3", "--eps", "1.5", "--delta", "0.01"]
+    assert main([*neurons, "--method", "neuron"]) == 0
+    expected = plan([20, 500, 30, 3], 1.5, 0.01, method="neuron")
+    assert expected.total_pruned > 0
+    assert f"pruned {expected.total_pruned} neurons" in capsys.readouterr().out
 
 
 def test_plan_relative_eps_and_conv(capsys: pytest.CaptureFixture[str]) -> None:

@@ -365,6 +365,20 @@ def test_theorem_plans_outside_the_benchmark_grid_are_valid(
     assert _violations(p, build, (widths[0],), 12) <= _allowance(12, delta)
 
 
+def test_neuron_plans_are_valid_on_fresh_networks() -> None:
+    """Whole neurons (docs §4.5): fresh default-init networks pruned by the plan stay within
+    eps at the worst gap the harness finds."""
+    widths, delta = [20, 500, 30, 3], 0.01
+    p = pb.theory.plan(widths, eps=1.5, delta=delta, method="neuron")
+    assert p.total_pruned > 0 and p.counts["5"] == 0
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return pb.models.mlp(widths).eval()
+
+    assert _violations(p, build, (widths[0],), 12) <= _allowance(12, delta)
+
+
 def test_leaky_relu_slopes_are_exact_in_float64() -> None:
     # defect 9: torch.where on Python scalars gave float32 slopes (0.1 -> 0.10000000149):
     # tight certificates fell 1e-9 to 1e-7 (relative) below attained gaps

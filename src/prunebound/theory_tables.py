@@ -54,7 +54,7 @@ def plan_table(plan: Mapping[str, Any]) -> str:
     lines = [
         format_table(rows),
         f"guarantee ({kind}): {guarantee}",
-        f"{scale}pruned {pruned} weights",
+        f"{scale}pruned {pruned} {'neurons' if p['method'] == 'neuron' else 'weights'}",
     ]
     return "\n".join(lines + [f"note: {n}" for n in p["notes"]])
 

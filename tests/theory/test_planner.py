@@ -31,7 +31,10 @@ WIDTHS = [32, 64, 64, 10]
         ({"delta": 0.0}, r"delta must be a float in \(0, 1\), got 0.0"),
         ({"delta": 1.0}, "delta must be a float in"),
         ({"radius": 0.0}, "radius must be a finite number > 0"),
-        ({"method": "taylor"}, r"method must be one of 'magnitude', 'random', got 'taylor'"),
+        (
+            {"method": "taylor"},
+            r"method must be one of 'magnitude', 'random', 'neuron', got 'taylor'",
+        ),
         ({"law": "cauchy"}, "law must be one of"),
         ({"split": "even"}, r"split must be one of 'optimized', 'equal', 'params'"),
         ({"sampling": "bernoulli"}, "needs method='random'"),

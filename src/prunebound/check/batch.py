@@ -51,7 +51,8 @@ class SearchConfig:
 class Batch:
     """N sampled target networks: per layer weights (N, *shape), biases (N, out) or None, and
     pruning keys (N, numel). A layer prunes its m smallest keys (count form: |w| for magnitude,
-    uniform noise for random) or every key below a cutoff (Bernoulli / threshold form)."""
+    uniform noise for random) or every key below a cutoff (Bernoulli / threshold form); a
+    neuron plan's keys are the row norms (N, rows, 1) and whole rows go."""
 
     specs: tuple[LayerSpec, ...]
     weights: tuple[torch.Tensor, ...]
@@ -123,6 +124,8 @@ def sample_batch(
         bs.append(draw(n, spec.shape[0]) if spec.bias else None)
         if plan.method == "magnitude":
             ks.append(w.reshape(n, -1).abs())
+        elif plan.method == "neuron":  # one key per row (N, rows, 1): its L2 norm
+            ks.append(torch.linalg.vector_norm(w.reshape(n, spec.shape[0], -1), dim=2)[..., None])
         else:
             ks.append(torch.rand((n, spec.numel), generator=generator, dtype=dtype).to(device))
     return Batch(tuple(plan.specs), tuple(ws), tuple(bs), tuple(ks))
@@ -175,9 +178,15 @@ def prune_batch(
     batch: Batch, amounts: Sequence[float], *, cutoff: bool = False
 ) -> tuple[torch.Tensor, ...]:
     """Pruned weights: per layer zero the `amounts[l]` smallest keys (count form, ints), or with
-    `cutoff=True` every key < amounts[l] (Bernoulli fraction or magnitude threshold)."""
+    `cutoff=True` every key < amounts[l] (Bernoulli fraction or magnitude threshold). Row keys
+    (N, rows, 1) prune whole rows."""
     out = []
     for w, key, a in zip(batch.weights, batch.keys, amounts, strict=True):
+        if key.dim() == 3:  # whole rows
+            drop = (key[..., 0] < a if cutoff else smallest(key[..., 0], int(a)))[..., None]
+            rows = w.reshape(w.shape[0], w.shape[1], -1)
+            out.append(rows.masked_fill(drop, 0.0).reshape(w.shape))
+            continue
         flat = w.reshape(w.shape[0], -1)
         drop = key < a if cutoff else smallest(key, int(a))
         out.append(flat.masked_fill(drop, 0.0).reshape(w.shape))

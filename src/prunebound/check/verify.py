@@ -158,7 +158,8 @@ def _amounts(plan: Plan, fractions: Sequence[float] | None) -> tuple[list[float]
         fr = fractions if fractions is not None else [lp.fraction for lp in plan.layers]
         return list(fr), True
     if fractions is not None:
-        return [round(f * s.numel) for f, s in zip(fractions, plan.specs, strict=True)], False
+        units = [s.shape[0] if plan.method == "neuron" else s.numel for s in plan.specs]
+        return [round(f * n) for f, n in zip(fractions, units, strict=True)], False
     if plan.sampling == "threshold" and plan.method == "magnitude":
         return [lp.threshold if lp.threshold is not None else 0.0 for lp in plan.layers], True
     return [float(lp.count) for lp in plan.layers], False

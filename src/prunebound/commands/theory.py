@@ -71,7 +71,12 @@ def add_target_args(p: argparse.ArgumentParser, *, trained: bool = False) -> Non
     p.add_argument(
         "--delta", type=open_unit, default=0.05, help="failure probability in (0, 1) (def. 0.05)"
     )
-    p.add_argument("--method", choices=["magnitude", "random"], default="magnitude")
+    p.add_argument(
+        "--method",
+        choices=["magnitude", "random", "neuron"],
+        default="magnitude",
+        help="what each layer loses: weights by |w|, random weights, or whole neurons by norm",
+    )
     laws = ["uniform", "gaussian", "trained"] if trained else ["uniform", "gaussian"]
     p.add_argument(
         "--law", choices=laws, help="weight law (default uniform; 'trained' with --checkpoint)"

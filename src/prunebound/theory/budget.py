@@ -53,7 +53,7 @@ def solve_budgets(
         def ok(m: int, orc: Oracle = orcs[l], factor: float = tail * r[l], l: int = l) -> bool:
             return factor * orc.norm_delta(m) <= eps * shares[l]
 
-        counts[l] = max_count(ok, orcs[l].numel)
+        counts[l] = max_count(ok, orcs[l].limit)
     return counts
 
 
@@ -76,7 +76,7 @@ def solve_optimized(orcs: Sequence[Oracle], lemma: Lemma, eps: float) -> list[in
     while h >= 1.0 / 4096:
         best, best_gain, best_gap = -1, 0.0, cur
         for l, o in enumerate(orcs):
-            m = min(o.numel, counts[l] + max(1, round(h * o.numel)))
+            m = min(o.limit, counts[l] + max(1, round(h * o.limit)))
             if m == counts[l]:
                 continue
             g = gap([*counts[:l], m, *counts[l + 1 :]])
@@ -87,12 +87,12 @@ def solve_optimized(orcs: Sequence[Oracle], lemma: Lemma, eps: float) -> list[in
         if best < 0:
             h /= 2
             continue
-        counts[best] = min(orcs[best].numel, counts[best] + max(1, round(h * orcs[best].numel)))
+        counts[best] = min(orcs[best].limit, counts[best] + max(1, round(h * orcs[best].limit)))
         cur = best_gap
     for l in range(n):
 
         def fits(m: int, l: int = l) -> bool:
             return gap([*counts[:l], m, *counts[l + 1 :]]) <= eps
 
-        counts[l] = max_count(fits, orcs[l].numel)
+        counts[l] = max_count(fits, orcs[l].limit)
     return counts

@@ -16,6 +16,7 @@ from prunebound.theory.norms import conv_norm
 from prunebound.theory.prior_bounds import (
     conv_factor,
     magnitude_delta_bound,
+    neuron_delta_bound,
     random_delta_bound,
     random_kept_bound,
     weight_norm_bound,
@@ -63,6 +64,10 @@ class Oracle:
         self.spec, self.method, self.delta, self.bernoulli = spec, method, delta, bernoulli
         self.d1, self.d2, self.factor = matrix_dims(spec)
         self.numel = spec.numel
+        #: what a count counts: weights, or rows for method "neuron"
+        self.units = self.d1 if method == "neuron" else self.numel
+        #: the largest count the planner may give (0: the layer is left alone)
+        self.limit = self.units
         self._nw = 0.0  # the bound on ||W|| used in r_l
         self._nb = 0.0  # ||b|| as seen in the layer's output
         self.norm_delta = lru_cache(maxsize=None)(self._norm_delta)
@@ -130,6 +135,11 @@ class PriorLayer(Oracle):
         self._full_delta = lru_cache(maxsize=None)(self._delta_bound)
 
     def _delta_bound(self, m: int, orthant: bool = False) -> tuple[float, float | None]:
+        if self.method == "neuron":  # a row submatrix of W: also ||Delta|| <= ||W||
+            b, t = neuron_delta_bound(
+                self.d1, self.d2, m, self.law, self.delta / 2.0, orthant=orthant
+            )
+            return min(self.factor * b, self._nw if orthant else self._nw_full), t
         if self.method == "magnitude":
             b, t = magnitude_delta_bound(
                 self.d1, self.d2, m, self.law, self.delta / 2.0, orthant=orthant
@@ -154,11 +164,12 @@ class PriorLayer(Oracle):
         return min(full, self._delta_bound(m, orthant=True)[0])
 
     def threshold(self, m: int) -> float | None:
-        """For magnitude: t_max, an upper bound (w.p. >= 1 - delta/4) on the pruning threshold."""
+        """For magnitude: t_max, an upper bound (w.p. >= 1 - delta/4) on the pruning threshold
+        (for "neuron": on the row-norm threshold)."""
         return self._full_delta(m)[1]
 
     def _norm_kept(self, m: int) -> float:
-        if m == 0:
+        if m == 0 or self.method == "neuron":  # rows removed: W~ is a row submatrix of W
             return self._nw_full
         tri = self._nw_full + self._full_delta(m)[0]
         if self.method == "random":

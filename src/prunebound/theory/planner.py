@@ -81,6 +81,11 @@ def _check_common(delta: float, radius: float, method: str, law: object, samplin
     check_choice("sampling", sampling, get_args(Sampling))
     if sampling == "bernoulli" and method != "random":
         raise ValueError(f"sampling='bernoulli' needs method='random', got method={method!r}")
+    if method == "neuron" and name == "trained":
+        raise ValueError(
+            "method='neuron' plans need a prior law ('uniform', 'gaussian' or a Law); for the "
+            "weights in hand prune the neurons and use theory.certify on the pruned model"
+        )
     return name
 
 
@@ -117,9 +122,18 @@ def _oracles(
             w, b = _layer_weights(tgt.model, spec.name)
             out.append(TrainedLayer(spec, w, b, method, d, bernoulli=bern))
         else:
+            if method == "neuron" and spec.kind != "linear":
+                raise ValueError(
+                    f"method='neuron' plans cover Linear layers only; layer {spec.name!r} is a "
+                    f"{spec.kind} layer (filters are not planned yet)"
+                )
             out.append(
                 PriorLayer(spec, _law_for(spec, law), method, d, bernoulli=bern, nonneg_input=nn_in)
             )
+    if method == "neuron":  # keep a neuron in each layer; leave the output layer (logits) alone
+        for o in out:
+            o.limit = o.units - 1
+        out[-1].limit = 0
     return out
 
 
@@ -160,7 +174,10 @@ def plan(
         eps: the worst-case output gap allowed, > 0.
         delta: failure probability over the weights (and mask), in (0, 1). Ignored (0 spent)
             for law='trained' with magnitude pruning, which is deterministic.
-        method: "magnitude" (the m smallest |w| per layer) or "random" (uniform m-subset).
+        method: "magnitude" (the m smallest |w| per layer), "random" (uniform m-subset) or
+            "neuron" (the m rows of smallest L2 norm of each Linear layer but the output
+            layer, what `prune(model, "neuron", counts=...)` removes; counts are neurons;
+            prior laws only; docs §4.5).
         law: "uniform" U[-s, s] / "gaussian" N(0, s^2) i.i.d. weights and biases with PyTorch's
             default s = 1/sqrt(fan_in) per layer, or a `Law(name, scale)` for one scale in
             every layer (a "prior" plan); or "trained": the model's own weights (docs §5).
@@ -221,7 +238,7 @@ def plan(
         LayerPlan(
             name=o.name,
             count=m,
-            fraction=m / o.numel,
+            fraction=m / o.units,
             threshold=o.threshold(m),
             eps_share=prop.terms[l],
             delta_share=deltas[l] * spent,
@@ -268,8 +285,8 @@ def bound(
     """
     _check_common(delta, radius, method, law, sampling)
     tgt = resolve_target(target, input_shape)
-    counts = _counts_from(tgt.specs, amounts)
     orcs = _oracles(tgt, method, law, _deltas(tgt.specs, delta), sampling)
+    counts = _counts_from(tgt.specs, amounts, [o.units for o in orcs], rows=method == "neuron")
     prop = _propagate(orcs, counts, radius, tgt)
     return BoundResult(
         eps=prop.gap,
@@ -284,28 +301,40 @@ def bound(
     )
 
 
-def _counts_from(specs: Sequence[LayerSpec], amounts: object) -> list[int]:
+def _pruned(mask: torch.Tensor, name: str, rows: bool) -> int:
+    """Pruned weights of a keep-mask, or for `rows` its whole pruned rows (ValueError if some
+    row is only partly pruned: not a neuron pruning)."""
+    drop = ~mask.bool()
+    if not rows:
+        return int(drop.sum())
+    whole = drop.flatten(1).all(1)
+    if bool((drop.flatten(1).any(1) & ~whole).any()):
+        raise ValueError(f"amounts[{name!r}]: a neuron plan's mask must prune whole rows")
+    return int(whole.sum())
+
+
+def _counts_from(
+    specs: Sequence[LayerSpec], amounts: object, units: Sequence[int], *, rows: bool
+) -> list[int]:
     if isinstance(amounts, Mapping):
         names = {s.name for s in specs}
         unknown = sorted(set(amounts) - names)
         if unknown:
             raise ValueError(f"amounts: unknown layers {unknown}, allowed {sorted(names)}")
         out = []
-        for s in specs:
+        for s, n in zip(specs, units, strict=True):
             v = amounts.get(s.name, 0)
-            m = int((~v.bool()).sum()) if isinstance(v, torch.Tensor) else v
-            if not is_int(m) or not 0 <= m <= s.numel:
-                raise ValueError(
-                    f"amounts[{s.name!r}] must be a count in [0, {s.numel}], got {m!r}"
-                )
+            m = _pruned(v, s.name, rows) if isinstance(v, torch.Tensor) else v
+            if not is_int(m) or not 0 <= m <= n:
+                raise ValueError(f"amounts[{s.name!r}] must be a count in [0, {n}], got {m!r}")
             out.append(m)
         return out
     if isinstance(amounts, Sequence) and len(amounts) == len(specs):
         out = []
-        for s, f in zip(specs, amounts, strict=True):
+        for s, f, n in zip(specs, amounts, units, strict=True):
             if not is_float(f, ints=True) or not 0.0 <= f <= 1.0:
                 raise ValueError(f"fraction for layer {s.name!r} must be in [0, 1], got {f!r}")
-            out.append(round(f * s.numel))
+            out.append(round(f * n))
         return out
     raise ValueError(
         f"amounts must be {len(specs)} fractions or a mapping layer -> count/mask, got {amounts!r}"

@@ -59,6 +59,52 @@ def magnitude_delta_bound(
     return min(nb.value, t_max * math.sqrt(m)), t_max
 
 
+def row_norm_quantile(p: float, d2: int, law: Law) -> float:
+    """An upper bound on the p-quantile of a row's norm ||w|| (d2 i.i.d. entries): t with
+    P(||w|| <= t) >= p. Gaussian: s sqrt(chi2_{d2} quantile), exact. Uniform U[-a, a]:
+    ||w||^2 / a^2 = sum u_j^2 with u_j^2 in [0, 1], mean 1/3, variance 4/45, so by Bernstein
+    P(sum u_j^2 >= d2/3 + x) <= exp(-x^2 / (2 (4 d2/45 + (2/3) x/3))) = 1 - p at the root x
+    (capped at ||w||^2 <= d2 a^2). docs/theory.md §4.5."""
+    if p >= 1.0:
+        return math.inf if law.name == "gaussian" else law.scale * math.sqrt(d2)
+    if law.name == "gaussian":
+        return law.scale * math.sqrt(float(stats.chi2.ppf(p, d2)))
+    lg = math.log(1.0 / (1.0 - p))
+    b = (2.0 / 3.0) * lg / 3.0
+    x = b + math.sqrt(b * b + 2.0 * (4.0 * d2 / 45.0) * lg)
+    return law.scale * math.sqrt(min(float(d2), d2 / 3.0 + x))
+
+
+def neuron_delta_bound(
+    d1: int, d2: int, m: int, law: Law, delta: float, *, orthant: bool = False
+) -> tuple[float, float]:
+    """||Delta|| after pruning the m rows of smallest L2 norm of d1 x d2 i.i.d. weights.
+
+    docs §4.5: with t' the (m+1)-th smallest row norm, P(t' > t_max) <= delta/2 (order
+    statistic of the i.i.d. row norms, `row_norm_quantile`); given t', the m pruned rows are
+    independent draws of a row conditioned on ||w|| < t'. Gaussian law: a row is rho U with U
+    uniform on the sphere independent of rho, so (convex order) the conditioned row is
+    <=_cx s g and <=_cx (t'/E chi_{d2}) g, and Lemma D bounds the m x d2 matrix with
+    c = min(s, t_max / E chi_{d2}) at delta/2. Uniform law (no such symmetry): matrix
+    Bernstein over the independent rows (||X_i|| <= t', v = t'^2 max(1, m/d2), E w w^T <=
+    (t'^2/d2) I by exchangeability). Both: ||Delta|| <= ||Delta||_F <= t_max sqrt(m). Returns
+    (bound, t_max); the caller also has ||Delta|| <= ||W|| (a row submatrix). `orthant`: the
+    norm restricted to nonnegative inputs (Gaussian: docs §3.5; Bernstein bounds the full norm).
+    """
+    if m <= 0:
+        return 0.0, 0.0
+    p_hi = order_stat_upper(d1, m, delta / 2.0)
+    t_max = row_norm_quantile(p_hi, d2, law)
+    if law.name == "gaussian":
+        mean_chi = math.sqrt(2.0) * math.exp(math.lgamma((d2 + 1) / 2.0) - math.lgamma(d2 / 2.0))
+        c = min(law.scale, t_max / mean_chi)
+        b = gaussian_comparison_bound(m, d2, c=c, delta=delta / 2.0, orthant=orthant)
+        return min(b, t_max * math.sqrt(m)), t_max
+    v = t_max * t_max * max(1.0, m / d2)
+    bern = bernstein_bound(m, d2, entry_bound=t_max, variance_sum=v, delta=delta / 2.0)
+    return min(bern, t_max * math.sqrt(m)), t_max
+
+
 def random_delta_bound(
     d1: int,
     d2: int,

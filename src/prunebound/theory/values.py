@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-PlanMethod = Literal["magnitude", "random"]  # how a plan's weights are chosen in each layer
+PlanMethod = Literal[
+    "magnitude", "random", "neuron"
+]  # how a plan's weights are chosen in each layer
 PlanLaw = Literal["uniform", "gaussian", "trained"]  # what the weights are, for `plan`
 LawName = Literal["uniform", "gaussian"]  # an i.i.d. law (`Law.name`)
 BudgetSplit = Literal["optimized", "equal", "params"]  # how eps is shared across layers
@@ -76,6 +78,7 @@ class LayerPlan:
     (threshold form); `count` is the number of weights that form prunes with probability
     >= 1 - delta_share (a lower bound on the random count). For random plans, `fraction` is
     the pruning probability (Bernoulli form) or exact fraction (count form), see `Plan.sampling`.
+    For neuron plans `count` is a number of rows (neurons) and `threshold` bounds their norm.
     """
 
     name: str
@@ -137,7 +140,8 @@ class Plan:
         return sum(lp.count for lp in self.layers)
 
     def __str__(self) -> str:
-        total = sum(s.numel for s in self.specs)
+        neurons = self.method == "neuron"  # counts are rows
+        total = sum(s.shape[0] if neurons else s.numel for s in self.specs)
         head = {
             "prior": f"w.p. >= {1 - self.delta:.4g} over {self.law} weights",
             "trained": "for these trained weights"
@@ -148,7 +152,7 @@ class Plan:
         gap = "||f(x) - F(x)||" if self.guarantee == "data" else f"sup_(||x|| <= {self.radius:g})"
         rows = [
             f"Plan ({self.guarantee}, {self.method}): {gap} gap <= eps = {self.eps:.4g}, {head}",
-            f"  prunes {self.total_pruned}/{total} weights "
+            f"  prunes {self.total_pruned}/{total} {'neurons' if neurons else 'weights'} "
             f"({self.total_pruned / max(total, 1):.1%})",
             f"  {'layer':<16} {'count':>10} {'fraction':>9} {'eps share':>10}",
         ]
