@@ -27,7 +27,7 @@ from prunebound._masks import (
 )
 from prunebound.calibration import collect
 from prunebound.coupling import prune_coupled
-from prunebound.heads import HEAD, prune_heads
+from prunebound.heads import HEAD, attention_layouts, prune_heads
 from prunebound.layer_types import CONV_TRANSPOSE, is_layer, unpruned_weights
 from prunebound.methods import Method, ScoreContext, get_method
 from prunebound.outputs import leave_outputs
@@ -101,6 +101,13 @@ def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method
         if not finite(w.detach()):
             raise ValueError(f"layer {name!r}: weight contains NaN or Inf; refusing to prune")
     return twins
+
+
+HF_COUPLED = (
+    "coupled=True traces plain PyTorch models, not Hugging Face GPT-2/BERT attention; prune "
+    "their heads with method 'head' and their MLP neurons with plain 'neuron' on the MLP input "
+    "layers (layers=['*mlp.c_fc'] or ['*intermediate.dense']): `shrink` removes both"
+)
 
 
 def prune(
@@ -233,6 +240,8 @@ def prune(
             )
         if example_inputs is None:
             raise ValueError("coupled=True needs example_inputs (a tensor the model runs on)")
+        if attention_layouts(model):  # Torch-Pruning cannot follow HF attention
+            raise ValueError(HF_COUPLED)
         prune_coupled(
             model, meth, amount, selected, scope=scope, seed=g, example_inputs=example_inputs
         )
