@@ -65,7 +65,11 @@ def save_shrunk(model: nn.Module, path: str | Path) -> Path:
     if any(".parametrizations." in f".{k}" for k in model.state_dict()):
         raise ValueError("save_shrunk takes a mask-free model (the result of pb.shrink)")
     path = Path(path)
-    tensors = {k: t.detach().contiguous() for k, t in model.state_dict().items()}
+    live = model.state_dict(keep_vars=True)
+    first = {id(t): k for k, t in reversed(live.items())}
+    # a tied weight (GPT-2's lm_head and wte) once, under its first key: safetensors refuses
+    # shared tensors; `load_shrunk` fills the other keys from it
+    tensors = {k: t.detach().contiguous() for k, t in live.items() if first[id(t)] == k}
     meta = {
         "format": FORMAT,
         "architecture": json.dumps(_architecture(model)),
@@ -101,8 +105,10 @@ def _narrow(name: str, m: nn.Module, spec: dict[str, object], path: Path) -> Non
         else:
             assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
             shape = (m.num_features,)
-        m.weight = nn.Parameter(w.new_empty(shape))
         out = shape[0]
+        if tuple(w.shape) == shape and (getattr(m, "bias", None) is not None) == spec.get("bias"):
+            return  # as built: keep the parameters (and a tie, e.g. lm_head to wte)
+        m.weight = nn.Parameter(w.new_empty(shape))
         if spec.get("bias"):
             m.bias = nn.Parameter(w.new_empty(out))
         elif not isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
@@ -138,6 +144,8 @@ def _narrow_hf(name: str, m: nn.Module, spec: dict[str, object], path: Path) -> 
     if kind == "Conv1D":
         w = m.weight
         assert isinstance(w, torch.Tensor)
+        if tuple(w.shape) == tuple(sizes) and (m.bias is not None) == spec.get("bias"):
+            return  # as built: keep the parameters
         with torch.no_grad():
             m.weight = nn.Parameter(w.new_empty(sizes[0], sizes[1]))
             m.bias = nn.Parameter(w.new_empty(sizes[1])) if spec.get("bias") else None
@@ -165,6 +173,10 @@ def load_shrunk(model: nn.Module, path: str | Path) -> nn.Module:
     trial_modules = dict(trial.named_modules())
     for name in arch:
         _narrow(name, trial_modules[name], arch[name], path)
+    live = trial.state_dict(keep_vars=True)
+    first = {id(t): k for k, t in reversed(live.items())}
+    tensors = {k: tensors.get(k, tensors.get(first[id(t)])) for k, t in live.items()} | tensors
+    tensors = {k: t for k, t in tensors.items() if t is not None}  # a missing key is named below
     try:
         trial.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
