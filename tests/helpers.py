@@ -52,15 +52,15 @@ def make_cnn(seed: int = 0) -> nn.Sequential:
     return net
 
 
-def gpt2_config(*, n_embd: int, vocab: int, positions: int) -> Any:
-    """A 2-layer, 2-head GPT-2 config (no download); skips the test without transformers."""
+def gpt2_config(*, n_embd: int, vocab: int, positions: int, heads: int = 2) -> Any:
+    """A 2-layer GPT-2 config of 2 heads (no download); skips the test without transformers."""
     transformers = pytest.importorskip(
         "transformers", reason="transformers is not installed (pip install 'prunebound[hf]')"
     )
     return transformers.GPT2Config(
         n_layer=2,
         n_embd=n_embd,
-        n_head=2,
+        n_head=heads,
         vocab_size=vocab,
         n_positions=positions,
         bos_token_id=0,
@@ -113,3 +113,52 @@ def run_keeping_checkpoints(
     full = run(exp, write_plots=False)
     monkeypatch.undo()
     return full, copies
+
+
+#: sizes of `tiny_hf` models: hidden width, heads, head width, MLP width, vocabulary, positions
+HF_TINY = {"hidden": 32, "heads": 4, "head_dim": 8, "vocab": 64, "positions": 16}
+HF_MLP = {"gpt2": 128, "bert": 64}
+
+
+def tiny_hf(kind: str, *, seed: int = 0) -> nn.Module:
+    """A seeded 2-layer, 4-head Hugging Face model in eval mode, built offline: "gpt2" (a
+    `GPT2LMHeadModel`, lm_head tied to wte, MLP 128) or "bert" (a `BertModel`, MLP 64). Weights
+    are N(0, 0.5^2) from `seed` (no global RNG), so score ties are measure-zero."""
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (pip install 'prunebound[hf]')"
+    )
+    t = HF_TINY
+    if kind == "gpt2":
+        cfg = gpt2_config(
+            n_embd=t["hidden"], vocab=t["vocab"], positions=t["positions"], heads=t["heads"]
+        )
+        model: nn.Module = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.BertConfig(
+            num_hidden_layers=2,
+            hidden_size=t["hidden"],
+            num_attention_heads=t["heads"],
+            intermediate_size=HF_MLP["bert"],
+            vocab_size=t["vocab"],
+            max_position_embeddings=t["positions"],
+        )
+        model = transformers.BertModel(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def hf_ids(seed: int = 1) -> torch.Tensor:
+    """A (2, 10) batch of token ids for `tiny_hf` models."""
+    return torch.randint(
+        0, HF_TINY["vocab"], (2, 10), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def hf_out(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (GPT-2) or last hidden states (BERT) of `model` on `ids`, without gradients."""
+    with torch.no_grad():
+        res = model(input_ids=ids)
+    return res.logits if hasattr(res, "logits") else res.last_hidden_state

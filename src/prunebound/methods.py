@@ -289,6 +289,8 @@ METHODS: dict[str, Method] = {
     "neuron_l1": neuron(1),
     "filter": filter_(2),
     "filter_l1": filter_(1),
+    # whole attention heads of HF GPT-2 / BERT: `prune` hands it to `prunebound.heads`
+    "head": Method("head", scores=row_norm(2), unit="row", layer_types=(), blockwise=True),
     "wanda": Method("wanda", scores=wanda_scores, layer_types=PRUNABLE, needs=("inputs",)),
     "obd": Method("obd", scores=obd_scores, layer_types=PRUNABLE, needs=("fisher",)),
     "taylor": Method("taylor", scores=taylor_scores, layer_types=PRUNABLE, needs=("grad",)),

@@ -27,6 +27,7 @@ from prunebound._masks import (
 )
 from prunebound.calibration import collect
 from prunebound.coupling import prune_coupled
+from prunebound.heads import HEAD, attention_layouts, prune_heads
 from prunebound.layer_types import CONV_TRANSPOSE, is_layer, unpruned_weights
 from prunebound.methods import Method, ScoreContext, get_method
 from prunebound.outputs import leave_outputs
@@ -102,6 +103,13 @@ def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method
     return twins
 
 
+HF_COUPLED = (
+    "coupled=True traces plain PyTorch models, not Hugging Face GPT-2/BERT attention; prune "
+    "their heads with method 'head' and their MLP neurons with plain 'neuron' on the MLP input "
+    "layers (layers=['*mlp.c_fc'] or ['*intermediate.dense']): `shrink` removes both"
+)
+
+
 def prune(
     model: nn.Module,
     method: str | Method = "magnitude",
@@ -123,7 +131,8 @@ def prune(
     Args:
         model: any module; Linear and Conv1d/2d/3d weights are prunable (biases are not).
         method: a key of `prunebound.METHODS` ("magnitude", "random", "bernoulli", "neuron",
-            "filter") or a `Method`.
+            "filter", "head": whole attention heads of HF GPT-2/BERT, see `prunebound.heads`)
+            or a `Method`.
         amount: fraction in [0, 1] of the currently surviving weights (rows, for structured
             methods) to prune in this call: `round(amount * surviving)` per layer, or across all
             selected layers with scope="global". Bernoulli prunes each survivor with this
@@ -179,6 +188,12 @@ def prune(
             seed = getattr(plan, "seed", None)
     meth = get_method(method, norm)
     check_choice("scope", scope, ("layer", "global"))
+    if meth.name == HEAD:  # whole attention heads (prunebound.heads); coupled by nature
+        if amount is None:
+            raise ValueError("method 'head' takes amount (a fraction of the surviving heads)")
+        return prune_heads(
+            model, meth, _check_amount(amount), scope=scope, layers=layers, seed=seed
+        )
     if counts is not None and scope == "global":
         raise ValueError("counts are per layer; they cannot be combined with scope='global'")
     if counts is not None and meth.mask is not None:
@@ -225,6 +240,8 @@ def prune(
             )
         if example_inputs is None:
             raise ValueError("coupled=True needs example_inputs (a tensor the model runs on)")
+        if attention_layouts(model):  # Torch-Pruning cannot follow HF attention
+            raise ValueError(HF_COUPLED)
         prune_coupled(
             model, meth, amount, selected, scope=scope, seed=g, example_inputs=example_inputs
         )

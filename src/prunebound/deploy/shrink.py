@@ -35,6 +35,7 @@ from prunebound.coupling import (
     run,
 )
 from prunebound.deploy.expand import KEPT, check_record, record_prune, start_record
+from prunebound.deploy.shrink_hf import check_same, is_transformer, shrink_hf
 from prunebound.outputs import output_layers
 
 #: modules without parameters that act on each channel separately (or reshape it)
@@ -192,10 +193,13 @@ def _fold(module: nn.Module, consts: dict[int, float]) -> None:
 def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> nn.Module:
     """A new, physically smaller dense model computing the same function as masked `model`.
 
+    Hugging Face GPT-2 / BERT models go to `prunebound.deploy.shrink_hf.shrink_hf` instead:
+    attention heads and MLP neurons are removed there (no tracing).
+
     Args:
         model: a (structurally) pruned model; it is not changed.
         example_inputs: a tensor (or tuple) the model runs on: traces the dataflow and checks
-            the result.
+            the result (for GPT-2 / BERT: input ids, or a dict of model inputs).
         check: compare the result with the masked model on the example inputs and raise if
             they differ (allclose: rtol 1e-4 in float32, 1e-9 in float64).
 
@@ -212,9 +216,11 @@ def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> n
             layer whose every unit is pruned, or a result that would differ.
         ImportError: Torch-Pruning (the `structured` extra) is missing.
     """
-    require_torch_pruning()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if is_transformer(model):  # HF GPT-2 / BERT: heads and MLP neurons (deploy.shrink_hf)
+        return shrink_hf(model, example_inputs, check=check)
+    require_torch_pruning()
     inputs = as_inputs(example_inputs)
     work = baked_eval_copy(model)
     _check_modules(work)
@@ -258,13 +264,5 @@ def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> n
         was = work.training
         out = run(work.eval(), inputs)
         work.train(was)
-        tol = 1e-9 if out.dtype == torch.float64 else 1e-4
-        scale = float(reference.abs().max()) if reference.numel() else 0.0
-        if out.shape != reference.shape or not torch.allclose(
-            out, reference, rtol=tol, atol=tol * (1 + scale)
-        ):
-            raise ValueError(
-                "shrink: the smaller model would not compute the masked model's function on "
-                "example_inputs (a module in forward mixes channels?); nothing returned"
-            )
+        check_same(reference, out)
     return work

@@ -3,9 +3,11 @@
 A shrunk model has the class of the model it came from but narrower layers, so a plain
 state_dict does not load into a freshly built one. The file records, per Linear/Conv/BatchNorm,
 its sizes (`in_features`, `out_channels`, `groups`, `num_features`, ...) and whether it has a
-bias, and which original units it kept (`kept_units`, for `expand`); `load_shrunk` narrows a
-fresh model to them, then loads the weights. No code is unpickled (safetensors plus JSON
-metadata).
+bias, and which original units it kept (`kept_units`, for `expand`), and for Hugging Face
+GPT-2 / BERT the sizes of each `Conv1D` (`nx`, `nf`) and attention module (heads and their
+width: `prunebound.heads.HEAD_SIZES`), which differ layer by layer from the config;
+`load_shrunk` narrows a fresh model to them, then loads the weights. No code is unpickled
+(safetensors plus JSON metadata).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from prunebound._files import DIGEST_KEY, digest, read_checked, write_atomic
 from prunebound.deploy.expand import KEPT, check_record
+from prunebound.heads import HEAD_SIZES, is_hf
 
 FORMAT = "prunebound-shrunk"
 _SIZES: dict[type[nn.Module], tuple[str, ...]] = {
@@ -29,9 +32,16 @@ _SIZES: dict[type[nn.Module], tuple[str, ...]] = {
     nn.BatchNorm2d: ("num_features",),
 }
 
+#: transformers classes (by name; never imported) -> the sizes a shrink may change
+_HF_SIZES: dict[str, tuple[str, ...]] = {"Conv1D": ("nx", "nf"), **HEAD_SIZES}
+
 
 def _kind(m: nn.Module) -> type[nn.Module] | None:
     return next((t for t in _SIZES if type(m) is t), None)
+
+
+def _hf_kind(m: nn.Module) -> str | None:
+    return next((k for k in _HF_SIZES if is_hf(m, k)), None)
 
 
 def _architecture(model: nn.Module) -> dict[str, dict[str, object]]:
@@ -45,6 +55,10 @@ def _architecture(model: nn.Module) -> dict[str, dict[str, object]]:
                 "bias": getattr(m, "bias", None) is not None,
                 **sizes,
             }
+        elif (hf := _hf_kind(m)) is not None:
+            out[name] = {"type": hf, **{a: int(getattr(m, a)) for a in _HF_SIZES[hf]}}
+            if hf == "Conv1D":
+                out[name]["bias"] = getattr(m, "bias", None) is not None
     return out
 
 
@@ -53,7 +67,11 @@ def save_shrunk(model: nn.Module, path: str | Path) -> Path:
     if any(".parametrizations." in f".{k}" for k in model.state_dict()):
         raise ValueError("save_shrunk takes a mask-free model (the result of pb.shrink)")
     path = Path(path)
-    tensors = {k: t.detach().contiguous() for k, t in model.state_dict().items()}
+    live = model.state_dict(keep_vars=True)
+    first = {id(t): k for k, t in reversed(live.items())}
+    # a tied weight (GPT-2's lm_head and wte) once, under its first key: safetensors refuses
+    # shared tensors; `load_shrunk` fills the other keys from it
+    tensors = {k: t.detach().contiguous() for k, t in live.items() if first[id(t)] == k}
     meta = {
         "format": FORMAT,
         "architecture": json.dumps(_architecture(model)),
@@ -68,6 +86,9 @@ def save_shrunk(model: nn.Module, path: str | Path) -> Path:
 
 def _narrow(name: str, m: nn.Module, spec: dict[str, object], path: Path) -> None:
     """Give layer `m` the recorded sizes (fresh, uninitialised tensors; the weights follow)."""
+    if _hf_kind(m) is not None:
+        _narrow_hf(name, m, spec, path)
+        return
     kind = _kind(m)
     if kind is None or kind.__name__ != spec.get("type"):
         raise ValueError(
@@ -89,8 +110,10 @@ def _narrow(name: str, m: nn.Module, spec: dict[str, object], path: Path) -> Non
         else:
             assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
             shape = (m.num_features,)
-        m.weight = nn.Parameter(w.new_empty(shape))
         out = shape[0]
+        if tuple(w.shape) == shape and (getattr(m, "bias", None) is not None) == spec.get("bias"):
+            return  # as built: keep the parameters (and a tie, e.g. lm_head to wte)
+        m.weight = nn.Parameter(w.new_empty(shape))
         if spec.get("bias"):
             m.bias = nn.Parameter(w.new_empty(out))
         elif not isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
@@ -100,6 +123,37 @@ def _narrow(name: str, m: nn.Module, spec: dict[str, object], path: Path) -> Non
             for b in ("running_mean", "running_var"):
                 if getattr(m, b, None) is not None:
                     setattr(m, b, w.new_empty(out))
+
+
+def _narrow_hf(name: str, m: nn.Module, spec: dict[str, object], path: Path) -> None:
+    """`_narrow` for a transformers `Conv1D` (weight (nx, nf)) or attention module (ints)."""
+    kind = _hf_kind(m)
+    assert kind is not None
+    if kind != spec.get("type"):
+        raise ValueError(
+            f"{path}: layer {name!r} is a {spec.get('type')} in the file but a "
+            f"{type(m).__name__} in the model"
+        )
+    sizes = []
+    for a in _HF_SIZES[kind]:
+        v = spec.get(a)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{path}: layer {name!r}: bad {a} {v!r}")
+        sizes.append(v)
+    if kind in HEAD_SIZES:
+        head_dim = getattr(m, "head_dim", getattr(m, "attention_head_size", None))
+        if sizes[1] != sizes[0] * head_dim:
+            raise ValueError(f"{path}: layer {name!r}: {sizes[1]} is not {sizes[0]} heads wide")
+    for a, v in zip(_HF_SIZES[kind], sizes, strict=True):
+        setattr(m, a, v)
+    if kind == "Conv1D":
+        w = m.weight
+        assert isinstance(w, torch.Tensor)
+        if tuple(w.shape) == tuple(sizes) and (m.bias is not None) == spec.get("bias"):
+            return  # as built: keep the parameters
+        with torch.no_grad():
+            m.weight = nn.Parameter(w.new_empty(sizes[0], sizes[1]))
+            m.bias = nn.Parameter(w.new_empty(sizes[1])) if spec.get("bias") else None
 
 
 def load_shrunk(model: nn.Module, path: str | Path) -> nn.Module:
@@ -124,6 +178,10 @@ def load_shrunk(model: nn.Module, path: str | Path) -> nn.Module:
     trial_modules = dict(trial.named_modules())
     for name in arch:
         _narrow(name, trial_modules[name], arch[name], path)
+    live = trial.state_dict(keep_vars=True)
+    first = {id(t): k for k, t in reversed(live.items())}
+    tensors = {k: tensors.get(k, tensors.get(first[id(t)])) for k, t in live.items()} | tensors
+    tensors = {k: t for k, t in tensors.items() if t is not None}  # a missing key is named below
     try:
         trial.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
