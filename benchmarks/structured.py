@@ -8,9 +8,21 @@ the dense model, prunebound's masked model (`prune(..., "filter", r, coupled=Tru
 grad, all four timed interleaved in one `measure_ms` call (minimum over repeats: on a shared
 machine interference only adds time), and ratios against the dense model
 measured in the same run. `max_abs_diff`: shrunk vs masked outputs. Untrained weights with
-randomised BatchNorm statistics (speed does not depend on training). Prints JSON.
+randomised BatchNorm statistics (speed does not depend on training).
+
+GPT-2 rows: a 4-layer Hugging Face `GPT2Model` config (no download), `prune(..., "head", r)` on
+every attention block and `"neuron"` at the same ratio on every MLP `c_fc`, then `shrink`
+(heads and MLP neurons removed, `num_heads`/`split_size` updated); batch 1 and 64 of 32 tokens.
+Torch-Pruning is tried on the same model; where it cannot trace it, the row says why.
+
+`--accuracy`: Fashion-MNIST accuracy after the same retraining. vgg_small (BN) and resnet_small
+are trained dense, then at each ratio pruned one-shot by prunebound (coupled filter L2 and L1,
+masks kept through retraining, shrunk at the end) and by Torch-Pruning's `MagnitudePruner`
+(L2), each retrained with the same `TrainConfig` and seed; test accuracy before and after.
+Prints JSON.
 
     python benchmarks/structured.py [--ratios 0.3,0.5,0.7] [--budget 2.0]
+    python benchmarks/structured.py --accuracy [--epochs 3 --retrain-epochs 2]
 """
 
 from __future__ import annotations
@@ -88,23 +100,119 @@ def _row(name: str, dense: nn.Module, ratio: float, budget: float) -> dict[str, 
     return out
 
 
+def _gpt2() -> nn.Module:
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=8, n_positions=128)
+    return transformers.GPT2Model(cfg).eval()
+
+
+def _tp_gpt2(model: nn.Module, ids: torch.Tensor, ratio: float) -> nn.Module:
+    out = copy.deepcopy(model)
+    pruner = tp.pruner.MetaPruner(
+        out, ids, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+        num_heads={b.attn.c_attn: b.attn.num_heads for b in out.h}, prune_num_heads=True,
+        prune_head_dims=False, head_pruning_ratio=ratio, ignored_layers=[out.wte, out.wpe],
+        output_transform=lambda o: o[0],
+    )  # fmt: skip
+    pruner.step()
+    return out
+
+
+def _gpt2_row(ratio: float, budget: float) -> dict[str, object]:
+    torch.manual_seed(0)
+    dense = _gpt2()
+    ids = torch.randint(0, dense.config.vocab_size, (64, 32), generator=torch.Generator())
+    masked = copy.deepcopy(dense)
+    pb.prune(masked, "head", ratio)
+    pb.prune(masked, "neuron", ratio, layers=["*mlp.c_fc"])
+    shrunk = pb.shrink(masked, ids)
+    models = {"dense": dense, "masked": masked, "shrunk": shrunk}
+    out: dict[str, object] = {"model": "gpt2 (4 layers, 256 wide, 8 heads)", "ratio": ratio}
+    try:
+        models["torch_pruning"] = _tp_gpt2(dense, ids[:2], ratio)
+    except Exception as e:  # the peer's limits are a result, not a crash
+        out["torch_pruning_error"] = f"{type(e).__name__}: {e}"
+    out["heads"] = {k: sum(b.attn.num_heads for b in m.h) for k, m in models.items()}
+    out["mlp"] = {k: sum(b.mlp.c_fc.nf for b in m.h) for k, m in models.items()}
+    with torch.no_grad():
+        out["max_abs_diff"] = float(
+            (shrunk(ids).last_hidden_state - masked(ids).last_hidden_state).abs().max()
+        )
+        for batch in (64, 1):
+            xb = ids[:batch]
+            ms = measure_ms(
+                {k: (lambda m=m, xb=xb: m(xb)) for k, m in models.items()},
+                budget_s=budget, max_repeats=200, statistic="min",
+            )  # fmt: skip
+            out[f"ms_b{batch}"] = {k: round(v, 4) for k, v in ms.items()}
+            out[f"speedup_b{batch}"] = {k: round(ms["dense"] / v, 3) for k, v in ms.items()}
+    params = {k: sum(p.numel() for p in m.h.parameters()) for k, m in models.items()}
+    out["block_params"] = params  # the embeddings (12.9 M) are not pruned
+    out["params_ratio"] = {k: round(params["dense"] / v, 3) for k, v in params.items()}
+    return out
+
+
+def _accuracy_rows(ratios: list[float], epochs: int, retrain: int) -> list[dict[str, object]]:
+    data = pb.data.load_fashion_mnist()
+    cfg = pb.TrainConfig(epochs=epochs, batch_size=128, lr=1e-3)
+    again = pb.TrainConfig(epochs=retrain, batch_size=128, lr=5e-4, lr_schedule="cosine")
+    x = data.x_train[:256]
+    rows: list[dict[str, object]] = []
+    for name, build in (("vgg_small", lambda: pb.models.vgg_small(batch_norm=True)),
+                        ("resnet_small", pb.models.resnet_small)):  # fmt: skip
+        torch.manual_seed(0)
+        dense = build()
+        pb.train(dense, data, cfg, seed=0)
+        acc0 = pb.evaluate(dense, data).accuracy
+        for ratio in ratios:
+            row: dict[str, object] = {"model": name, "ratio": ratio, "dense_acc": acc0}
+            for label in ("prunebound_l2", "prunebound_l1", "torch_pruning"):
+                net = copy.deepcopy(dense).eval()
+                if label == "torch_pruning":
+                    net = _tp_prune(net, x, ratio)
+                else:
+                    norm = 2 if label.endswith("l2") else 1
+                    pb.prune(net, "filter", ratio, coupled=True, example_inputs=x, norm=norm)
+                before = pb.evaluate(net, data).accuracy
+                pb.train(net, data, again, seed=1)
+                net.eval()
+                small = net if label == "torch_pruning" else pb.shrink(net, x)
+                row[label] = {
+                    "acc_oneshot": before,
+                    "acc_retrained": pb.evaluate(small, data).accuracy,
+                    "params": sum(p.numel() for p in small.parameters()),
+                }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ratios", default="0.3,0.5,0.7")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per batch size")
+    ap.add_argument("--accuracy", action="store_true", help="Fashion-MNIST retraining instead")
+    ap.add_argument("--epochs", type=int, default=3, help="dense training epochs (--accuracy)")
+    ap.add_argument("--retrain-epochs", type=int, default=2, help="retraining epochs (--accuracy)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if args.accuracy:
+        rows = _accuracy_rows(ratios, args.epochs, args.retrain_epochs)
+        meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                "torch_pruning": tp.__version__, "epochs": args.epochs,
+                "retrain_epochs": args.retrain_epochs}  # fmt: skip
+        print(json.dumps({**meta, "rows": rows}, indent=1))
+        return
     builders = {
         "vgg_small": lambda: pb.models.vgg_small(batch_norm=True),
         "resnet_small": pb.models.resnet_small,
         "lenet5": pb.models.lenet5,
     }
-    rows = [
-        _row(name, build(), float(r), args.budget)
-        for name, build in builders.items()
-        for r in args.ratios.split(",")
-    ]
+    rows = [_row(name, build(), r, args.budget) for name, build in builders.items() for r in ratios]
+    rows += [_gpt2_row(r, args.budget) for r in ratios]
     print(
         json.dumps(
             {
