@@ -36,6 +36,20 @@ def make_mlp(seed: int = 0, widths: tuple[int, ...] = (12, 16, 8, 3)) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
+def batch_mlp(widths: list[int], batch: Any, i: int) -> tuple[nn.Sequential, list[nn.Linear]]:
+    """`pb.models.mlp(widths)` holding network `i` of a `check.batch` sample, and its Linears."""
+    import prunebound as pb
+
+    model = pb.models.mlp(widths)
+    lins = [m for m in model if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for lin, w, b in zip(lins, batch.weights, batch.biases, strict=True):
+            lin.weight.copy_(w[i])
+            assert b is not None
+            lin.bias.copy_(b[i])
+    return model, lins
+
+
 def make_cnn(seed: int = 0) -> nn.Sequential:
     g = torch.Generator().manual_seed(seed)
     net = nn.Sequential(

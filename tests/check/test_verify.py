@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import batch_mlp
 from torch import nn
 
 import prunebound as pb
@@ -195,13 +196,7 @@ def test_verify_prunes_exactly_like_prune_with_plan() -> None:
     batch = sample_batch(p, 3, gen)
     pruned = prune_batch(batch, [lp.count for lp in p.layers])
     for i in range(3):
-        model = pb.models.mlp(widths)
-        lins = [m for m in model if isinstance(m, nn.Linear)]
-        with torch.no_grad():
-            for lin, w, b in zip(lins, batch.weights, batch.biases, strict=True):
-                lin.weight.copy_(w[i])
-                assert b is not None
-                lin.bias.copy_(b[i])
+        model, lins = batch_mlp(widths, batch, i)
         pb.prune(model, plan=p)
         for lin, wp in zip(lins, pruned, strict=True):
             assert torch.equal(lin.weight.detach() != 0, wp[i] != 0)

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import batch_mlp
 from torch import nn
 
 import prunebound as pb
@@ -94,13 +95,7 @@ def test_prune_with_a_neuron_plan_removes_the_smallest_rows_as_verify_does() -> 
     batch = sample_batch(p, 2, torch.Generator().manual_seed(0))
     pruned = prune_batch(batch, [lp.count for lp in p.layers])
     for i in range(2):
-        model = pb.models.mlp(widths)
-        lins = [m for m in model if isinstance(m, nn.Linear)]
-        with torch.no_grad():
-            for lin, w, b in zip(lins, batch.weights, batch.biases, strict=True):
-                lin.weight.copy_(w[i])
-                assert b is not None
-                lin.bias.copy_(b[i])
+        model, lins = batch_mlp(widths, batch, i)
         pb.prune(model, plan=p)
         for lin, wp, lp in zip(lins, pruned, p.layers, strict=True):
             gone = lin.weight.detach().eq(0).all(1)
