@@ -254,6 +254,21 @@ def snip_scores(
     return (_stat(layer, "grad", "snip") * weight.double()).abs()
 
 
+def unit_taylor_scores(
+    weight: torch.Tensor, generator: torch.Generator, layer: ScoreContext | None = None
+) -> torch.Tensor:
+    """Group first-order Taylor importance of each output unit (Molchanov et al. 2019):
+    |sum over the unit's weights of w * g|, g the loss gradient summed over the calibration data,
+    the first-order estimate of the loss change when the whole unit is zeroed. With
+    coupled=True the sum also runs over the biases and BatchNorm entries of every layer in the
+    unit's coupled group (`prunebound.coupling.unit_taylor`)."""
+    if layer is None or layer.stats is None or layer.stats.grad is None:
+        _stat(layer, "grad", "unit Taylor")  # raises, naming the layer
+    assert layer is not None and layer.stats is not None and layer.stats.grad is not None
+    grad = unit_view(layer.module, layer.stats.grad, "row")[layer.rows]
+    return (grad * weight.double()).flatten(1).sum(1).abs()
+
+
 def row_norm(p: int) -> ScoreFn:
     """Score of each output row (neuron / filter): its L1 or L2 norm (Li et al. 2017)."""
     if p not in (1, 2):
@@ -281,6 +296,13 @@ def filter_(norm: int = 2) -> Method:
     return Method(name, scores=row_norm(norm), unit="row", layer_types=CONV, blockwise=True)
 
 
+def _unit_taylor(name: str, types: tuple[type[nn.Module], ...]) -> Method:
+    return Method(
+        name, scores=unit_taylor_scores, unit="row", layer_types=types, blockwise=True,
+        needs=("grad",),
+    )  # fmt: skip
+
+
 METHODS: dict[str, Method] = {
     "magnitude": Method("magnitude", scores=magnitude_scores, blockwise=True, elementwise=True),
     "random": Method("random", scores=random_scores, blockwise=True, elementwise=True),
@@ -296,6 +318,10 @@ METHODS: dict[str, Method] = {
     "taylor": Method("taylor", scores=taylor_scores, layer_types=PRUNABLE, needs=("grad",)),
     "snip": Method("snip", scores=snip_scores, layer_types=PRUNABLE, needs=("grad",)),
     "obs": Method("obs", reconstruct=obs_reconstruct, layer_types=PRUNABLE, needs=("hessian",)),
+    # whole units by group Taylor importance; calibration data (and with coupled=True the
+    # group's biases and BatchNorm entries too): Molchanov et al. 2019
+    "neuron_taylor": _unit_taylor("neuron_taylor", LINEAR),
+    "filter_taylor": _unit_taylor("filter_taylor", (nn.Conv1d, nn.Conv2d)),
 }
 
 

@@ -243,7 +243,14 @@ def prune(
         if attention_layouts(model):  # Torch-Pruning cannot follow HF attention
             raise ValueError(HF_COUPLED)
         prune_coupled(
-            model, meth, amount, selected, scope=scope, seed=g, example_inputs=example_inputs
+            model,
+            meth,
+            amount,
+            selected,
+            scope=scope,
+            seed=g,
+            example_inputs=example_inputs,
+            data=data,
         )
         return model
     if amount is None and counts is not None:
