@@ -15,14 +15,20 @@ every attention block and `"neuron"` at the same ratio on every MLP `c_fc`, then
 (heads and MLP neurons removed, `num_heads`/`split_size` updated); batch 1 and 64 of 32 tokens.
 Torch-Pruning is tried on the same model; where it cannot trace it, the row says why.
 
-`--accuracy`: Fashion-MNIST accuracy after the same retraining. vgg_small (BN) and resnet_small
-are trained dense, then at each ratio pruned one-shot by prunebound (coupled filter L2 and L1,
-masks kept through retraining, shrunk at the end) and by Torch-Pruning's `MagnitudePruner`
-(L2), each retrained with the same `TrainConfig` and seed; test accuracy before and after.
-Prints JSON.
+`--accuracy`: Fashion-MNIST accuracy after the same retraining, over several seeds. For each
+seed, vgg_small (BN) and resnet_small are trained dense, then at each ratio pruned one-shot by
+prunebound (coupled filter L2, L1 and the data-aware group Taylor `filter_taylor` on `--calib`
+training examples) and by Torch-Pruning's `MagnitudePruner` (L2). prunebound's amount is matched
+so that it removes from every coupled group exactly the channels Torch-Pruning removes (it keeps
+int(n(1 - r)); prunebound's plain amount removes round(r n)): equal parameter counts. The
+prunebound models are shrunk, then all are retrained with the same `TrainConfig` and seed
+(retraining the shrunk model equals retraining the masked one: pruned units get no gradient).
+Per-seed rows go to stderr as they finish; stdout gets JSON with a summary (mean, std over
+seeds; wins = seeds where the column >= Torch-Pruning).
 
     python benchmarks/structured.py [--ratios 0.3,0.5,0.7] [--budget 2.0]
-    python benchmarks/structured.py --accuracy [--epochs 3 --retrain-epochs 2]
+    python benchmarks/structured.py --accuracy [--epochs 3 --retrain-epochs 2 --seeds 0,1,2]
+        [--threads 1 --criteria prunebound_l2,prunebound_taylor,torch_pruning]
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ import copy
 import datetime
 import json
 import os
+import sys
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 import prunebound as pb
+from prunebound.coupling import prune_coupled, unit_groups
 from prunebound.timing import measure_ms
 
 
@@ -153,39 +161,126 @@ def _gpt2_row(ratio: float, budget: float) -> dict[str, object]:
     return out
 
 
-def _accuracy_rows(ratios: list[float], epochs: int, retrain: int) -> list[dict[str, object]]:
+def _tp_counts(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, int]:
+    """Channels Torch-Pruning removes from each coupled conv group (keyed by a producer): it
+    keeps int(n * (1 - ratio)) of a group of n; prunebound's `amount` removes round(ratio * n)."""
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    groups = [g for g in unit_groups(model, x) if set(g.producers) <= convs]
+    return {min(g.producers): g.size - int(g.size * (1 - ratio)) for g in groups}
+
+
+#: accuracy columns: prunebound's coupled filter criteria, then Torch-Pruning's magnitude pruner
+CRITERIA = {"prunebound_l2": "filter", "prunebound_l1": "filter_l1",
+            "prunebound_taylor": "filter_taylor", "torch_pruning": None}  # fmt: skip
+
+
+def _pruned(
+    dense: nn.Module, label: str, ratio: float, x: torch.Tensor, calib: tuple[torch.Tensor, ...]
+) -> tuple[nn.Module, dict[str, object]]:
+    """The shrunk (or Torch-Pruning-pruned) model of one column and how it was pruned."""
+    net = copy.deepcopy(dense).eval()
+    if CRITERIA[label] is None:
+        return _tp_prune(net, x, ratio), {}
+    # as pb.prune(net, method, ratio, coupled=True, ...), with Torch-Pruning's count per group
+    method = pb.methods.get_method(CRITERIA[label])
+    convs = {n: m for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    counts = _tp_counts(dense, x, ratio)
+    prune_coupled(
+        net, method, ratio, convs, scope="layer", seed=0, example_inputs=x, data=calib,
+        counts=counts,
+    )  # fmt: skip
+    info = {"round_params": _params(pb.shrink(_plain(dense, label, ratio, x, calib), x))}
+    return pb.shrink(net, x), info
+
+
+def _plain(
+    dense: nn.Module, label: str, ratio: float, x: torch.Tensor, calib: tuple[torch.Tensor, ...]
+) -> nn.Module:
+    net = copy.deepcopy(dense).eval()
+    return pb.prune(net, CRITERIA[label], ratio, coupled=True, example_inputs=x, data=calib)  # type: ignore[arg-type]
+
+
+def _accuracy_rows(
+    ratios: list[float],
+    epochs: int,
+    retrain: int,
+    seeds: list[int],
+    calib_n: int,
+    labels: list[str],
+) -> list[dict[str, object]]:
     data = pb.data.load_fashion_mnist()
     cfg = pb.TrainConfig(epochs=epochs, batch_size=128, lr=1e-3)
     again = pb.TrainConfig(epochs=retrain, batch_size=128, lr=5e-4, lr_schedule="cosine")
     x = data.x_train[:256]
     rows: list[dict[str, object]] = []
-    for name, build in (("vgg_small", lambda: pb.models.vgg_small(batch_norm=True)),
-                        ("resnet_small", pb.models.resnet_small)):  # fmt: skip
-        torch.manual_seed(0)
-        dense = build()
-        pb.train(dense, data, cfg, seed=0)
-        acc0 = pb.evaluate(dense, data).accuracy
-        for ratio in ratios:
-            row: dict[str, object] = {"model": name, "ratio": ratio, "dense_acc": acc0}
-            for label in ("prunebound_l2", "prunebound_l1", "torch_pruning"):
-                net = copy.deepcopy(dense).eval()
-                if label == "torch_pruning":
-                    net = _tp_prune(net, x, ratio)
-                else:
-                    norm = 2 if label.endswith("l2") else 1
-                    pb.prune(net, "filter", ratio, coupled=True, example_inputs=x, norm=norm)
-                before = pb.evaluate(net, data).accuracy
-                pb.train(net, data, again, seed=1)
-                net.eval()
-                small = net if label == "torch_pruning" else pb.shrink(net, x)
-                row[label] = {
-                    "acc_oneshot": before,
-                    "acc_retrained": pb.evaluate(small, data).accuracy,
-                    "params": sum(p.numel() for p in small.parameters()),
+    for seed in seeds:
+        pick = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
+        calib = (data.x_train[pick[:calib_n]], data.y_train[pick[:calib_n]])
+        for name, build in (("vgg_small", lambda: pb.models.vgg_small(batch_norm=True)),
+                            ("resnet_small", pb.models.resnet_small)):  # fmt: skip
+            torch.manual_seed(seed)
+            dense = build()
+            pb.train(dense, data, cfg, seed=seed)
+            dense.eval()
+            acc0 = pb.evaluate(dense, data).accuracy
+            for ratio in ratios:
+                row: dict[str, object] = {
+                    "model": name,
+                    "ratio": ratio,
+                    "seed": seed,
+                    "dense_acc": acc0,
+                    "dense_params": _params(dense),
                 }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                for label in labels:
+                    small, info = _pruned(dense, label, ratio, x, calib)
+                    before = pb.evaluate(small, data).accuracy
+                    # shrunk, then retrained: the same as retraining the masked model (pruned
+                    # units get zero gradients and stay zero), at the small model's cost
+                    pb.train(small, data, again, seed=seed + 1)
+                    small.eval()
+                    row[label] = {
+                        "acc_oneshot": before,
+                        **info,
+                        "params": _params(small),
+                        "acc_retrained": pb.evaluate(small, data).accuracy,
+                    }
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _summary(rows: list[dict[str, object]], labels: list[str]) -> list[dict[str, object]]:
+    """Mean and standard deviation over seeds of each (model, ratio): accuracies after
+    retraining, parameter counts, and in how many seeds each prunebound column >= Torch-Pruning."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["ratio"]) for r in rows):
+        sel = [r for r in rows if (r["model"], r["ratio"]) == key]
+        acc = {lab: torch.tensor([r[lab]["acc_retrained"] for r in sel]) for lab in labels}  # type: ignore[index]
+        dense = torch.tensor([r["dense_acc"] for r in sel])
+        item: dict[str, object] = {
+            "model": key[0],
+            "ratio": key[1],
+            "seeds": len(sel),
+            "dense": _ms(dense),
+            "dense_params": sel[0]["dense_params"],
+        }
+        for lab in labels:
+            item[lab] = {"acc": _ms(acc[lab]), "params": sorted({r[lab]["params"] for r in sel})}  # type: ignore[index]
+            if lab != "torch_pruning" and "torch_pruning" in acc:
+                diff = acc[lab] - acc["torch_pruning"]
+                item[lab]["minus_tp"] = _ms(diff)  # type: ignore[index]
+                item[lab]["wins"] = int((diff >= 0).sum())  # type: ignore[index]
+        out.append(item)
+    return out
+
+
+def _ms(t: torch.Tensor) -> list[float]:
+    std = float(t.double().std()) if t.numel() > 1 else 0.0
+    return [round(float(t.double().mean()), 5), round(std, 5)]
 
 
 def main() -> None:
@@ -195,16 +290,26 @@ def main() -> None:
     ap.add_argument("--accuracy", action="store_true", help="Fashion-MNIST retraining instead")
     ap.add_argument("--epochs", type=int, default=3, help="dense training epochs (--accuracy)")
     ap.add_argument("--retrain-epochs", type=int, default=2, help="retraining epochs (--accuracy)")
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds (--accuracy)")
+    ap.add_argument("--calib", type=int, default=1024, help="calibration examples (taylor)")
+    ap.add_argument("--criteria", default=",".join(CRITERIA), help="columns (--accuracy)")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ratios = [float(r) for r in args.ratios.split(",")]
     if args.accuracy:
-        rows = _accuracy_rows(ratios, args.epochs, args.retrain_epochs)
+        labels = args.criteria.split(",")
+        if bad := sorted(set(labels) - set(CRITERIA)):
+            ap.error(f"unknown criteria {bad}; choose from {list(CRITERIA)}")
+        seeds = [int(s) for s in args.seeds.split(",")]
+        rows = _accuracy_rows(ratios, args.epochs, args.retrain_epochs, seeds, args.calib, labels)
         meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
                 "torch_pruning": tp.__version__, "epochs": args.epochs,
-                "retrain_epochs": args.retrain_epochs}  # fmt: skip
-        print(json.dumps({**meta, "rows": rows}, indent=1))
+                "retrain_epochs": args.retrain_epochs, "seeds": seeds, "calib": args.calib,
+                "threads": args.threads, "command": " ".join(sys.argv)}  # fmt: skip
+        summary = _summary(rows, labels)
+        print(json.dumps({**meta, "summary": summary, "rows": rows}, indent=1))
         return
     builders = {
         "vgg_small": lambda: pb.models.vgg_small(batch_norm=True),
