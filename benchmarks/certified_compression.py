@@ -25,11 +25,13 @@ from typing import Any
 import torch
 
 import prunebound as pb
+from prunebound.certified.search import DEFAULT_SPARSITIES
 from prunebound.data import load_dataset
 from prunebound.models import build_model
 from prunebound.training.loop import TrainConfig, evaluate, train
 
-GRID = (0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98)
+# compress's default grid from 0.3 (below it nothing flips): fine steps where flips rise
+GRID = tuple(s for s in DEFAULT_SPARSITIES if s >= 0.3)
 
 
 def dense_model(name: str, data: pb.data.Dataset, epochs: int, seed: int) -> torch.nn.Module:
@@ -46,7 +48,8 @@ def main() -> None:
     ap.add_argument("--modes", default="oneshot,distill")
     ap.add_argument("--targets", default="0.01,0.02,0.05")
     ap.add_argument("--epochs", type=int, default=5, help="dense training epochs")
-    ap.add_argument("--retrain-epochs", type=int, default=1, help="per candidate sparsity")
+    ap.add_argument("--retrain-epochs", type=int, default=6, help="per candidate sparsity")
+    ap.add_argument("--lr", type=float, default=1e-3, help="retraining LR (cosine to 0 per step)")
     ap.add_argument("--distill-weight", type=float, default=1.0, help="KL share (1: no labels)")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--data-dir")
@@ -74,7 +77,8 @@ def main() -> None:
                 retrain = None
                 if mode != "oneshot":
                     retrain = TrainConfig(
-                        epochs=args.retrain_epochs, batch_size=128, lr=5e-4,
+                        epochs=args.retrain_epochs, batch_size=128, lr=args.lr,
+                        lr_schedule="cosine",
                         objective="distill" if mode == "distill" else "ce",
                         distill_weight=args.distill_weight, temperature=args.temperature,
                     )  # fmt: skip

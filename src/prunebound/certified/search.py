@@ -40,22 +40,10 @@ from prunebound.training.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
 # candidate shares of the prunable weights: coarse where flips are rare, fine where they rise
-DEFAULT_SPARSITIES: tuple[float, ...] = (
-    0.1,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.6,
-    0.7,
-    0.8,
-    0.85,
-    0.9,
-    0.92,
-    0.94,
-    0.95,
-)
-DEFAULT_SPARSITIES += (0.96, 0.97, 0.98)
+# (each step of an iterative chain then changes the model less; measured on Fashion-MNIST
+# LeNet-300-100 with obs + distillation, 0.86 -> 0.88 -> 0.9 flips fewer than 0.85 -> 0.9)
+DEFAULT_SPARSITIES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.83, 0.86)
+DEFAULT_SPARSITIES += (0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98)
 
 
 @dataclass(frozen=True)
@@ -184,7 +172,7 @@ def compress(
     sparsities: Sequence[float] = DEFAULT_SPARSITIES,
     attempts: int = 2,
     validation: float = 0.2,
-    calibration: int = 1024,
+    calibration: int = 8192,
     seed: int = 0,
 ) -> CompressResult:
     """The sparsest pruning of `model` whose behaviour provably stays within a budget of it.
@@ -199,7 +187,8 @@ def compress(
         max_gap_rate, eps: the budget on P(||f(x) - F(x)|| > eps) (regression outputs).
         confidence: the statement holds with this probability over the certify sample.
         method: a `prunebound.prune` method, global scope; data-aware ones ("obs", "wanda",
-            "obd", "taylor", "snip") calibrate on the first `calibration` search samples.
+            "obd", "taylor", "snip") calibrate on the first `calibration` samples of the
+            search split's fitting part (statistics are accumulated batch by batch).
         retrain: a `TrainConfig` to retrain each candidate on the search split (its
             `objective="distill"` trains towards F); None: one-shot pruning. Candidates are
             pruned in increasing sparsity, each from the previous one (iterative pruning).

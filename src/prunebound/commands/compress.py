@@ -68,10 +68,11 @@ def run_compress(args: argparse.Namespace) -> int:
     retrain = None
     if args.retrain_epochs > 0:
         objective: Objective = "distill" if args.distill else "ce"
-        # the goal is to match the original: pure distillation at a mild temperature
+        # the goal is to match the original: pure distillation at a mild temperature, each
+        # step's LR annealed (benchmarks/certified_compression.py's settings)
         retrain = TrainConfig(
-            epochs=args.retrain_epochs, lr=5e-4, objective=objective, distill_weight=1.0,
-            temperature=2.0,
+            epochs=args.retrain_epochs, batch_size=128, lr=1e-3, lr_schedule="cosine",
+            objective=objective, distill_weight=1.0, temperature=2.0,
         )  # fmt: skip
     res = compress(
         model,
