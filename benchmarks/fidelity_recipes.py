@@ -1,0 +1,158 @@
+"""How closely can an iteratively pruned, distilled LeNet follow its dense model? (issue 13)
+
+Exploration behind the README's "what stands in the way" table: prune the dense Fashion-MNIST
+model step by step (global magnitude or obs), distill after each step towards the dense model
+(KL at temperature T, Adam with a cosine LR per step, all 60,000 training images), and print
+per step the share of test and training predictions that differ from the dense model's
+("flips"; the full 10,000-image test set, so these are measurements, not certificates). Extras
+change the distillation: mixup (pairs blended), augment (flips and +-2 pixel shifts), ema
+(weights averaged, decay 0.998), jacobian (output differences on noisy inputs matched),
+hinge (the dense model's class kept ahead by half its margin), keep-output (last layer dense).
+
+    python benchmarks/fidelity_recipes.py --method obs [--steps 0.5,0.6,0.7,0.75,0.8,0.9]
+        [--epochs 6 --lr 1e-3 --calibration 8192 --temperature 2 --extras mixup,ema]
+
+Prints one JSON line per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunebound as pb
+from prunebound.data import load_dataset
+from prunebound.models import build_model
+from prunebound.training.loop import TrainConfig, evaluate, train
+
+EXTRAS = ("mixup", "augment", "ema", "jacobian", "hinge", "keep-output")
+
+
+def flip_rate(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) != ref).double().mean())
+
+
+def batch_inputs(x: torch.Tensor, extras: set[str], g: torch.Generator) -> torch.Tensor:
+    if "mixup" in extras:
+        lam = torch.rand(x.shape[0], *[1] * (x.dim() - 1), generator=g)
+        x = torch.cat([x, lam * x + (1 - lam) * x[torch.randperm(x.shape[0], generator=g)]])
+    if "augment" in extras:
+        img = x.reshape(x.shape[0], 28, 28) if x.dim() == 2 else x
+        flip = (torch.rand(x.shape[0], generator=g) < 0.5).view(-1, *[1] * (img.dim() - 1))
+        dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
+        a = torch.roll(torch.where(flip, img.flip(-1), img), shifts=(dy, dx), dims=(-2, -1))
+        x = torch.cat([x, a.reshape(x.shape)])
+    return x
+
+
+def distill(m: nn.Module, dense: nn.Module, xs: torch.Tensor, a: argparse.Namespace,
+            g: torch.Generator) -> None:  # fmt: skip
+    opt = torch.optim.Adam(m.parameters(), lr=a.lr)
+    n, bs = xs.shape[0], 128
+    total = a.epochs * math.ceil(n / bs)
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / total))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+    ema = [p.detach().clone() for p in m.parameters()] if "ema" in a.extras else None
+    t = a.temperature
+    m.train()
+    for _ in range(a.epochs):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, bs):
+            x = batch_inputs(xs[order[i : i + bs]], a.extras, g)
+            with torch.no_grad():
+                tl = dense(x)
+            out = m(x)
+            loss = t * t * F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(tl / t, 1),
+                                    log_target=True, reduction="batchmean")  # fmt: skip
+            if "jacobian" in a.extras:
+                d = 0.1 * torch.randn(x.shape, generator=g)
+                with torch.no_grad():
+                    td = dense(x + d) - tl
+                loss = loss + 0.02 * ((m(x + d) - out - td) ** 2).sum(1).mean()
+            if "hinge" in a.extras:
+                top = tl.topk(2, dim=1).values
+                cls = tl.argmax(1)
+                own = F.one_hot(cls, out.shape[1]).bool()
+                other = out.masked_fill(own, -math.inf).max(1).values
+                margin = out.gather(1, cls[:, None])[:, 0] - other
+                loss = loss + F.relu((top[:, 0] - top[:, 1]).clamp(max=2.0) - margin).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema, m.parameters(), strict=True):
+                        e.mul_(0.998).add_(p.detach(), alpha=0.002)
+    if ema is not None:
+        with torch.no_grad():
+            for e, p in zip(ema, m.parameters(), strict=True):
+                p.copy_(e)
+    m.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="lenet_300_100")
+    ap.add_argument("--method", default="obs", choices=("obs", "magnitude"))
+    ap.add_argument("--steps", default="0.5,0.6,0.7,0.75,0.8,0.83,0.86,0.88,0.9")
+    ap.add_argument("--epochs", type=int, default=6, help="distillation epochs per step")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--calibration", type=int, default=8192, help="obs calibration images")
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--extras", default="", help=f"comma-separated: {', '.join(EXTRAS)}")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    a.extras = {e for e in a.extras.split(",") if e}
+    if a.extras - set(EXTRAS):
+        ap.error(f"unknown extras {sorted(a.extras - set(EXTRAS))}; known: {EXTRAS}")
+    torch.set_num_threads(a.threads)
+    raw = load_dataset("fashion-mnist")
+    data = raw.image() if a.model == "lenet5" else raw.flat()
+    kw = {"in_features": 784} if a.model == "lenet_300_100" else {}
+    dense = build_model(a.model, seed=0, **kw)
+    train(dense, data, TrainConfig(epochs=5, batch_size=128, lr=1e-3), seed=0)
+    dense.eval()
+    xs, ys, xt = data.x_train, data.y_train, data.x_test
+    with torch.no_grad():
+        ref_test, ref_train = dense(xt).argmax(1), dense(xs[:10000]).argmax(1)
+    print(json.dumps({"dense_accuracy": evaluate(dense, data).accuracy, "args": vars(a) | {
+        "extras": sorted(a.extras)}}), flush=True)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    m, done = copy.deepcopy(dense), 0.0
+    layers = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear | nn.Conv2d)]
+    mods = dict(m.named_modules())
+    for s in (float(v) for v in a.steps.split(",")):
+        t1 = time.perf_counter()
+        amount = 1 - (1 - s) / (1 - done)
+        kwargs: dict[str, object] = {}
+        if a.method == "obs":
+            kwargs["data"] = (xs[: a.calibration], ys[: a.calibration])
+        if "keep-output" in a.extras:  # the same total sparsity from the other layers
+            w = {n: mods[n].weight for n in layers}
+            total, last = sum(v.numel() for v in w.values()), w[layers[-1]].numel()
+            alive = sum(int((w[n] != 0).sum()) for n in layers[:-1])
+            amount = (alive - (total * (1 - s) - last)) / alive
+            kwargs["layers"] = layers[:-1]
+        pb.prune(m, a.method, amount, scope="global", **kwargs)
+        one_shot = flip_rate(m, xt, ref_test)
+        distill(m, dense, xs, a, g)
+        done = s
+        row = {"sparsity": s, "one_shot_flips": one_shot, "flips": flip_rate(m, xt, ref_test),
+               "train_flips": flip_rate(m, xs[:10000], ref_train),
+               "accuracy": evaluate(m, data).accuracy,
+               "seconds": round(time.perf_counter() - t1, 1)}  # fmt: skip
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
