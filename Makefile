@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-long clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src
 
-# Each benchmark prints JSON to stdout; `make bench` collects them in runs/bench/ (~40 min, 2 cores).
+# Each benchmark prints JSON to stdout; `make bench` collects them in runs/bench/ (~40 min, 2 cores);
+# `make bench-long` adds the multi-hour ones (certified compression, structured accuracy).
 BENCH := runs/bench
 bench: $(STAMP)
 	mkdir -p $(BENCH)
@@ -40,6 +41,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sampled_plans.py > $(BENCH)/sampled_plans.json
 	$(BIN)/python benchmarks/plan_tightness.py --nets 30 --exact-nets 1 > $(BENCH)/plan_tightness.json
 	$(BIN)/python benchmarks/reliability.py --trials 10 > $(BENCH)/reliability.json
+
+bench-long: $(STAMP)
+	mkdir -p $(BENCH)
+	$(BIN)/python benchmarks/certified_compression.py --models lenet_300_100,lenet5 --methods obs,magnitude --modes distill,oneshot > $(BENCH)/certified_compression.json
+	$(BIN)/python benchmarks/fidelity_recipes.py > $(BENCH)/fidelity_recipes.jsonl
+	$(BIN)/python benchmarks/structured.py --ratios 0.3,0.5,0.7 > $(BENCH)/structured.json
+	$(BIN)/python benchmarks/structured.py --accuracy > $(BENCH)/structured_accuracy.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
