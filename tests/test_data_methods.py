@@ -204,7 +204,11 @@ def test_conv_statistics_match_autograd_and_unfold(conv: type[nn.Module]) -> Non
     assert int((~pb.masks(layer)[""]).sum()) == round(0.5 * layer.weight.numel())
 
 
-@pytest.mark.parametrize("name", DATA_METHODS)
+# weight-level data methods; the unit Taylor ones (whole rows) have tests/test_coupled_criteria.py
+WEIGHT_DATA_METHODS = [n for n in DATA_METHODS if pb.METHODS[n].unit != "row"]
+
+
+@pytest.mark.parametrize("name", WEIGHT_DATA_METHODS)
 def test_data_methods_prune_a_cnn_with_a_dataloader(name: str) -> None:
     model = make_cnn()
     x = torch.randn(24, 1, 7, 7, generator=torch.Generator().manual_seed(0))
