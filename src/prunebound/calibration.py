@@ -283,6 +283,28 @@ class _Acc:
         )
 
 
+def output_grads(
+    logits: torch.Tensor,
+    y: torch.Tensor | None,
+    outs: Mapping[str, torch.Tensor | None],
+    method: str,
+) -> dict[str, torch.Tensor]:
+    """d(summed loss)/d(out) for each layer output `outs` (kept by forward hooks) of one batch;
+    refuses a non-finite loss and a layer the gradient does not reach, naming `method`."""
+    loss = summed_loss(logits, y)
+    if not math.isfinite(value := float(loss.detach())):
+        raise ValueError(f"method {method!r}: calibration loss is {value}")
+    seen = [n for n, o in outs.items() if o is not None and o.requires_grad]
+    if len(seen) < len(outs):
+        missing = sorted(set(outs) - set(seen))
+        raise ValueError(
+            f"method {method!r}: no gradient reaches layers {missing} (not used by the "
+            "forward, or their outputs do not require grad)"
+        )
+    grads = torch.autograd.grad(loss, [outs[n] for n in seen])
+    return dict(zip(seen, grads, strict=True))
+
+
 def collect(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -333,18 +355,8 @@ def collect(
                 logits = model_output(model(x))
             if not grads:
                 continue
-            loss = summed_loss(logits, y)
-            if not math.isfinite(float(loss.detach())):
-                raise ValueError(f"method {method!r}: calibration loss is {float(loss.detach())}")
-            seen = [n for n, a in accs.items() if a.out is not None and a.out.requires_grad]
-            outs = [accs[n].out for n in seen]
-            if len(seen) < len(accs):
-                missing = sorted(set(accs) - set(seen))
-                raise ValueError(
-                    f"method {method!r}: no gradient reaches layers {missing} (not used by the "
-                    "forward, or their outputs do not require grad)"
-                )
-            for n, g_out in zip(seen, torch.autograd.grad(loss, outs), strict=True):
+            outs = {n: a.out for n, a in accs.items()}
+            for n, g_out in output_grads(logits, y, outs, method).items():
                 accs[n].gradient(g_out.detach(), n, method)
                 accs[n].out = None
     finally:

@@ -27,7 +27,7 @@ from prunebound._masks import (
     set_mask,
     unit_view,
 )
-from prunebound.calibration import batches, model_output, summed_loss
+from prunebound.calibration import batches, model_output, output_grads
 from prunebound.layer_types import CONV_TRANSPOSE, NORMS, is_transposed_linear
 from prunebound.methods import Method, unit_taylor_scores
 
@@ -236,17 +236,8 @@ def unit_taylor(
             if x.is_floating_point():
                 x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                loss = summed_loss(model_output(work(x)), y)
-                if not math.isfinite(value := float(loss.detach())):
-                    raise ValueError(f"method {method!r}: calibration loss is {value}")
-                seen = [n for n in names if outs[n] is not None and outs[n].requires_grad]  # type: ignore[union-attr]
-                if len(seen) < len(names):
-                    raise ValueError(
-                        f"method {method!r}: no gradient reaches layers "
-                        f"{sorted(set(names) - set(seen))}"
-                    )
-                grads = torch.autograd.grad(loss, [outs[n] for n in seen])
-            for n, gr in zip(seen, grads, strict=True):
+                grads = output_grads(model_output(work(x)), y, outs, method)
+            for n, gr in grads.items():
                 share = _channels(mods[n], (outs[n] * gr).detach().double()).sum(0).cpu()  # type: ignore[operator]
                 sums[n] = share if sums[n].numel() == 0 else sums[n] + share
                 outs[n] = None
