@@ -30,7 +30,7 @@ from torch import nn
 import prunebound as pb
 from prunebound.data import load_dataset
 from prunebound.models import build_model
-from prunebound.training.loop import TrainConfig, evaluate, train
+from prunebound.training.loop import TrainConfig, distill_loss, evaluate, train
 
 EXTRAS = ("mixup", "augment", "ema", "jacobian", "hinge", "keep-output")
 
@@ -71,8 +71,7 @@ def distill(m: nn.Module, dense: nn.Module, xs: torch.Tensor, a: argparse.Namesp
             with torch.no_grad():
                 tl = dense(x)
             out = m(x)
-            loss = t * t * F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(tl / t, 1),
-                                    log_target=True, reduction="batchmean")  # fmt: skip
+            loss = distill_loss(out, tl, tl.argmax(1), temperature=t, weight=1.0) / x.shape[0]
             if "jacobian" in a.extras:
                 d = 0.1 * torch.randn(x.shape, generator=g)
                 with torch.no_grad():
