@@ -29,7 +29,7 @@ from prunebound._masks import (
 )
 from prunebound.calibration import batches, model_output, output_grads
 from prunebound.layer_types import CONV_TRANSPOSE, NORMS, is_transposed_linear
-from prunebound.methods import Method, unit_taylor_scores
+from prunebound.methods import Method, require_data, unit_taylor_scores
 
 try:  # optional: pip install "prunebound[structured]"
     import torch_pruning as tp
@@ -305,11 +305,7 @@ def prune_coupled(
     unit with `unit_taylor` on the calibration `data`. Validates (traces, scores) before it
     changes anything. `counts` (layer scope): units to prune in the group of each named
     producer instead of `amount`."""
-    if method.needs and data is None:
-        raise ValueError(
-            f"method {method.name!r} needs calibration data: pass data= (a tensor of inputs, an "
-            "(inputs, labels) pair, or a DataLoader)"
-        )
+    require_data(method, data)
     if method.needs and method.scores is not unit_taylor_scores:
         raise ValueError(
             f"coupled=True scores data-aware units with the unit Taylor methods "

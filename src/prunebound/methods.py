@@ -269,6 +269,15 @@ def unit_taylor_scores(
     return (grad * weight.double()).flatten(1).sum(1).abs()
 
 
+def require_data(method: Method, data: object) -> None:
+    """Refuse a data-aware `method` called without calibration `data`."""
+    if method.needs and data is None:
+        raise ValueError(
+            f"method {method.name!r} needs calibration data: pass data= (a tensor of inputs, an "
+            "(inputs, labels) pair, or a DataLoader)"
+        )
+
+
 def row_norm(p: int) -> ScoreFn:
     """Score of each output row (neuron / filter): its L1 or L2 norm (Li et al. 2017)."""
     if p not in (1, 2):

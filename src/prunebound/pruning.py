@@ -29,7 +29,7 @@ from prunebound.calibration import collect
 from prunebound.coupling import prune_coupled
 from prunebound.heads import HEAD, attention_layouts, prune_heads
 from prunebound.layer_types import CONV_TRANSPOSE, is_layer, unpruned_weights
-from prunebound.methods import Method, ScoreContext, get_method
+from prunebound.methods import Method, ScoreContext, get_method, require_data
 from prunebound.outputs import leave_outputs
 from prunebound.plan_layers import PlanLike, plan_counts
 from prunebound.selection import check_pattern, nm_keep, parse_pattern, select
@@ -346,11 +346,7 @@ def _check_data(
     meth: Method, data: object, nm: tuple[int, int] | None, scope: str, twins: Mapping[str, str]
 ) -> None:
     """The checks of `data=` and `pattern=` that need no statistics."""
-    if meth.needs and data is None:
-        raise ValueError(
-            f"method {meth.name!r} needs calibration data: pass data= (a tensor of inputs, an "
-            "(inputs, labels) pair, or a DataLoader)"
-        )
+    require_data(meth, data)
     if nm is not None and (meth.unit != "weight" or meth.mask is not None):
         raise ValueError(
             f"pattern needs a method scoring single weights; {meth.name!r} "
