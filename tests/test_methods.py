@@ -22,8 +22,9 @@ def _layers_for(model: nn.Module, method: Method) -> dict[str, nn.Module]:
     return leave_outputs(model, layers, None)[0] if method.unit == "row" else layers
 
 
-#: methods for any model; "head" (HF attention heads only) has its contract in tests/test_heads.py
-GENERIC = sorted(n for n in pb.METHODS if n != "head")
+#: methods for any model; "head" (HF attention heads only) has its contract in tests/test_heads.py,
+#: the coupled-only group norms theirs in tests/test_group_norm.py
+GENERIC = sorted(n for n, m in pb.METHODS.items() if n != "head" and not m.coupled)
 
 
 def _calibration(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

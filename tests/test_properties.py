@@ -26,7 +26,7 @@ PATTERNS = ["gaussian", "quantised", "constant", "zero_rows"]
 SETTINGS = settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-RANKING = sorted(k for k, m in pb.METHODS.items() if m.mask is None)
+RANKING = sorted(k for k, m in pb.METHODS.items() if m.mask is None and not m.coupled)
 # in-memory file system where there is one: 200 fsyncs to disk would dominate the run time
 _TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
@@ -58,7 +58,11 @@ def layers(draw: st.DrawFn, patterns: list[str] = PATTERNS) -> nn.Module:
 
 
 def _methods_for(layer: nn.Module, names: list[str]) -> list[str]:
-    return [m for m in names if isinstance(layer, pb.METHODS[m].layer_types)]
+    return [
+        m
+        for m in names
+        if isinstance(layer, pb.METHODS[m].layer_types) and not pb.METHODS[m].coupled
+    ]
 
 
 def _units(keep: torch.Tensor, unit: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch import nn
 from prunebound._check import Seed, as_generator
 from prunebound._masks import (
     alive_units,
+    effective_weight,
     mask_module,
     original_weight,
     remove,
@@ -120,11 +121,14 @@ def dependency_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> obje
 class UnitGroup:
     """Output channels tied together: unit u is channel `producers[name][u]` of each producer.
 
-    `norms` maps each BatchNorm name to its entry for each unit.
+    `norms` maps each BatchNorm name to its entry for each unit; `consumers` each Linear/Conv
+    that reads the group (groups=1) to the input columns of each unit (several per unit after a
+    Flatten).
     """
 
     producers: dict[str, tuple[int, ...]]
     norms: dict[str, tuple[int, ...]]
+    consumers: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -162,6 +166,7 @@ def unit_groups(model: nn.Module, example_inputs: object) -> list[UnitGroup]:
         group = graph.get_pruning_group(m, out_channel_fn(m), list(range(size)))  # type: ignore[attr-defined]
         producers: dict[str, tuple[int, ...]] = {}
         norms: dict[str, tuple[int, ...]] = {}
+        consumers: dict[str, tuple[tuple[int, ...], ...]] = {}
         ok = True
         for item in group.items:
             target = item.dep.target.module
@@ -175,9 +180,15 @@ def unit_groups(model: nn.Module, example_inputs: object) -> list[UnitGroup]:
                     ok = False
                     break
                 (norms if isinstance(target, NORMS) else producers)[tname] = per
+            elif is_traced(target) and getattr(target, "groups", 1) == 1:
+                cols: list[list[int]] = [[] for _ in range(size)]
+                for i, r in zip(item.idxs, item.root_idxs, strict=True):
+                    if r is not None:
+                        cols[r].append(int(i))
+                consumers[tname] = tuple(tuple(c) for c in cols)
         seen.update(producers)
         if ok and name in producers:
-            groups.append(UnitGroup(producers, norms))
+            groups.append(UnitGroup(producers, norms, consumers))
     return groups
 
 
@@ -255,6 +266,31 @@ def unit_taylor(
     return scores
 
 
+def group_norms(model: nn.Module, groups: Sequence[UnitGroup]) -> list[torch.Tensor]:
+    """Group L2 norm of every unit of `groups`: the root of the summed squares of everything the
+    unit owns, as the layers compute with it (masked entries count zero): its weight rows in
+    every producer, its input columns in every consumer, its BatchNorm scales (Torch-Pruning's
+    `GroupMagnitudeImportance(p=2)`, up to its per-group mean normalisation). A unit whose
+    outgoing weights are small scores low however large its incoming ones."""
+    mods = dict(model.named_modules())
+    scores = []
+    for gr in groups:
+        total = torch.zeros(gr.size, dtype=torch.float64)
+        for name, per in gr.producers.items():
+            w = unit_view(mods[name], effective_weight(mods[name]).detach(), "row")
+            total += w.double().flatten(1).pow(2).sum(1).cpu()[torch.tensor(per)]
+        for name, cols in gr.consumers.items():
+            sq = effective_weight(mods[name]).detach().double().pow(2).movedim(1, 0).flatten(1)
+            sq = sq.sum(1).cpu()
+            total += torch.stack([sq[list(c)].sum() for c in cols])
+        for name, per in gr.norms.items():
+            gamma = getattr(mods[name], "weight", None)
+            if isinstance(gamma, torch.Tensor):
+                total += gamma.detach().double().pow(2).cpu()[torch.tensor(per)]
+        scores.append(total.sqrt())
+    return scores
+
+
 def _group_scores(
     group: UnitGroup,
     layers: dict[str, nn.Module],
@@ -321,6 +357,8 @@ def prune_coupled(
     given: list[torch.Tensor | None] = [None] * len(groups)
     if method.needs:
         given = list(unit_taylor(model, groups, data, method.name))
+    elif method.coupled:
+        given = list(group_norms(model, groups))
     scored = [
         _group_scores(gr, selected, method, g, s) for gr, s in zip(groups, given, strict=True)
     ]

@@ -89,6 +89,9 @@ class Method:
         needs: calibration statistics the scores read from `layer.stats` (a subset of
             `prunebound.calibration.NEEDS`: "inputs", "hessian", "grad", "fisher"); a method
             that needs any refuses to run without `prune(..., data=...)`.
+        coupled: the scores need the coupled trace (the layers that consume each unit, not only
+            the layer that produces it; `prunebound.coupling`): `prune` refuses the method
+            without `coupled=True`. Row methods only.
     """
 
     name: str
@@ -100,6 +103,7 @@ class Method:
     elementwise: bool = False
     needs: tuple[str, ...] = ()
     reconstruct: ReconstructFn | None = None
+    coupled: bool = False
 
     def __post_init__(self) -> None:
         if sum(f is not None for f in (self.scores, self.mask, self.reconstruct)) != 1:
@@ -119,6 +123,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: mask functions work on single weights only")
         if self.elementwise and (self.unit != "weight" or self.scores is None):
             raise ValueError(f"method {self.name!r}: elementwise needs per-weight scores")
+        if self.coupled and self.unit != "row":
+            raise ValueError(f"method {self.name!r}: coupled scores are for whole units (rows)")
         if self.reconstruct is not None and self.unit != "weight":
             raise ValueError(f"method {self.name!r}: reconstruction works on single weights")
         if self.scores is not None:
@@ -269,6 +275,22 @@ def unit_taylor_scores(
     return (grad * weight.double()).flatten(1).sum(1).abs()
 
 
+def group_norm_scores(
+    weight: torch.Tensor, generator: torch.Generator, layer: ScoreContext | None = None
+) -> torch.Tensor:
+    """Stand-in of the group-norm methods ("filter_group", "neuron_group", `coupled=True`): their
+    score needs the weights that consume each unit, which only the coupled trace knows
+    (`prunebound.coupling.group_norms`); called on one layer alone it refuses."""
+    raise ValueError(COUPLED_ONLY.format(name="filter_group' / 'neuron_group"))
+
+
+#: refusal of a `Method(coupled=True)` used without the coupled trace
+COUPLED_ONLY = (
+    "method {name!r} scores each unit with the weights that consume it: pass coupled=True and "
+    "example_inputs="
+)
+
+
 def require_data(method: Method, data: object) -> None:
     """Refuse a data-aware `method` called without calibration `data`."""
     if method.needs and data is None:
@@ -305,6 +327,13 @@ def filter_(norm: int = 2) -> Method:
     return Method(name, scores=row_norm(norm), unit="row", layer_types=CONV, blockwise=True)
 
 
+def _group_norm(name: str, types: tuple[type[nn.Module], ...]) -> Method:
+    return Method(
+        name, scores=group_norm_scores, unit="row", layer_types=types, blockwise=True,
+        coupled=True,
+    )  # fmt: skip
+
+
 def _unit_taylor(name: str, types: tuple[type[nn.Module], ...]) -> Method:
     return Method(
         name, scores=unit_taylor_scores, unit="row", layer_types=types, blockwise=True,
@@ -331,6 +360,10 @@ METHODS: dict[str, Method] = {
     # group's biases and BatchNorm entries too): Molchanov et al. 2019
     "neuron_taylor": _unit_taylor("neuron_taylor", LINEAR),
     "filter_taylor": _unit_taylor("filter_taylor", (nn.Conv1d, nn.Conv2d)),
+    # whole units by the L2 norm of all they own: producer rows, consumer columns and BatchNorm
+    # scales (coupled=True only; Torch-Pruning's group magnitude importance)
+    "neuron_group": _group_norm("neuron_group", LINEAR),
+    "filter_group": _group_norm("filter_group", (nn.Conv1d, nn.Conv2d)),
 }
 
 

@@ -29,7 +29,7 @@ from prunebound.calibration import collect
 from prunebound.coupling import prune_coupled
 from prunebound.heads import HEAD, attention_layouts, prune_heads
 from prunebound.layer_types import CONV_TRANSPOSE, is_layer, unpruned_weights
-from prunebound.methods import Method, ScoreContext, get_method, require_data
+from prunebound.methods import COUPLED_ONLY, Method, ScoreContext, get_method, require_data
 from prunebound.outputs import leave_outputs
 from prunebound.plan_layers import PlanLike, plan_counts
 from prunebound.selection import check_pattern, nm_keep, parse_pattern, select
@@ -188,6 +188,8 @@ def prune(
             seed = getattr(plan, "seed", None)
     meth = get_method(method, norm)
     check_choice("scope", scope, ("layer", "global"))
+    if meth.coupled and not coupled:
+        raise ValueError(COUPLED_ONLY.format(name=meth.name))
     if meth.name == HEAD:  # whole attention heads (prunebound.heads); coupled by nature
         if amount is None:
             raise ValueError("method 'head' takes amount (a fraction of the surviving heads)")
