@@ -45,7 +45,8 @@ import torch_pruning as tp
 from torch import nn
 
 import prunebound as pb
-from prunebound.coupling import prune_coupled, unit_groups
+from prunebound.coupled_prune import prune_coupled
+from prunebound.coupling import unit_groups
 from prunebound.timing import measure_ms
 
 

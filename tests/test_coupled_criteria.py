@@ -15,7 +15,8 @@ from helpers import with_bn_stats
 from torch import nn
 
 import prunebound as pb
-from prunebound.coupling import prune_coupled, unit_groups, unit_taylor
+from prunebound.coupled_prune import prune_coupled, unit_taylor
+from prunebound.coupling import unit_groups
 
 pytest.importorskip("torch_pruning")
 

@@ -15,7 +15,8 @@ from helpers import with_bn_stats
 from torch import nn
 
 import prunebound as pb
-from prunebound.coupling import group_norms, prune_coupled, unit_groups
+from prunebound.coupled_prune import group_norms, prune_coupled
+from prunebound.coupling import unit_groups
 
 tp = pytest.importorskip("torch_pruning")
 

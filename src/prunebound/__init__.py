@@ -3,6 +3,7 @@
 Every exported name, by wing (defining module in brackets; the design: docs/design.md)::
 
     core      prune                                   [pruning]
+              refit                                   [refitting]
               Method, METHODS, register_method, ScoreContext   [methods]
               masks, remove, reset, is_pruned, prunable_layers, original_weight, Mask   [_masks]
               sparsity, LayerSparsity, SparsityReport  [sparsity_stats]
@@ -59,6 +60,7 @@ from prunebound.deploy.shrink_file import load_shrunk, save_shrunk
 from prunebound.deploy.sparse import SparseConv2d, SparseLinear
 from prunebound.methods import METHODS, Method, ScoreContext, register_method
 from prunebound.pruning import prune
+from prunebound.refitting import refit
 from prunebound.sparsity_stats import LayerSparsity, SparsityReport, sparsity
 from prunebound.training.config import DataSpec, Experiment, ModelSpec
 from prunebound.training.experiment import RunResult, run
@@ -113,6 +115,7 @@ __all__ = [
     "original_weight",
     "prunable_layers",
     "prune",
+    "refit",
     "register_method",
     "remove",
     "reset",

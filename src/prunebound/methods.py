@@ -90,7 +90,7 @@ class Method:
             `prunebound.calibration.NEEDS`: "inputs", "hessian", "grad", "fisher"); a method
             that needs any refuses to run without `prune(..., data=...)`.
         coupled: the scores need the coupled trace (the layers that consume each unit, not only
-            the layer that produces it; `prunebound.coupling`): `prune` refuses the method
+            the layer that produces it; `prunebound.coupled_prune`): `prune` refuses the method
             without `coupled=True`. Row methods only.
     """
 
@@ -267,7 +267,7 @@ def unit_taylor_scores(
     |sum over the unit's weights of w * g|, g the loss gradient summed over the calibration data,
     the first-order estimate of the loss change when the whole unit is zeroed. With
     coupled=True the sum also runs over the biases and BatchNorm entries of every layer in the
-    unit's coupled group (`prunebound.coupling.unit_taylor`)."""
+    unit's coupled group (`prunebound.coupled_prune.unit_taylor`)."""
     if layer is None or layer.stats is None or layer.stats.grad is None:
         _stat(layer, "grad", "unit Taylor")  # raises, naming the layer
     assert layer is not None and layer.stats is not None and layer.stats.grad is not None
@@ -280,7 +280,7 @@ def group_norm_scores(
 ) -> torch.Tensor:
     """Stand-in of the group-norm methods ("filter_group", "neuron_group", `coupled=True`): their
     score needs the weights that consume each unit, which only the coupled trace knows
-    (`prunebound.coupling.group_norms`); called on one layer alone it refuses."""
+    (`prunebound.coupled_prune.group_norms`); called on one layer alone it refuses."""
     raise ValueError(COUPLED_ONLY.format(name="filter_group' / 'neuron_group"))
 
 

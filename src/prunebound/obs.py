@@ -46,11 +46,11 @@ BLOCK = 128
 REFIT = 30  # conjugate-gradient steps of the final least-squares refit
 
 
-class _Stop(BaseException):
+class StopForward(BaseException):
     """Ends a forward pass once the layer being calibrated has seen its input."""
 
 
-def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+def damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     h = h.clone()
     diag = h.diagonal()
     diag[diag == 0] = 1.0  # inputs that are always zero: any weight there costs nothing
@@ -62,7 +62,7 @@ def _inverse_factor(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     """Upper Cholesky factor U of (H + lambda I)^-1 (H^-1 = U^T U), raising the dampening
     tenfold (at most 4 times) if H is numerically singular."""
     for _ in range(5):
-        chol, info = torch.linalg.cholesky_ex(_damped(h, damp))
+        chol, info = torch.linalg.cholesky_ex(damped(h, damp))
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
             u, info = torch.linalg.cholesky_ex(inv, upper=True)
@@ -130,30 +130,32 @@ def sparsegpt(
         w[:, i2:] -= err @ u[i1:i2, i2:]
         pruned[:, i1:i2] = p1
     keep = ~pruned
-    return _refit(
-        weight.detach().double(), w, keep, _damped(hessian.double(), damp / 100), iters
-    ), keep
+    h = damped(hessian.double(), damp / 100)
+    # refit of the survivors: its sequential updates only moved weights right of each pruned one
+    return masked_lstsq(weight.detach().double() @ h, w, keep, h, iters), keep
 
 
-def _refit(
-    w0: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, iters: int
+def masked_lstsq(
+    target: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, iters: int
 ) -> torch.Tensor:
-    """Least-squares refit of the surviving weights: minimise (v - w0)^T H (v - w0) over each
-    row v with the mask fixed, by conjugate gradients on all rows at once from the OBS result
-    `w` (its sequential updates only move weights to the right of each pruned one)."""
+    """Least squares with a fixed mask: minimise v^T H v - 2 v^T t over each row v of the
+    weight (t its row of `target`), the entries `keep` marks free and the others zero, by
+    conjugate gradients on all rows at once from `w`. With target = w0 H this is
+    ||X v - X w0||^2 (the OBS refit); with target = Y^T X it fits X v to outputs Y."""
     m = keep.to(w.dtype)
     v = w * m
-    r = m * ((w0 - v) @ h)
+    r = m * (target - v @ h)
     p = r.clone()
     rs = (r * r).sum(1)
     tiny = torch.finfo(w.dtype).tiny
+    scale = float(target.square().sum(1).max().clamp_min(tiny))
     for _ in range(iters):
         hp = m * (p @ h)
         alpha = rs / (p * hp).sum(1).clamp_min(tiny)
         v += alpha[:, None] * p
         r -= alpha[:, None] * hp
         new = (r * r).sum(1)
-        if float(new.max()) <= 1e-20 * float((w0 @ h).square().sum(1).max().clamp_min(tiny)):
+        if float(new.max()) <= 1e-20 * scale:
             break
         p = r + (new / rs.clamp_min(tiny))[:, None] * p
         rs = new
@@ -166,7 +168,7 @@ def _keep(module: nn.Module) -> torch.Tensor:
     return mm.mask if mm is not None else torch.ones(w.shape, dtype=torch.bool, device=w.device)
 
 
-def _order(
+def forward_order(
     model: nn.Module, layers: Mapping[str, nn.Module], first: Batch, method: str
 ) -> list[str]:
     """Layer names in the order the forward calls them (layers never called go last), after
@@ -200,7 +202,7 @@ def _global_counts(
     for n, m in layers.items():
         h = stats[n].hessian
         assert h is not None
-        hinv = torch.linalg.inv(_damped(h, DAMP))
+        hinv = torch.linalg.inv(damped(h, DAMP))
         w = as_matrix(m, effective_weight(m).detach()).double()
         sal = (w**2 / hinv.diagonal()).float()
         parts.append(sal.masked_fill(~as_matrix(m, _keep(m)), torch.inf).flatten())
@@ -236,7 +238,7 @@ def obs_reconstruct(
         model.eval()
         if total is not None:
             counts = _global_counts(model, layers, cached, total, method)
-        for name in _order(model, layers, cached[0], method):
+        for name in forward_order(model, layers, cached[0], method):
             module = layers[name]
             h = _hessian(model, layers, done, name, cached, method)
             w = as_matrix(module, effective_weight(module).detach())
@@ -277,7 +279,7 @@ def _hessian(
         rows = input_rows(mod, args[0]).reshape(-1, as_matrix(mod, effective_weight(mod)).shape[1])
         rows = rows.double()
         sums.append(rows.t() @ rows)
-        raise _Stop
+        raise StopForward
 
     def substitute(n: str) -> Callable[..., torch.Tensor]:
         keep, new = done[n]
@@ -292,7 +294,7 @@ def _hessian(
     try:
         with torch.no_grad():
             for x, _ in data:
-                with contextlib.suppress(_Stop):
+                with contextlib.suppress(StopForward):
                     model(x)
     finally:
         for h in handles:

@@ -26,7 +26,7 @@ from prunebound._masks import (
     set_mask,
 )
 from prunebound.calibration import collect
-from prunebound.coupling import prune_coupled
+from prunebound.coupled_prune import prune_coupled
 from prunebound.heads import HEAD, attention_layouts, prune_heads
 from prunebound.layer_types import CONV_TRANSPOSE, is_layer, unpruned_weights
 from prunebound.methods import COUPLED_ONLY, Method, ScoreContext, get_method, require_data
