@@ -17,18 +17,20 @@ Torch-Pruning is tried on the same model; where it cannot trace it, the row says
 
 `--accuracy`: Fashion-MNIST accuracy after the same retraining, over several seeds. For each
 seed, vgg_small (BN) and resnet_small are trained dense, then at each ratio pruned one-shot by
-prunebound (coupled filter L2, L1 and the data-aware group Taylor `filter_taylor` on `--calib`
-training examples) and by Torch-Pruning's `MagnitudePruner` (L2). prunebound's amount is matched
-so that it removes from every coupled group exactly the channels Torch-Pruning removes (it keeps
-int(n(1 - r)); prunebound's plain amount removes round(r n)): equal parameter counts. The
-prunebound models are shrunk, then all are retrained with the same `TrainConfig` and seed
-(retraining the shrunk model equals retraining the masked one: pruned units get no gradient).
-Per-seed rows go to stderr as they finish; stdout gets JSON with a summary (mean, std over
-seeds; wins = seeds where the column >= Torch-Pruning).
+prunebound and by Torch-Pruning's `MagnitudePruner` (L2). prunebound's columns (`--criteria`):
+the coupled group norm `filter_group` (Torch-Pruning's criterion: the same channels), the same
+followed by `pb.refit` towards the dense model on `--calib` training images, and optionally
+the row norms `filter`/`filter_l1` and the group Taylor `filter_taylor`. prunebound removes
+from every coupled group exactly the channels Torch-Pruning removes (it keeps int(n(1 - r));
+prunebound's plain amount removes round(r n)): equal parameter counts. The prunebound models
+are shrunk, then all are retrained with the same `TrainConfig` and seed (retraining the shrunk
+model equals retraining the masked one: pruned units get no gradient). Per-seed rows go to
+stderr as they finish; stdout gets JSON with a summary (mean, std over seeds of the accuracy
+one-shot and after retraining; wins = seeds where the column >= Torch-Pruning).
 
     python benchmarks/structured.py [--ratios 0.3,0.5,0.7] [--budget 2.0]
     python benchmarks/structured.py --accuracy [--epochs 3 --retrain-epochs 2 --seeds 0,1,2]
-        [--threads 1 --criteria prunebound_l2,prunebound_taylor,torch_pruning]
+        [--threads 1 --criteria prunebound_group,prunebound_group_refit,torch_pruning]
 """
 
 from __future__ import annotations
@@ -170,35 +172,32 @@ def _tp_counts(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, int
     return {min(g.producers): g.size - int(g.size * (1 - ratio)) for g in groups}
 
 
-#: accuracy columns: prunebound's coupled filter criteria, then Torch-Pruning's magnitude pruner
+#: accuracy columns: prunebound's coupled filter criteria (with "+refit": `pb.refit` towards the
+#: dense model on the calibration images before retraining), then Torch-Pruning's magnitude pruner
 CRITERIA = {"prunebound_l2": "filter", "prunebound_l1": "filter_l1",
-            "prunebound_taylor": "filter_taylor", "torch_pruning": None}  # fmt: skip
+            "prunebound_taylor": "filter_taylor", "prunebound_group": "filter_group",
+            "prunebound_group_refit": "filter_group+refit", "torch_pruning": None}  # fmt: skip
+DEFAULT = ("prunebound_group", "prunebound_group_refit", "torch_pruning")
 
 
 def _pruned(
     dense: nn.Module, label: str, ratio: float, x: torch.Tensor, calib: tuple[torch.Tensor, ...]
-) -> tuple[nn.Module, dict[str, object]]:
-    """The shrunk (or Torch-Pruning-pruned) model of one column and how it was pruned."""
-    net = copy.deepcopy(dense).eval()
-    if CRITERIA[label] is None:
-        return _tp_prune(net, x, ratio), {}
-    # as pb.prune(net, method, ratio, coupled=True, ...), with Torch-Pruning's count per group
-    method = pb.methods.get_method(CRITERIA[label])
-    convs = {n: m for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
-    counts = _tp_counts(dense, x, ratio)
-    prune_coupled(
-        net, method, ratio, convs, scope="layer", seed=0, example_inputs=x, data=calib,
-        counts=counts,
-    )  # fmt: skip
-    info = {"round_params": _params(pb.shrink(_plain(dense, label, ratio, x, calib), x))}
-    return pb.shrink(net, x), info
-
-
-def _plain(
-    dense: nn.Module, label: str, ratio: float, x: torch.Tensor, calib: tuple[torch.Tensor, ...]
 ) -> nn.Module:
+    """The shrunk (or Torch-Pruning-pruned) model of one column."""
     net = copy.deepcopy(dense).eval()
-    return pb.prune(net, CRITERIA[label], ratio, coupled=True, example_inputs=x, data=calib)  # type: ignore[arg-type]
+    spec = CRITERIA[label]
+    if spec is None:
+        return _tp_prune(net, x, ratio)
+    name, _, then = spec.partition("+")
+    # as pb.prune(net, name, ratio, coupled=True, ...), with Torch-Pruning's count per group
+    convs = {n: m for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    prune_coupled(
+        net, pb.methods.get_method(name), ratio, convs, scope="layer", seed=0, example_inputs=x,
+        data=calib, counts=_tp_counts(dense, x, ratio),
+    )  # fmt: skip
+    if then == "refit":
+        pb.refit(net, dense, calib[0])
+    return pb.shrink(net, x)
 
 
 def _accuracy_rows(
@@ -233,7 +232,7 @@ def _accuracy_rows(
                     "dense_params": _params(dense),
                 }
                 for label in labels:
-                    small, info = _pruned(dense, label, ratio, x, calib)
+                    small = _pruned(dense, label, ratio, x, calib)
                     before = pb.evaluate(small, data).accuracy
                     # shrunk, then retrained: the same as retraining the masked model (pruned
                     # units get zero gradients and stay zero), at the small model's cost
@@ -241,7 +240,6 @@ def _accuracy_rows(
                     small.eval()
                     row[label] = {
                         "acc_oneshot": before,
-                        **info,
                         "params": _params(small),
                         "acc_retrained": pb.evaluate(small, data).accuracy,
                     }
@@ -261,6 +259,7 @@ def _summary(rows: list[dict[str, object]], labels: list[str]) -> list[dict[str,
     for key in dict.fromkeys((r["model"], r["ratio"]) for r in rows):
         sel = [r for r in rows if (r["model"], r["ratio"]) == key]
         acc = {lab: torch.tensor([r[lab]["acc_retrained"] for r in sel]) for lab in labels}  # type: ignore[index]
+        once = {lab: torch.tensor([r[lab]["acc_oneshot"] for r in sel]) for lab in labels}  # type: ignore[index]
         dense = torch.tensor([r["dense_acc"] for r in sel])
         item: dict[str, object] = {
             "model": key[0],
@@ -270,7 +269,8 @@ def _summary(rows: list[dict[str, object]], labels: list[str]) -> list[dict[str,
             "dense_params": sel[0]["dense_params"],
         }
         for lab in labels:
-            item[lab] = {"acc": _ms(acc[lab]), "params": sorted({r[lab]["params"] for r in sel})}  # type: ignore[index]
+            params = sorted({r[lab]["params"] for r in sel})  # type: ignore[index]
+            item[lab] = {"acc": _ms(acc[lab]), "oneshot": _ms(once[lab]), "params": params}
             if lab != "torch_pruning" and "torch_pruning" in acc:
                 diff = acc[lab] - acc["torch_pruning"]
                 item[lab]["minus_tp"] = _ms(diff)  # type: ignore[index]
@@ -293,7 +293,9 @@ def main() -> None:
     ap.add_argument("--retrain-epochs", type=int, default=2, help="retraining epochs (--accuracy)")
     ap.add_argument("--seeds", default="0,1,2", help="training seeds (--accuracy)")
     ap.add_argument("--calib", type=int, default=1024, help="calibration examples (taylor)")
-    ap.add_argument("--criteria", default=",".join(CRITERIA), help="columns (--accuracy)")
+    ap.add_argument(
+        "--criteria", default=",".join(DEFAULT), help=f"columns (--accuracy): {list(CRITERIA)}"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
