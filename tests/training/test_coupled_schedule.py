@@ -3,12 +3,14 @@ BatchNorm entries; residual channels together), so the run's `shrink` removes al
 
 from __future__ import annotations
 
+import copy
 import json
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import with_bn_stats
 from torch import nn
 
 import prunebound as pb
@@ -108,3 +110,47 @@ def test_prune_round_of_a_coupled_schedule_needs_example_inputs() -> None:
         prune_round(model, Schedule(method="filter", coupled=True, target_sparsity=0.5), 0, 1)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_data_aware_coupled_round_gets_the_calibration_data() -> None:
+    torch.manual_seed(0)
+    model = pb.models.resnet_small(widths=(4, 4, 4))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    sched = Schedule(method="filter_taylor", coupled=True, target_sparsity=0.5, rounds=1)
+    prune_round(model, sched, 0, 1, data=(x, y), example_inputs=x)
+    assert (~pb.masks(model)["0"]).flatten(1).all(1).sum() == 2  # half of the stream's 4
+
+
+def test_refit_rounds_refit_the_survivors_towards_the_model_before_the_prune() -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    model = with_bn_stats(pb.models.resnet_small(widths=(4, 8, 8)), x)
+    plain, fitted = (Schedule(method="filter_group", coupled=True, target_sparsity=0.5,
+                              rounds=1, refit=flag) for flag in (False, True))  # fmt: skip
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    prune_round(a, plain, 0, 1, data=(x, y), example_inputs=x)
+    prune_round(b, fitted, 0, 1, data=(x, y), example_inputs=x)
+    assert pb.masks(a).keys() == pb.masks(b).keys()
+    assert all(torch.equal(v, pb.masks(b)[k]) for k, v in pb.masks(a).items())
+    with torch.no_grad():
+        gap = [float((m(x) - model(x)).square().mean()) for m in (a, b)]
+    assert gap[1] < 0.5 * gap[0]
+    assert fitted.to_dict()["refit"] is True and "refit" not in plain.to_dict()
+    with pytest.raises(ValueError, match=r"schedule\.refit needs calibration data"):
+        prune_round(copy.deepcopy(model), fitted, 0, 1, example_inputs=x)
+    for kind in ("gradual", "lottery"):
+        with pytest.raises(ValueError, match=rf"schedule\.refit does not apply to {kind}"):
+            Schedule(kind=kind, method="filter", refit=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"schedule\.refit must be true or false"):
+        Schedule(method="filter", refit="yes")  # type: ignore[arg-type]
+
+
+def test_a_refit_schedule_runs_end_to_end(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    text = CONFIG.format(out=tmp_path / "out").replace(
+        "coupled = true", "coupled = true\nrefit = true"
+    )
+    cfg.write_text(text.replace('method = "filter"', 'method = "filter_group"'))
+    run(Experiment.from_toml(cfg), write_plots=False)
+    d = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert d["config"]["schedule"]["refit"] is True and d["shrink"]["params"]["shrunk"] > 0

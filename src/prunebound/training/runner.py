@@ -223,7 +223,9 @@ def run_schedule(
     dense_run = replace(dense, objective="ce")  # no teacher before the dense model exists
     n_cal = schedule.calibration
     calibration = (
-        (data.x_train[:n_cal], data.y_train[:n_cal]) if METHODS[schedule.method].needs else None
+        (data.x_train[:n_cal], data.y_train[:n_cal])
+        if METHODS[schedule.method].needs or schedule.refit
+        else None
     )
     distill = retrain.objective == "distill"
     # coupled schedules trace the model's channel dependencies on one training batch

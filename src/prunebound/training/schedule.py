@@ -10,6 +10,7 @@ a fraction of the survivors each round. `training.runner.run_schedule` runs the 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +33,7 @@ from prunebound.layer_types import Unit
 from prunebound.methods import METHODS
 from prunebound.outputs import leave_outputs
 from prunebound.pruning import prune
+from prunebound.refitting import refit
 from prunebound.report import ALL_WEIGHTS
 from prunebound.training.loop import TrainConfig
 
@@ -95,6 +97,9 @@ class Schedule:
             alive in each group (or globally), traced on one batch of training inputs. Rounds
             compose but are not count-exact (rounding per group and round). Not for gradual
             schedules, nor with `last_layer_scale` other than 1.
+        refit: after each round's prune, `prunebound.refit` the surviving weights towards the
+            model as it was before that prune, on the `calibration` examples (layer-wise least
+            squares), then retrain. Not for gradual or lottery (rewinding) schedules.
     """
 
     kind: ScheduleKind = "iterative"
@@ -116,6 +121,7 @@ class Schedule:
     calibration: int = 1024
     shrink: bool = False
     coupled: bool = False
+    refit: bool = False
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, get_args(ScheduleKind))
@@ -159,6 +165,10 @@ class Schedule:
                 f"{self.method!r}: unstructured masks leave no whole unit to remove"
             )
         self._check_coupled()
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"schedule.refit must be true or false, got {self.refit!r}")
+        if self.refit and self.kind in ("gradual", "lottery"):
+            raise ValueError(f"schedule.refit does not apply to {self.kind} schedules")
         if self.kind == "oneshot" and len(steps) > 1:
             raise ValueError(f"schedule.steps must have one entry for oneshot, got {steps!r}")
         # all checked: normalise (frozen, hence object.__setattr__)
@@ -229,7 +239,11 @@ class Schedule:
             d["layers"] = list(self.layers)
         else:
             del d["layers"]
-        for flag in ("shrink", "coupled"):  # absent when false: older configs keep their hash
+        for flag in (
+            "shrink",
+            "coupled",
+            "refit",
+        ):  # absent when false: older configs keep their hash
             if not d[flag]:
                 del d[flag]
         return d
@@ -296,7 +310,26 @@ def prune_round(
     calibration data of data-aware methods (`prune(data=...)`). A `coupled` schedule prunes
     `schedule.rate(r)` of the alive coupled units instead (`prune(..., coupled=True,
     example_inputs=example_inputs)`), which a schedule run takes from one training batch.
+    A `refit` schedule then refits the survivors towards the model before the prune, on the
+    inputs of `data`.
     """
+    if schedule.refit and data is None:
+        raise ValueError("schedule.refit needs calibration data (data=)")
+    before = copy.deepcopy(model) if schedule.refit else None
+    _prune_round(model, schedule, seed, r, data=data, example_inputs=example_inputs)
+    if before is not None:
+        refit(model, before, data)
+
+
+def _prune_round(
+    model: nn.Module,
+    schedule: Schedule,
+    seed: Seed,
+    r: int,
+    *,
+    data: object,
+    example_inputs: object,
+) -> None:
     g = as_generator(seed)  # one generator for every prune call of the round
     meth = METHODS[schedule.method]
     layers = schedule_layers(model, schedule)  # as `prune`: not the output layer, if structured
@@ -307,7 +340,7 @@ def prune_round(
         if example_inputs is None:
             raise ValueError("a coupled schedule needs example_inputs (a batch the model runs on)")
         prune(model, meth, schedule.rate(r), scope=schedule.scope, layers=names, seed=g,
-              coupled=True, example_inputs=example_inputs)  # fmt: skip
+              coupled=True, example_inputs=example_inputs, data=data)  # fmt: skip
         return
     separate = schedule.last_layer_scale != 1.0 and len(names) > 1
     body = names[:-1] if separate else names
