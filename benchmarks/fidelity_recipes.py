@@ -7,7 +7,8 @@ per step the share of test and training predictions that differ from the dense m
 ("flips"; the full 10,000-image test set, so these are measurements, not certificates). Extras
 change the distillation: mixup (pairs blended), augment (flips and +-2 pixel shifts), ema
 (weights averaged, decay 0.998), jacobian (output differences on noisy inputs matched),
-hinge (the dense model's class kept ahead by half its margin), keep-output (last layer dense).
+hinge (the dense model's class kept ahead by half its margin), keep-output (last layer dense),
+refit (`pb.refit` towards the dense model's layer outputs after each prune, before distilling).
 
     python benchmarks/fidelity_recipes.py --method obs [--steps 0.5,0.6,0.7,0.75,0.8,0.9]
         [--epochs 6 --lr 1e-3 --calibration 8192 --temperature 2 --extras mixup,ema]
@@ -32,7 +33,7 @@ from prunebound.data import load_dataset
 from prunebound.models import build_model
 from prunebound.training.loop import TrainConfig, distill_loss, evaluate, train
 
-EXTRAS = ("mixup", "augment", "ema", "jacobian", "hinge", "keep-output")
+EXTRAS = ("mixup", "augment", "ema", "jacobian", "hinge", "keep-output", "refit")
 
 
 def flip_rate(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -143,6 +144,8 @@ def main() -> None:
             amount = (alive - (total * (1 - s) - last)) / alive
             kwargs["layers"] = layers[:-1]
         pb.prune(m, a.method, amount, scope="global", **kwargs)
+        if "refit" in a.extras:
+            pb.refit(m, dense, xs[: a.calibration])
         one_shot = flip_rate(m, xt, ref_test)
         distill(m, dense, xs, a, g)
         done = s
