@@ -11,6 +11,8 @@ from typing import Any
 from torch import nn
 
 from prunebound.checkpoint import load
+from prunebound.data import Dataset, load_dataset
+from prunebound.layer_types import CONV
 from prunebound.methods import get_method
 from prunebound.models import MODELS, build_model
 from prunebound.training.config import ModelSpec, check_model_spec
@@ -145,6 +147,13 @@ def add_data_args(p: argparse.ArgumentParser, *, default: str | None = "digits")
         help="MNIST-format IDX directory (needed for mnist/idx; fashion-mnist defaults to "
         "/usr/share/datasets/fashion-mnist)",
     )
+
+
+def dataset_for(model: nn.Module, args: argparse.Namespace) -> Dataset:
+    """--dataset (and --data-dir) loaded in the model's input layout: images for a model with
+    convolutions, flat vectors otherwise."""
+    data = load_dataset(args.dataset, data_dir=args.data_dir)
+    return data.image() if any(isinstance(m, CONV) for m in model.modules()) else data.flat()
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:

@@ -13,14 +13,13 @@ from prunebound.commands._args import (
     UsageError,
     add_checkpoint_args,
     add_data_args,
+    dataset_for,
     load_checkpoint,
     method,
     nonneg_int,
     open_unit,
     pos_int,
 )
-from prunebound.data import load_dataset
-from prunebound.layer_types import CONV
 from prunebound.training.loop import Objective, TrainConfig, evaluate
 
 
@@ -59,8 +58,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.distill and args.retrain_epochs == 0:
         raise UsageError("--distill needs --retrain-epochs N (N >= 1)")
     model = load_checkpoint(args).eval()
-    data = load_dataset(args.dataset, data_dir=args.data_dir)
-    data = data.image() if any(isinstance(m, CONV) for m in model.modules()) else data.flat()
+    data = dataset_for(model, args)
     n_test = data.x_test.shape[0]
     n_cert = args.certify if args.certify is not None else max(1, n_test // 2)
     if n_cert > n_test:

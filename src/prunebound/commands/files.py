@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import json
 from pathlib import Path
@@ -16,6 +17,8 @@ from prunebound.checkpoint import save
 from prunebound.commands._args import (
     UsageError,
     add_checkpoint_args,
+    add_data_args,
+    dataset_for,
     fraction,
     ints,
     key_value,
@@ -30,6 +33,7 @@ from prunebound.deploy.export_file import save_export
 from prunebound.methods import METHODS, get_method
 from prunebound.outputs import leave_outputs
 from prunebound.pruning import prune
+from prunebound.refitting import refit
 from prunebound.sparsity_stats import sparsity
 
 
@@ -68,6 +72,25 @@ def add_prune_parser(sub: Any) -> None:
     p.add_argument("--norm", type=int, choices=[1, 2], help="row norm of neuron/filter (default 2)")
     p.add_argument("--scope", choices=["layer", "global"], default="layer")
     p.add_argument("--seed", type=int, default=0, help="for random methods")
+    add_data_args(p, default=None)
+    p.add_argument(
+        "--calibration",
+        type=pos_int,
+        default=1024,
+        help="training examples of --dataset used as calibration data (data-aware methods, "
+        "--coupled tracing, --refit; default 1024)",
+    )
+    p.add_argument(
+        "--coupled",
+        action="store_true",
+        help="structured methods: prune coupled units whole (residual channels together)",
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="then refit the survivors towards the checkpoint's layer outputs (least squares "
+        "on the calibration examples)",
+    )
     p.add_argument(
         "--out", help="output checkpoint (default: CHECKPOINT stem + .pruned.safetensors)"
     )
@@ -104,8 +127,20 @@ def run_prune(args: argparse.Namespace) -> int:
         raise UsageError("give exactly one of --amount or --counts")
     model = load_checkpoint(args)
     counts = dict(args.counts) if args.counts else None
+    needs = get_method(args.method, args.norm).needs
+    calib = None
+    if needs or args.coupled or args.refit:
+        if args.dataset is None:
+            why = f"method {args.method!r}" if needs else "--coupled" if args.coupled else "--refit"
+            raise UsageError(f"{why} needs calibration data: pass --dataset (and --data-dir)")
+        data = dataset_for(model, args)
+        calib = (data.x_train[: args.calibration], data.y_train[: args.calibration])
+    original = copy.deepcopy(model) if args.refit else None
     prune(model, args.method, args.amount, scope=args.scope, layers=_selection(model, args),
-          counts=counts, seed=args.seed, norm=args.norm)  # fmt: skip
+          counts=counts, seed=args.seed, norm=args.norm, data=calib if needs else None,
+          coupled=args.coupled, example_inputs=calib[0][:64] if calib else None)  # fmt: skip
+    if original is not None and calib is not None:
+        refit(model, original, calib[0])
     save(model, out)
     sp = sparsity(model)
     print(report.sparsity_table(sp.to_dict(), shapes=False))
