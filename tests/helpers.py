@@ -96,6 +96,15 @@ def tiny_experiment(out: Path, *, seed: int, **schedule: Any) -> Experiment:
     )
 
 
+def conv_bn_flatten_net() -> nn.Sequential:
+    """Conv (bias) -> BatchNorm -> ReLU -> Conv -> ReLU -> Flatten -> Linear, for (2, 6, 6)
+    inputs: one group with a BatchNorm, one whose consumer reads 16 columns per channel."""
+    return nn.Sequential(
+        nn.Conv2d(2, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    )  # fmt: skip
+
+
 def with_bn_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """`model` in eval mode with non-trivial BatchNorm affine parameters and running statistics
     (as after training): random gamma/beta, then one training-mode pass over `x`."""

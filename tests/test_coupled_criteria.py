@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import with_bn_stats
+from helpers import conv_bn_flatten_net, with_bn_stats
 from torch import nn
 
 import prunebound as pb
@@ -61,10 +61,7 @@ def test_mlp_unit_score_is_the_hand_computed_group_taylor() -> None:
 
 def test_conv_bn_unit_score_sums_weights_bias_and_batchnorm() -> None:
     torch.manual_seed(1)
-    net = nn.Sequential(
-        nn.Conv2d(2, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-        nn.Conv2d(5, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
-    )  # fmt: skip
+    net = conv_bn_flatten_net()
     x, y = _data((2, 6, 6))
     net = with_bn_stats(net, x)
     pt = _param_taylor(net, x, y)

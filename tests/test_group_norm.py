@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import with_bn_stats
+from helpers import conv_bn_flatten_net, with_bn_stats
 from torch import nn
 
 import prunebound as pb
@@ -27,10 +27,7 @@ def _dead_rows(model: nn.Module, name: str) -> torch.Tensor:
 
 def test_conv_bn_flatten_linear_score_is_the_hand_computed_group_norm() -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(2, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-        nn.Conv2d(5, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
-    )  # fmt: skip
+    net = conv_bn_flatten_net()
     x = torch.randn(6, 2, 6, 6)
     net = with_bn_stats(net, x)
     groups = unit_groups(net, x)

@@ -128,8 +128,11 @@ def test_shared_and_unfittable_layers() -> None:
     lin = nn.Linear(4, 4)
     shared = nn.Sequential(lin, nn.ReLU(), lin)
     x = torch.randn(8, 4)
-    with pytest.raises(ValueError, match=r"layers \['0'\] run more than once"):
+    with pytest.raises(ValueError, match=r"layers \[.0.\] run more than once"):
         pb.refit(shared, copy.deepcopy(shared), x)
+    with pytest.raises(ValueError, match=r"method 'obs': layers \['0'\] run more than once"):
+        pb.prune(shared, "obs", 0.5, data=x)  # the OBS reconstruction has the same limit
+    assert not pb.is_pruned(shared)
     depthwise = nn.Sequential(nn.Conv2d(2, 4, 1), nn.Conv2d(4, 4, 3, groups=4), nn.Flatten())
     xs = torch.randn(8, 2, 5, 5)
     with pytest.warns(UserWarning, match=r"refit leaves \['1'\]"):

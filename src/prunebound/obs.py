@@ -172,14 +172,14 @@ def forward_order(
     model: nn.Module, layers: Mapping[str, nn.Module], first: Batch, method: str
 ) -> list[str]:
     """Layer names in the order the forward calls them (layers never called go last), after
-    checking each layer's input."""
-    seen: list[str] = []
+    checking each layer's input. ValueError for a layer the forward runs more than once (one
+    layer-wise fit cannot serve every call)."""
+    calls: dict[str, int] = {}
 
     def hook(n: str) -> Callable[..., None]:
         def record(mod: nn.Module, args: tuple[Any, ...]) -> None:
             check_input(mod, args[0], n, method)
-            if n not in seen:
-                seen.append(n)
+            calls[n] = calls.get(n, 0) + 1
 
         return record
 
@@ -190,7 +190,12 @@ def forward_order(
     finally:
         for h in handles:
             h.remove()
-    return seen + [n for n in layers if n not in seen]
+    if shared := sorted(n for n, c in calls.items() if c > 1):
+        raise ValueError(
+            f"method {method!r}: layers {shared} run more than once per forward (shared "
+            "weights); one layer-wise fit cannot serve every call: exclude them with layers="
+        )
+    return list(calls) + [n for n in layers if n not in calls]
 
 
 def _global_counts(

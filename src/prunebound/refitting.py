@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,9 +93,7 @@ def refit(
         work.eval()
         reference.eval()
         layers_w = {n: wmods[n] for n in chosen}
-        order = forward_order(work, layers_w, cached[0], "refit")  # checks each layer's input
-        _check_single_calls(work, layers_w, cached[0])
-        for name in order:
+        for name in forward_order(work, layers_w, cached[0], "refit"):  # inputs checked
             _fit_layer(work, reference, name, cached, damp)
     finally:
         for m, mode in modes.items():
@@ -130,30 +127,6 @@ def _layers(model: nn.Module, names: list[str] | None) -> dict[str, nn.Module]:
     if not out:
         raise ValueError("model has no layer refit can fit (Linear, Conv1d/2d with groups=1)")
     return out
-
-
-def _check_single_calls(model: nn.Module, layers: dict[str, nn.Module], first: Batch) -> None:
-    """ValueError for a layer that runs more than once per forward (shared weights)."""
-    calls = dict.fromkeys(layers, 0)
-
-    def hook(n: str) -> Callable[..., None]:
-        def count(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            calls[n] += 1
-
-        return count
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            model(first[0])
-    finally:
-        for h in handles:
-            h.remove()
-    if shared := sorted(n for n, c in calls.items() if c > 1):
-        raise ValueError(
-            f"refit: layers {shared} run more than once per forward (shared weights); one "
-            "least-squares fit cannot serve every call: exclude them with layers="
-        )
 
 
 def _moments(
