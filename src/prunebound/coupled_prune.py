@@ -84,9 +84,9 @@ def unit_taylor(
         for h in handles:
             h.remove()
     scores = []
-    for gr in groups:
-        total = torch.zeros(gr.size, dtype=torch.float64)
-        for n, per in (*gr.producers.items(), *gr.norms.items()):
+    for group in groups:
+        total = torch.zeros(group.size, dtype=torch.float64)
+        for n, per in (*group.producers.items(), *group.norms.items()):
             total += sums[n][torch.tensor(per, dtype=torch.long)]
         scores.append(total.abs())
     return scores

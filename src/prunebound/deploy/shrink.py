@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from prunebound.coupling import (
-    NORMS,
     as_inputs,
     baked_eval_copy,
     dependency_graph,
@@ -36,6 +35,7 @@ from prunebound.coupling import (
 )
 from prunebound.deploy.expand import KEPT, check_record, record_prune, start_record
 from prunebound.deploy.shrink_hf import check_same, is_transformer, shrink_hf
+from prunebound.layer_types import NORMS
 from prunebound.outputs import output_layers
 
 #: modules without parameters that act on each channel separately (or reshape it)
