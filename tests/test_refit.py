@@ -139,3 +139,13 @@ def test_shared_and_unfittable_layers() -> None:
         pb.refit(depthwise, copy.deepcopy(depthwise), xs)
     with pytest.raises(ValueError, match="layer '1'"):
         pb.refit(depthwise, copy.deepcopy(depthwise), xs, layers=["1"])
+
+
+def test_a_singular_undamped_fit_is_refused() -> None:
+    dense = nn.Sequential(nn.Linear(2, 3))
+    x = torch.ones(5, 2)  # both inputs and the bias see the same column: X^T X is singular
+    net = copy.deepcopy(dense)
+    with pytest.raises(ValueError, match=r"layer '0'.*singular; pass damp > 0"):
+        pb.refit(net, dense, x, damp=0.0)
+    assert _same(_state(net), _state(dense))
+    pb.refit(net, dense, x)  # damped: fine

@@ -190,7 +190,12 @@ def _fit_layer(
     patterns, which = torch.unique(keep[alive], dim=0, return_inverse=True)
     if len(patterns) <= EXACT_PATTERNS:  # few sets of surviving columns (structured): exactly
         for i, cols in enumerate(patterns):
-            chol = torch.linalg.cholesky(h[cols][:, cols])
+            chol, info = torch.linalg.cholesky_ex(h[cols][:, cols])
+            if int(info) != 0:
+                raise ValueError(
+                    f"refit: layer {name!r}: the calibration inputs leave its least-squares "
+                    "fit singular; pass damp > 0 or more data"
+                )
             these = rows[which == i]
             sol = torch.cholesky_solve(xty[cols][:, these], chol).t()
             new[these[:, None], cols.nonzero().flatten()[None, :]] = sol
