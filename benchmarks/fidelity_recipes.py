@@ -8,7 +8,9 @@ per step the share of test and training predictions that differ from the dense m
 change the distillation: mixup (pairs blended), augment (flips and +-2 pixel shifts), ema
 (weights averaged, decay 0.998), jacobian (output differences on noisy inputs matched),
 hinge (the dense model's class kept ahead by half its margin), keep-output (last layer dense),
-refit (`pb.refit` towards the dense model's layer outputs after each prune, before distilling).
+refit (`pb.refit` towards the dense model's layer outputs after each prune, before distilling),
+polish (after each distillation, `pb.refit` of the output layer alone towards the dense logits,
+least squares on all training images).
 
     python benchmarks/fidelity_recipes.py --method obs [--steps 0.5,0.6,0.7,0.75,0.8,0.9]
         [--epochs 6 --lr 1e-3 --calibration 8192 --temperature 2 --extras mixup,ema]
@@ -33,7 +35,7 @@ from prunebound.data import load_dataset
 from prunebound.models import build_model
 from prunebound.training.loop import TrainConfig, distill_loss, evaluate, train
 
-EXTRAS = ("mixup", "augment", "ema", "jacobian", "hinge", "keep-output", "refit")
+EXTRAS = ("mixup", "augment", "ema", "jacobian", "hinge", "keep-output", "refit", "polish")
 
 
 def flip_rate(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -148,6 +150,8 @@ def main() -> None:
             pb.refit(m, dense, xs[: a.calibration])
         one_shot = flip_rate(m, xt, ref_test)
         distill(m, dense, xs, a, g)
+        if "polish" in a.extras:
+            pb.refit(m, dense, xs, layers=[layers[-1]])
         done = s
         row = {"sparsity": s, "one_shot_flips": one_shot, "flips": flip_rate(m, xt, ref_test),
                "train_flips": flip_rate(m, xs[:10000], ref_train),
