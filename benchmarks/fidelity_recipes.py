@@ -10,7 +10,9 @@ change the distillation: mixup (pairs blended), augment (flips and +-2 pixel shi
 hinge (the dense model's class kept ahead by half its margin), keep-output (last layer dense),
 refit (`pb.refit` towards the dense model's layer outputs after each prune, before distilling),
 polish (after each distillation, `pb.refit` of the output layer alone towards the dense logits,
-least squares on all training images).
+least squares on all training images), boundary (each batch also gets, for each image paired
+with one the dense model puts in another class, the blend of the two where the dense model's
+two logits tie, found by 6 bisection steps: samples on its decision boundary, where flips are).
 
     python benchmarks/fidelity_recipes.py --method obs [--steps 0.5,0.6,0.7,0.75,0.8,0.9]
         [--epochs 6 --lr 1e-3 --calibration 8192 --temperature 2 --extras mixup,ema]
@@ -35,7 +37,8 @@ from prunebound.data import load_dataset
 from prunebound.models import build_model
 from prunebound.training.loop import TrainConfig, distill_loss, evaluate, train
 
-EXTRAS = ("mixup", "augment", "ema", "jacobian", "hinge", "keep-output", "refit", "polish")
+EXTRAS = ("mixup", "augment", "ema", "jacobian", "hinge", "keep-output", "refit", "polish",
+          "boundary")  # fmt: skip
 
 
 def flip_rate(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -57,6 +60,25 @@ def batch_inputs(x: torch.Tensor, extras: set[str], g: torch.Generator) -> torch
     return x
 
 
+def boundary_inputs(x: torch.Tensor, dense: nn.Module, g: torch.Generator) -> torch.Tensor:
+    """Blends of x with a shuffled partner where the dense model's logits of their two classes
+    tie (pairs of one class are dropped)."""
+    other = x[torch.randperm(x.shape[0], generator=g)]
+    with torch.no_grad():
+        a, b = dense(x).argmax(1), dense(other).argmax(1)
+        keep = a != b
+        x, other, a, b = x[keep], other[keep], a[keep], b[keep]
+        lo = torch.zeros(x.shape[0], *[1] * (x.dim() - 1))
+        hi = torch.ones_like(lo)
+        for _ in range(6):
+            mid = (lo + hi) / 2
+            out = dense((1 - mid) * x + mid * other)
+            ahead = (out.gather(1, a[:, None]) > out.gather(1, b[:, None])).view_as(mid)
+            lo, hi = torch.where(ahead, mid, lo), torch.where(ahead, hi, mid)
+        mid = (lo + hi) / 2
+    return (1 - mid) * x + mid * other
+
+
 def distill(m: nn.Module, dense: nn.Module, xs: torch.Tensor, a: argparse.Namespace,
             g: torch.Generator) -> None:  # fmt: skip
     opt = torch.optim.Adam(m.parameters(), lr=a.lr)
@@ -71,6 +93,8 @@ def distill(m: nn.Module, dense: nn.Module, xs: torch.Tensor, a: argparse.Namesp
         order = torch.randperm(n, generator=g)
         for i in range(0, n, bs):
             x = batch_inputs(xs[order[i : i + bs]], a.extras, g)
+            if "boundary" in a.extras:
+                x = torch.cat([x, boundary_inputs(x, dense, g)])
             with torch.no_grad():
                 tl = dense(x)
             out = m(x)
