@@ -114,7 +114,7 @@ def test_selection_property_exact_count_and_order(
         lin.weight.copy_(torch.randint(-levels, levels + 1, (rows, cols), generator=g).float())
     pb.prune(lin, "magnitude", amount)
     keep = pb.masks(lin)[""]
-    k = round(amount * rows * cols)
+    k = round(amount * (rows * cols))  # as prune: amount times the count (float order matters)
     assert int((~keep).sum()) == k
     w = lin.parametrizations.weight.original.abs()
     if 0 < k < rows * cols:
