@@ -141,6 +141,8 @@ def test_refit_rounds_refit_the_survivors_towards_the_model_before_the_prune() -
     for kind in ("gradual", "lottery"):
         with pytest.raises(ValueError, match=rf"schedule\.refit does not apply to {kind}"):
             Schedule(kind=kind, method="filter", refit=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"schedule\.method 'filter_group' needs coupled = true"):
+        Schedule(method="filter_group")
     with pytest.raises(ValueError, match=r"schedule\.refit must be true or false"):
         Schedule(method="filter", refit="yes")  # type: ignore[arg-type]
 

@@ -195,6 +195,8 @@ class Schedule:
     def _check_coupled(self) -> None:
         if not isinstance(self.coupled, bool):
             raise ValueError(f"schedule.coupled must be true or false, got {self.coupled!r}")
+        if METHODS[self.method].coupled and not self.coupled:
+            raise ValueError(f"schedule.method {self.method!r} needs coupled = true")
         if not self.coupled:
             return
         meth = METHODS[self.method]
@@ -310,9 +312,7 @@ def prune_round(
     calibration data of data-aware methods (`prune(data=...)`). A `coupled` schedule prunes
     `schedule.rate(r)` of the alive coupled units instead (`prune(..., coupled=True,
     example_inputs=example_inputs)`), which a schedule run takes from one training batch.
-    A `refit` schedule then refits the survivors towards the model before the prune, on the
-    inputs of `data`.
-    """
+    A `refit` schedule then refits the survivors (`Schedule.refit`) on the inputs of `data`."""
     if schedule.refit and data is None:
         raise ValueError("schedule.refit needs calibration data (data=)")
     before = copy.deepcopy(model) if schedule.refit else None
