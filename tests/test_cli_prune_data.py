@@ -62,6 +62,9 @@ def test_coupled_refit_prunes_whole_units_and_follows_the_original(
     with pytest.raises(SystemExit) as e:
         main(["prune", str(ckpt), *CNN, "--amount", "0.5", "--coupled"])
     assert e.value.code == 2 and "--coupled needs calibration data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["prune", str(ckpt), *CNN, "--method", "filter_group", "--amount", "0.5"])
+    assert e.value.code == 2 and "pass --coupled" in capsys.readouterr().err
     bad = ["--method", "magnitude", "--amount", "0.5", "--coupled", "--dataset", "digits"]
     assert main(["prune", str(ckpt), *CNN, *bad]) == 1
     assert "coupled=True needs a structured ranking method" in capsys.readouterr().err

@@ -127,7 +127,10 @@ def run_prune(args: argparse.Namespace) -> int:
         raise UsageError("give exactly one of --amount or --counts")
     model = load_checkpoint(args)
     counts = dict(args.counts) if args.counts else None
-    needs = get_method(args.method, args.norm).needs
+    meth = get_method(args.method, args.norm)
+    if meth.coupled and not args.coupled:
+        raise UsageError(f"method {args.method!r} scores whole coupled units: pass --coupled")
+    needs = meth.needs
     calib = None
     if needs or args.coupled or args.refit:
         if args.dataset is None:
