@@ -176,8 +176,12 @@ def _tp_counts(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, int
 #: dense model on the calibration images before retraining), then Torch-Pruning's magnitude pruner
 CRITERIA = {"prunebound_l2": "filter", "prunebound_l1": "filter_l1",
             "prunebound_taylor": "filter_taylor", "prunebound_group": "filter_group",
-            "prunebound_group_refit": "filter_group+refit", "torch_pruning": None}  # fmt: skip
+            "prunebound_group_refit": "filter_group+refit",
+            "prunebound_group_refit_convs": "filter_group+refit_convs",
+            "torch_pruning": None}  # fmt: skip
 DEFAULT = ("prunebound_group", "prunebound_group_refit", "torch_pruning")
+MODELS = {"vgg_small": lambda: pb.models.vgg_small(batch_norm=True),
+          "resnet_small": pb.models.resnet_small}  # fmt: skip
 
 
 def _pruned(
@@ -195,8 +199,8 @@ def _pruned(
         net, pb.methods.get_method(name), ratio, convs, scope="layer", seed=0, example_inputs=x,
         data=calib, counts=_tp_counts(dense, x, ratio),
     )  # fmt: skip
-    if then == "refit":
-        pb.refit(net, dense, calib[0])
+    if then.startswith("refit"):  # refit_convs: the convs only, the output layer left as is
+        pb.refit(net, dense, calib[0], layers=list(convs) if then == "refit_convs" else None)
     return pb.shrink(net, x)
 
 
@@ -207,6 +211,7 @@ def _accuracy_rows(
     seeds: list[int],
     calib_n: int,
     labels: list[str],
+    models: list[str],
 ) -> list[dict[str, object]]:
     data = pb.data.load_fashion_mnist()
     cfg = pb.TrainConfig(epochs=epochs, batch_size=128, lr=1e-3)
@@ -216,8 +221,9 @@ def _accuracy_rows(
     for seed in seeds:
         pick = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
         calib = (data.x_train[pick[:calib_n]], data.y_train[pick[:calib_n]])
-        for name, build in (("vgg_small", lambda: pb.models.vgg_small(batch_norm=True)),
-                            ("resnet_small", pb.models.resnet_small)):  # fmt: skip
+        for name, build in MODELS.items():
+            if name not in models:
+                continue
             torch.manual_seed(seed)
             dense = build()
             pb.train(dense, data, cfg, seed=seed)
@@ -296,6 +302,7 @@ def main() -> None:
     ap.add_argument(
         "--criteria", default=",".join(DEFAULT), help=f"columns (--accuracy): {list(CRITERIA)}"
     )
+    ap.add_argument("--models", default=",".join(MODELS), help="models (--accuracy)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -306,7 +313,12 @@ def main() -> None:
         if bad := sorted(set(labels) - set(CRITERIA)):
             ap.error(f"unknown criteria {bad}; choose from {list(CRITERIA)}")
         seeds = [int(s) for s in args.seeds.split(",")]
-        rows = _accuracy_rows(ratios, args.epochs, args.retrain_epochs, seeds, args.calib, labels)
+        models = args.models.split(",")
+        if bad := sorted(set(models) - set(MODELS)):
+            ap.error(f"unknown models {bad}; choose from {list(MODELS)}")
+        rows = _accuracy_rows(
+            ratios, args.epochs, args.retrain_epochs, seeds, args.calib, labels, models
+        )
         meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
                 "torch_pruning": tp.__version__, "epochs": args.epochs,
                 "retrain_epochs": args.retrain_epochs, "seeds": seeds, "calib": args.calib,
