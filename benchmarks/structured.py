@@ -20,7 +20,8 @@ seed, vgg_small (BN) and resnet_small are trained dense, then at each ratio prun
 prunebound and by Torch-Pruning's `MagnitudePruner` (L2). prunebound's columns (`--criteria`):
 the coupled group norm `filter_group` (Torch-Pruning's criterion: the same channels), the same
 followed by `pb.refit` towards the dense model on `--calib` training images, and optionally
-the row norms `filter`/`filter_l1` and the group Taylor `filter_taylor`. prunebound removes
+that refit on the convs only, the row norms `filter`/`filter_l1` and the group Taylor
+`filter_taylor`; `--models` picks vgg_small and/or resnet_small. prunebound removes
 from every coupled group exactly the channels Torch-Pruning removes (it keeps int(n(1 - r));
 prunebound's plain amount removes round(r n)): equal parameter counts. The prunebound models
 are shrunk, then all are retrained with the same `TrainConfig` and seed (retraining the shrunk
