@@ -149,3 +149,21 @@ def test_a_singular_undamped_fit_is_refused() -> None:
         pb.refit(net, dense, x, damp=0.0)
     assert _same(_state(net), _state(dense))
     pb.refit(net, dense, x)  # damped: fine
+
+
+def test_a_refitted_model_is_certified_against_the_original_only_when_told() -> None:
+    torch.manual_seed(4)
+    dense = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(50, 6)
+    net = copy.deepcopy(dense)
+    pb.prune(net, "magnitude", 0.5)
+    pb.refit(net, dense, x)
+    alone = pb.theory.certify(net, radius=1.0)
+    # reset(net) revives the refitted weights, not the original: the certificate says so
+    assert "were trained after pruning" in str(alone)
+    against = pb.theory.certify(net, radius=1.0, reference=dense)
+    with torch.no_grad():
+        u = torch.randn(256, 6)
+        u = u / u.norm(dim=1, keepdim=True)
+        gap = float((net(u) - dense(u)).norm(dim=1).max())
+    assert gap <= against.bound

@@ -96,7 +96,7 @@ def certificate_table(cert: Mapping[str, Any]) -> str:
             "VACUOUS: the bound is no better than the trivial bound on the unpruned output "
             f"(sup ||F(x)|| <= {cert['output_scale']:.5g})"
         )
-    return "\n".join([*lines, cert["assumptions"]])
+    return "\n".join([*lines, cert["assumptions"], *(f"note: {n}" for n in cert.get("notes", ()))])
 
 
 def verify_summary(rep: Mapping[str, Any]) -> str:

@@ -83,7 +83,8 @@ class Certificate:
         ]
         if len(self.layers) > 20:
             rows.append(f"  ... {len(self.layers) - 20} more layers")
-        return "\n".join([head, *rows, f"  {self.assumptions}"])
+        notes = [f"  note: {n}" for n in self.notes]  # e.g. F drifted, candidates skipped
+        return "\n".join([head, *rows, f"  {self.assumptions}", *notes])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (floats, strings, lists)."""
