@@ -241,11 +241,8 @@ class Schedule:
             d["layers"] = list(self.layers)
         else:
             del d["layers"]
-        for flag in (
-            "shrink",
-            "coupled",
-            "refit",
-        ):  # absent when false: older configs keep their hash
+        # flags absent when false: older configs keep their hash
+        for flag in ("shrink", "coupled", "refit"):
             if not d[flag]:
                 del d[flag]
         return d
