@@ -127,7 +127,9 @@ def check_layer(module: nn.Module, name: str, method: str) -> None:
 
 
 def _conv2d_args(module: nn.Module) -> dict[str, Any]:
-    two = (lambda v: (1, v[0])) if isinstance(module, nn.Conv1d) else (lambda v: tuple(v))
+    def two(v: Any) -> tuple[int, ...]:
+        return (1, v[0]) if isinstance(module, nn.Conv1d) else tuple(v)
+
     return {
         "kernel_size": two(module.kernel_size),
         "dilation": two(module.dilation),
@@ -301,7 +303,7 @@ def output_grads(
             f"method {method!r}: no gradient reaches layers {missing} (not used by the "
             "forward, or their outputs do not require grad)"
         )
-    grads = torch.autograd.grad(loss, [outs[n] for n in seen])
+    grads = torch.autograd.grad(loss, [o for n in seen if (o := outs[n]) is not None])
     return dict(zip(seen, grads, strict=True))
 
 

@@ -314,8 +314,8 @@ def _install(
         prefix = f"{owner}." if owner else ""
         wanted = [t for t in ("weight", "bias") if prefix + t in file_masks]
         drop_masks(m, bake=False, tensors=[t for t in masked_tensors(m) if t not in wanted])
-        for t in wanted:  # weight before bias, as `prune` masks them: the parameter order
-            set_mask(m, file_masks[prefix + t], tensor=t)  # (optimizer states) is the run's
+        for part in wanted:  # weight before bias, as `prune` masks them: the parameter order
+            set_mask(m, file_masks[prefix + part], tensor=part)  # (optimizer states) is the run's
     return model
 
 

@@ -97,7 +97,7 @@ def attention_layouts(model: nn.Module) -> list[Attention]:
                     f"{p}c_proj",
                 )
             )
-        elif is_hf(m, "BertAttention") and is_hf(getattr(m, "self", None), "BertSelfAttention"):
+        elif is_hf(m, "BertAttention") and is_hf(getattr(m, "self", m), "BertSelfAttention"):
             s = m.self
             qkv = ((f"{p}self.query", 0), (f"{p}self.key", 0), (f"{p}self.value", 0))
             out.append(
@@ -157,6 +157,7 @@ def _head_rows(a: Attention, modules: dict[str, nn.Module], t: str) -> list[torc
     parts = []
     for block, (lname, offset) in enumerate((*a.qkv, (a.out, -1))):
         m = modules[lname]
+        assert isinstance(m.weight, torch.Tensor)
         w = m.weight.detach()
         if t == "mask":
             mm = mask_module(m)

@@ -56,8 +56,9 @@ class ScoreContext:
 
 
 #: (weight, generator, layer) -> scores; lower = pruned first. Shape: weight's, or (out,) if
-#: unit="row". `Method` also accepts (weight) and (weight, generator).
-ScoreFn = Callable[[torch.Tensor, torch.Generator, ScoreContext | None], torch.Tensor]
+#: unit="row". `Method` also accepts (weight) and (weight, generator), and stores every score
+#: function as (weight, generator, layer=None).
+ScoreFn = Callable[..., torch.Tensor]
 #: (weight, amount, generator) -> bool keep-mask with the weight's shape (True = kept).
 MaskFn = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
 
@@ -300,7 +301,7 @@ def require_data(method: Method, data: object) -> None:
         )
 
 
-def row_norm(p: int) -> ScoreFn:
+def row_norm(p: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """Score of each output row (neuron / filter): its L1 or L2 norm (Li et al. 2017)."""
     if p not in (1, 2):
         raise ValueError(f"norm must be 1 or 2, got {p!r}")

@@ -67,7 +67,7 @@ def _inverse_factor(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
             inv = torch.cholesky_inverse(chol)
             u, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
-                return u
+                return torch.as_tensor(u)
         damp *= 10
     raise ValueError(f"method 'obs': layer {name!r}: the calibration Hessian is not invertible")
 

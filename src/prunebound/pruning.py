@@ -72,7 +72,7 @@ def _check_layers(model: nn.Module, layers: dict[str, nn.Module], method: Method
             raise ValueError(
                 f"method {method.name!r} cannot prune layer {name!r} ({type(m).__name__})"
             )
-        if method.unit == "row" and isinstance(m, CONV_TRANSPOSE) and m.groups > 1:
+        if method.unit == "row" and isinstance(m, CONV_TRANSPOSE) and getattr(m, "groups", 1) > 1:
             raise ValueError(  # dim 1 holds out/groups channels per group: no whole filters
                 f"method {method.name!r}: layer {name!r} is a grouped {type(m).__name__} "
                 f"(groups={m.groups}), whose output channels are not whole rows of its weight; "
@@ -256,17 +256,17 @@ def prune(
         )
         return model
     if amount is None and counts is not None:
-        for name, c in counts.items():
+        for name, k in counts.items():
             if name not in selected:
                 raise ValueError(
                     f"counts: {name!r} is not a selected prunable layer; "
                     f"choose from {sorted(selected)}"
                 )
-            check_int(f"counts[{name!r}]", c, 0)
+            check_int(f"counts[{name!r}]", k, 0)
             alive = count_units(selected[name], meth.unit)[1]
-            if c > alive:
+            if k > alive:
                 raise ValueError(
-                    f"counts[{name!r}] = {c} exceeds the {alive} surviving units of that layer"
+                    f"counts[{name!r}] = {k} exceeds the {alive} surviving units of that layer"
                 )
         for twin, name in twins.items():
             if twin in counts and counts[twin] != counts.get(name, counts[twin]):

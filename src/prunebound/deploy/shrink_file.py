@@ -142,18 +142,20 @@ def _narrow_hf(name: str, m: nn.Module, spec: dict[str, object], path: Path) -> 
         sizes.append(v)
     if kind in HEAD_SIZES:
         head_dim = getattr(m, "head_dim", getattr(m, "attention_head_size", None))
-        if sizes[1] != sizes[0] * head_dim:
+        if not isinstance(head_dim, int) or sizes[1] != sizes[0] * head_dim:
             raise ValueError(f"{path}: layer {name!r}: {sizes[1]} is not {sizes[0]} heads wide")
     for a, v in zip(_HF_SIZES[kind], sizes, strict=True):
         setattr(m, a, v)
     if kind == "Conv1D":
         w = m.weight
         assert isinstance(w, torch.Tensor)
-        if tuple(w.shape) == tuple(sizes) and (m.bias is not None) == spec.get("bias"):
+        has_bias = getattr(m, "bias", None) is not None
+        if tuple(w.shape) == tuple(sizes) and has_bias == spec.get("bias"):
             return  # as built: keep the parameters
         with torch.no_grad():
             m.weight = nn.Parameter(w.new_empty(sizes[0], sizes[1]))
-            m.bias = nn.Parameter(w.new_empty(sizes[1])) if spec.get("bias") else None
+            bias = nn.Parameter(w.new_empty(sizes[1])) if spec.get("bias") else None
+            m.register_parameter("bias", bias)
 
 
 def load_shrunk(model: nn.Module, path: str | Path) -> nn.Module:
@@ -180,8 +182,8 @@ def load_shrunk(model: nn.Module, path: str | Path) -> nn.Module:
         _narrow(name, trial_modules[name], arch[name], path)
     live = trial.state_dict(keep_vars=True)
     first = {id(t): k for k, t in reversed(live.items())}
-    tensors = {k: tensors.get(k, tensors.get(first[id(t)])) for k, t in live.items()} | tensors
-    tensors = {k: t for k, t in tensors.items() if t is not None}  # a missing key is named below
+    found = {k: tensors.get(k, tensors.get(first[id(t)])) for k, t in live.items()}
+    tensors = tensors | {k: t for k, t in found.items() if t is not None}  # missing: named below
     try:
         trial.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

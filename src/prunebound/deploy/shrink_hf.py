@@ -88,10 +88,11 @@ def _fold(consumer: nn.Module, idx: torch.Tensor, values: torch.Tensor) -> None:
         return
     shift = values @ _units(consumer, in_axis(consumer))[idx]
     with torch.no_grad():
-        if getattr(consumer, "bias", None) is None:
+        bias = getattr(consumer, "bias", None)
+        if bias is None:
             consumer.bias = nn.Parameter(shift.clone())
         else:
-            consumer.bias += shift
+            bias += shift
 
 
 def narrow(m: nn.Module, keep: torch.Tensor, *, inputs: bool) -> None:

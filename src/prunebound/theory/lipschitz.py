@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -112,10 +113,11 @@ def batchnorm_affine(
     the unmasked gamma and beta (the reference F), else from the values the module computes
     with (masked entries are 0: the pruned network f)."""
     assert isinstance(m, NORMS)
-    if m.training or m.running_var is None or m.running_mean is None:
+    var, mean = m.running_var, m.running_mean
+    if m.training or not isinstance(var, torch.Tensor) or not isinstance(mean, torch.Tensor):
         raise unsupported(name, m, " in training mode or without running stats (call eval())")
-    scale = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
-    shift = -m.running_mean.double() * scale
+    scale = 1.0 / torch.sqrt(var.double() + cast(float, m.eps))
+    shift = -mean.double() * scale
     if m.affine:
         gamma = original_tensor(m, "weight") if original else m.weight
         beta = original_tensor(m, "bias") if original else m.bias
