@@ -5,9 +5,13 @@ model step by step (global magnitude or obs), distill after each step towards th
 (KL at temperature T, Adam with a cosine LR per step, all 60,000 training images), and print
 per step the share of test and training predictions that differ from the dense model's
 ("flips"; the full 10,000-image test set, so these are measurements, not certificates). Extras
-change the distillation: mixup (pairs blended), augment (flips and +-2 pixel shifts), ema
-(weights averaged, decay 0.998), jacobian (output differences on noisy inputs matched),
-hinge (the dense model's class kept ahead by half its margin), keep-output (last layer dense),
+change the distillation: mixup (pairs blended), augment (flips and +-2 pixel shifts), hflip
+(every image also mirrored), near (images the dense model nearly ties on weigh up to 5x), rigl
+(the masks move: every 50 steps each layer drops its smallest survivors and regrows as many
+pruned weights with the largest gradients, 5% of its survivors decaying to 0 by 3/4 of the
+step), ema (weights averaged, decay 0.998), jacobian (output differences on noisy inputs
+matched), hinge (the dense model's class kept ahead by half its margin), keep-output (last
+layer dense),
 refit (`pb.refit` towards the dense model's layer outputs after each prune, before distilling),
 polish (after each distillation, `pb.refit` of the output layer alone towards the dense logits,
 least squares on all training images), boundary (each batch also gets, for each image paired
@@ -15,7 +19,8 @@ with one the dense model puts in another class, the blend of the two where the d
 two logits tie, found by 6 bisection steps: samples on its decision boundary, where flips are).
 
     python benchmarks/fidelity_recipes.py --method obs [--steps 0.5,0.6,0.7,0.75,0.8,0.9]
-        [--epochs 6 --lr 1e-3 --calibration 8192 --temperature 2 --extras mixup,ema]
+        [--epochs 6 --final-epochs 60 --lr 1e-3 --calibration 8192 --temperature 2
+         --loss kl|mse --extras mixup,ema --allocation 0.085,0.2,0.63 --dense-epochs 5]
 
 Prints one JSON line per step.
 """
@@ -33,12 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunebound as pb
+from prunebound._masks import set_mask
 from prunebound.data import load_dataset
 from prunebound.models import build_model
 from prunebound.training.loop import TrainConfig, distill_loss, evaluate, train
 
-EXTRAS = ("mixup", "augment", "ema", "jacobian", "hinge", "keep-output", "refit", "polish",
-          "boundary")  # fmt: skip
+EXTRAS = ("mixup", "augment", "hflip", "near", "rigl", "ema", "jacobian", "hinge", "keep-output",
+          "refit", "polish", "boundary")  # fmt: skip
 
 
 def flip_rate(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -51,6 +57,9 @@ def batch_inputs(x: torch.Tensor, extras: set[str], g: torch.Generator) -> torch
     if "mixup" in extras:
         lam = torch.rand(x.shape[0], *[1] * (x.dim() - 1), generator=g)
         x = torch.cat([x, lam * x + (1 - lam) * x[torch.randperm(x.shape[0], generator=g)]])
+    if "hflip" in extras:  # mirrored clothes stay (nearly) in distribution
+        img = x.reshape(x.shape[0], 28, 28) if x.dim() == 2 else x
+        x = torch.cat([x, img.flip(-1).reshape(x.shape)])
     if "augment" in extras:
         img = x.reshape(x.shape[0], 28, 28) if x.dim() == 2 else x
         flip = (torch.rand(x.shape[0], generator=g) < 0.5).view(-1, *[1] * (img.dim() - 1))
@@ -79,17 +88,59 @@ def boundary_inputs(x: torch.Tensor, dense: nn.Module, g: torch.Generator) -> to
     return (1 - mid) * x + mid * other
 
 
+def objective(out: torch.Tensor, tl: torch.Tensor, a: argparse.Namespace) -> torch.Tensor:
+    """The distillation loss per image: KL at temperature T (images the dense model nearly ties
+    on weighted up to 5x with `near`), or the squared logit error (`--loss mse`)."""
+    t = a.temperature
+    if a.loss == "mse":
+        return ((out - tl) ** 2).sum(1).mean()
+    if "near" in a.extras:
+        top = tl.topk(2, dim=1).values
+        w = 1 + 4 * torch.exp(-(top[:, 0] - top[:, 1]))
+        p, q = F.log_softmax(out / t, 1), F.log_softmax(tl / t, 1)
+        kl = F.kl_div(p, q, log_target=True, reduction="none").sum(1) * t * t
+        return (w * kl).sum() / w.sum()
+    return distill_loss(out, tl, tl.argmax(1), temperature=t, weight=1.0) / out.shape[0]
+
+
+def move_masks(keep: dict[str, torch.Tensor], mods: dict[str, nn.Module], frac: float) -> None:
+    """RigL: each layer drops its `frac` smallest survivors and regrows as many pruned weights
+    with the largest gradient (at zero)."""
+    with torch.no_grad():
+        for name, k in keep.items():
+            w = mods[name].weight
+            move = int(frac * int(k.sum()))
+            if move == 0 or w.grad is None:
+                continue
+            alive = torch.where(k, w.abs(), torch.inf).flatten()
+            dead = torch.where(k, -torch.inf, w.grad.abs()).flatten()
+            grow, drop = dead.topk(move).indices, (-alive).topk(move).indices
+            k.view(-1)[drop] = False
+            k.view(-1)[grow] = True
+            w.view(-1)[grow] = 0.0
+
+
 def distill(m: nn.Module, dense: nn.Module, xs: torch.Tensor, a: argparse.Namespace,
-            g: torch.Generator) -> None:  # fmt: skip
+            g: torch.Generator, epochs: int, report=None) -> None:  # fmt: skip
     opt = torch.optim.Adam(m.parameters(), lr=a.lr)
     n, bs = xs.shape[0], 128
-    total = a.epochs * math.ceil(n / bs)
+    total = epochs * math.ceil(n / bs)
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / total))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     ema = [p.detach().clone() for p in m.parameters()] if "ema" in a.extras else None
-    t = a.temperature
+    keep = {}
+    if "rigl" in a.extras:  # masks baked; the dense gradient then reaches the pruned weights
+        keep = {n: k.clone() for n, k in pb.masks(m).items()}
+        pb.remove(m)
+        mods = dict(m.named_modules())
+        opt = torch.optim.Adam(m.parameters(), lr=a.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+    step = 0
     m.train()
-    for _ in range(a.epochs):
+    for epoch in range(epochs):
+        if report is not None and epoch and epoch % 10 == 0:
+            report(epoch)
+            m.train()
         order = torch.randperm(n, generator=g)
         for i in range(0, n, bs):
             x = batch_inputs(xs[order[i : i + bs]], a.extras, g)
@@ -98,7 +149,7 @@ def distill(m: nn.Module, dense: nn.Module, xs: torch.Tensor, a: argparse.Namesp
             with torch.no_grad():
                 tl = dense(x)
             out = m(x)
-            loss = distill_loss(out, tl, tl.argmax(1), temperature=t, weight=1.0) / x.shape[0]
+            loss = objective(out, tl, a)
             if "jacobian" in a.extras:
                 d = 0.1 * torch.randn(x.shape, generator=g)
                 with torch.no_grad():
@@ -113,8 +164,15 @@ def distill(m: nn.Module, dense: nn.Module, xs: torch.Tensor, a: argparse.Namesp
                 loss = loss + F.relu((top[:, 0] - top[:, 1]).clamp(max=2.0) - margin).mean()
             opt.zero_grad()
             loss.backward()
+            if keep and step % 50 == 0 and step < 0.75 * total:
+                move_masks(keep, mods, 0.05 * cosine(step * 4 / 3))
             opt.step()
             sched.step()
+            step += 1
+            if keep:
+                with torch.no_grad():
+                    for ln, k in keep.items():
+                        mods[ln].weight.mul_(k)
             if ema is not None:
                 with torch.no_grad():
                     for e, p in zip(ema, m.parameters(), strict=True):
@@ -123,6 +181,8 @@ def distill(m: nn.Module, dense: nn.Module, xs: torch.Tensor, a: argparse.Namesp
         with torch.no_grad():
             for e, p in zip(ema, m.parameters(), strict=True):
                 p.copy_(e)
+    for ln, k in keep.items():
+        set_mask(mods[ln], k)
     m.eval()
 
 
@@ -132,10 +192,19 @@ def main() -> None:
     ap.add_argument("--method", default="obs", choices=("obs", "magnitude"))
     ap.add_argument("--steps", default="0.5,0.6,0.7,0.75,0.8,0.83,0.86,0.88,0.9")
     ap.add_argument("--epochs", type=int, default=6, help="distillation epochs per step")
+    ap.add_argument("--final-epochs", type=int, default=0, help="at the last step (0: --epochs)")
+    ap.add_argument("--loss", default="kl", choices=("kl", "mse"), help="mse: logits matched")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--calibration", type=int, default=8192, help="obs calibration images")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--extras", default="", help=f"comma-separated: {', '.join(EXTRAS)}")
+    ap.add_argument("--dense-epochs", type=int, default=5, help="training of the dense model")
+    ap.add_argument(
+        "--allocation",
+        default="",
+        help="final density per layer (d1,d2,...): "
+        "each step prunes every layer to its share of the way, instead of global",
+    )
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     a.extras = {e for e in a.extras.split(",") if e}
@@ -146,7 +215,7 @@ def main() -> None:
     data = raw.image() if a.model == "lenet5" else raw.flat()
     kw = {"in_features": 784} if a.model == "lenet_300_100" else {}
     dense = build_model(a.model, seed=0, **kw)
-    train(dense, data, TrainConfig(epochs=5, batch_size=128, lr=1e-3), seed=0)
+    train(dense, data, TrainConfig(epochs=a.dense_epochs, batch_size=128, lr=1e-3), seed=0)
     dense.eval()
     xs, ys, xt = data.x_train, data.y_train, data.x_test
     with torch.no_grad():
@@ -157,7 +226,8 @@ def main() -> None:
     m, done = copy.deepcopy(dense), 0.0
     layers = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear | nn.Conv2d)]
     mods = dict(m.named_modules())
-    for s in (float(v) for v in a.steps.split(",")):
+    steps = [float(v) for v in a.steps.split(",")]
+    for s in steps:
         t1 = time.perf_counter()
         amount = 1 - (1 - s) / (1 - done)
         kwargs: dict[str, object] = {}
@@ -169,11 +239,25 @@ def main() -> None:
             alive = sum(int((w[n] != 0).sum()) for n in layers[:-1])
             amount = (alive - (total * (1 - s) - last)) / alive
             kwargs["layers"] = layers[:-1]
-        pb.prune(m, a.method, amount, scope="global", **kwargs)
+        if a.allocation:
+            final = [1 - float(d) for d in a.allocation.split(",")]
+            w = [mods[n].weight for n in layers]
+            kwargs["counts"] = {n: round(f * s / steps[-1] * v.numel()) - int((v == 0).sum())
+                                for n, f, v in zip(layers, final, w, strict=True)}  # fmt: skip
+            pb.prune(m, a.method, **kwargs)
+        else:
+            pb.prune(m, a.method, amount, scope="global", **kwargs)
         if "refit" in a.extras:
             pb.refit(m, dense, xs[: a.calibration])
         one_shot = flip_rate(m, xt, ref_test)
-        distill(m, dense, xs, a, g)
+
+        def report(epoch: int) -> None:  # the long last step's progress, every 10 epochs
+            row = {"epoch": epoch, "flips": flip_rate(m, xt, ref_test),
+                   "train_flips": flip_rate(m, xs[:10000], ref_train)}  # fmt: skip
+            print(json.dumps(row), flush=True)
+
+        last = bool(s == steps[-1] and a.final_epochs)
+        distill(m, dense, xs, a, g, a.final_epochs if last else a.epochs, report if last else None)
         if "polish" in a.extras:
             pb.refit(m, dense, xs, layers=[layers[-1]])
         done = s
