@@ -47,6 +47,22 @@ EXTRAS = ("mixup", "augment", "hflip", "near", "rigl", "ema", "jacobian", "hinge
           "refit", "polish", "boundary")  # fmt: skip
 
 
+def where_flips_are(model: nn.Module, x: torch.Tensor, dense_out: torch.Tensor) -> dict[str, float]:
+    """The dense model's top-2 logit margin on the flipped images against all images: medians,
+    and the share of flips among the images with the 5% smallest margins."""
+    model.eval()
+    with torch.no_grad():
+        flipped = model(x).argmax(1) != dense_out.argmax(1)
+    top = dense_out.topk(2, dim=1).values
+    margin = top[:, 0] - top[:, 1]
+    low = margin <= margin.quantile(0.05)
+    return {
+        "flip_margin_median": round(float(margin[flipped].median()), 3) if flipped.any() else 0.0,
+        "margin_median": round(float(margin.median()), 3),
+        "flips_in_lowest_5pct": round(float((flipped & low).sum() / max(int(flipped.sum()), 1)), 3),
+    }
+
+
 def flip_rate(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
@@ -219,7 +235,8 @@ def main() -> None:
     dense.eval()
     xs, ys, xt = data.x_train, data.y_train, data.x_test
     with torch.no_grad():
-        ref_test, ref_train = dense(xt).argmax(1), dense(xs[:10000]).argmax(1)
+        dense_test = dense(xt)
+        ref_test, ref_train = dense_test.argmax(1), dense(xs[:10000]).argmax(1)
     print(json.dumps({"dense_accuracy": evaluate(dense, data).accuracy, "args": vars(a) | {
         "extras": sorted(a.extras)}}), flush=True)  # fmt: skip
     g = torch.Generator().manual_seed(0)
@@ -265,7 +282,7 @@ def main() -> None:
                "train_flips": flip_rate(m, xs[:10000], ref_train),
                "accuracy": evaluate(m, data).accuracy,
                "seconds": round(time.perf_counter() - t1, 1)}  # fmt: skip
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row | where_flips_are(m, xt, dense_test)), flush=True)
 
 
 if __name__ == "__main__":
