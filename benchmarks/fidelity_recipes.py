@@ -22,7 +22,9 @@ two logits tie, found by 6 bisection steps: samples on its decision boundary, wh
         [--epochs 6 --final-epochs 60 --lr 1e-3 --calibration 8192 --temperature 2
          --loss kl|mse --extras mixup,ema --allocation 0.085,0.2,0.63 --dense-epochs 5]
 
-Prints one JSON line per step.
+Prints one JSON line per step, with where the flips are: the dense model's top-2 logit margin
+at the median flipped test image and at the median image, and the share of flips among the 5%
+of images with the smallest margins.
 """
 
 from __future__ import annotations
