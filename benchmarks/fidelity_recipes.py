@@ -6,7 +6,8 @@ model step by step (global magnitude or obs), distill after each step towards th
 per step the share of test and training predictions that differ from the dense model's
 ("flips"; the full 10,000-image test set, so these are measurements, not certificates). Extras
 change the distillation: mixup (pairs blended), augment (flips and +-2 pixel shifts), hflip
-(every image also mirrored), near (images the dense model nearly ties on weigh up to 5x), rigl
+(every image also mirrored), near (images the dense model nearly ties on weigh up to 5x),
+near-calib (obs calibrates on the training images with the smallest dense margins), rigl
 (the masks move: every 50 steps each layer drops its smallest survivors and regrows as many
 pruned weights with the largest gradients, 5% of its survivors decaying to 0 by 3/4 of the
 step), ema (weights averaged, decay 0.998), jacobian (output differences on noisy inputs
@@ -45,8 +46,8 @@ from prunebound.data import load_dataset
 from prunebound.models import build_model
 from prunebound.training.loop import TrainConfig, distill_loss, evaluate, train
 
-EXTRAS = ("mixup", "augment", "hflip", "near", "rigl", "ema", "jacobian", "hinge", "keep-output",
-          "refit", "polish", "boundary")  # fmt: skip
+EXTRAS = ("mixup", "augment", "hflip", "near", "near-calib", "rigl", "ema", "jacobian", "hinge",
+          "keep-output", "refit", "polish", "boundary")  # fmt: skip
 
 
 def where_flips_are(model: nn.Module, x: torch.Tensor, dense_out: torch.Tensor) -> dict[str, float]:
@@ -242,6 +243,9 @@ def main() -> None:
     print(json.dumps({"dense_accuracy": evaluate(dense, data).accuracy, "args": vars(a) | {
         "extras": sorted(a.extras)}}), flush=True)  # fmt: skip
     g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # training images by the dense model's top-2 margin, nearest ties first
+        top = dense(xs).topk(2, dim=1).values
+        near = (top[:, 0] - top[:, 1]).argsort()
     m, done = copy.deepcopy(dense), 0.0
     layers = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear | nn.Conv2d)]
     mods = dict(m.named_modules())
@@ -251,7 +255,8 @@ def main() -> None:
         amount = 1 - (1 - s) / (1 - done)
         kwargs: dict[str, object] = {}
         if a.method == "obs":
-            kwargs["data"] = (xs[: a.calibration], ys[: a.calibration])
+            calib = near[: a.calibration] if "near-calib" in a.extras else slice(a.calibration)
+            kwargs["data"] = (xs[calib], ys[calib])
         if "keep-output" in a.extras:  # the same total sparsity from the other layers
             w = {n: mods[n].weight for n in layers}
             total, last = sum(v.numel() for v in w.values()), w[layers[-1]].numel()
