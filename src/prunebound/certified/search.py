@@ -50,7 +50,7 @@ DEFAULT_SPARSITIES += (0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98)
 class Trial:
     """One candidate sparsity, measured on the validation part of the search split."""
 
-    sparsity: float  # target share of the prunable weights pruned
+    sparsity: float  # target share pruned of the weights the model had left (all, if dense)
     achieved: float  # share of the prunable weights that are zero
     val_n: int
     val_flips: int | None  # argmax changes against the original (classifiers)
@@ -192,7 +192,9 @@ def compress(
         retrain: a `TrainConfig` to retrain each candidate on the search split (its
             `objective="distill"` trains towards F); None: one-shot pruning. Candidates are
             pruned in increasing sparsity, each from the previous one (iterative pruning).
-        sparsities: the candidate shares of the prunable weights, increasing.
+        sparsities: the candidate shares of the prunable weights to prune, increasing; of
+            the surviving ones when `model` comes already pruned (`sparsity` in the result is
+            the total share of zero weights).
         attempts: most candidates certified (the largest that passed validation first).
         validation: share of the search split held out for choosing the sparsity.
         seed: random methods, retraining order and the validation split.
